@@ -2,24 +2,15 @@
 from __future__ import annotations
 
 import os
-import shutil
-import socket
-import subprocess
-import tempfile
-import time
 import uuid
 
 import pytest
 
+from core.localservices import free_port, start_redis, start_s3  # noqa: F401  (free_port: for tests)
+
 os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
 os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
 os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
@@ -28,26 +19,12 @@ def redis_server():
     if os.environ.get("TEST_REDIS_URL"):
         yield os.environ["TEST_REDIS_URL"]
         return
-    exe = shutil.which("redis-server")
-    if not exe:
-        pytest.fail("redis-server not found: run ./dev.sh test, which installs it")
-    port = free_port()
-    d = tempfile.mkdtemp(prefix="ct-redis-")
-    proc = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                             "--appendonly", "no", "--dir", d],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-    import redis
-    client = redis.Redis(port=port)
-    for _ in range(100):
-        try:
-            client.ping()
-            break
-        except redis.ConnectionError:
-            time.sleep(0.05)
-    yield f"redis://127.0.0.1:{port}/0"
-    proc.terminate()
-    proc.wait(5)
-    shutil.rmtree(d, ignore_errors=True)
+    try:
+        server = start_redis()
+    except RuntimeError as e:
+        pytest.fail(str(e))
+    yield server.url
+    server.stop()
 
 
 @pytest.fixture
@@ -61,14 +38,10 @@ def redis_url(redis_server):
 @pytest.fixture(scope="session")
 def s3_endpoint():
     """A moto S3 server speaking the real HTTP API; S3_ENDPOINT_URL points at it."""
-    from moto.server import ThreadedMotoServer
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    url = f"http://127.0.0.1:{port}"
+    server = start_s3()
     old = os.environ.get("S3_ENDPOINT_URL")
-    os.environ["S3_ENDPOINT_URL"] = url
-    yield url
+    os.environ["S3_ENDPOINT_URL"] = server.endpoint_url
+    yield server.endpoint_url
     server.stop()
     if old is None:
         os.environ.pop("S3_ENDPOINT_URL", None)
