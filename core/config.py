@@ -41,6 +41,7 @@ class Settings:
     retrain_day: str = "tue"            # cron day names; never numbers (APScheduler's Monday is 0)
     retrain_time: str = "09:00"
     data_watch_minutes: float = 10.0
+    data_sweep_minutes: float = 60.0    # full listing that catches rewrites (see scheduler/watcher.py)
     run_watch_seconds: float = 5.0
     new_data_threshold: int = 1         # new objects needed before alerting
     auto_retrain: bool = False

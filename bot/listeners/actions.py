@@ -1,0 +1,130 @@
+"""Buttons: on new-data alerts, run messages and reports.
+
+Each ack()s at once (an empty 200) and does its work as a background job: call the
+service (which audits who did what), then update the message the button was on so
+everyone in the channel sees the outcome and nobody clicks the same thing twice.
+Failures go to the clicker only, as an ephemeral reply through the response_url.
+"""
+from __future__ import annotations
+
+import time
+
+from core.errors import Conflict
+from bot import blocks, ids
+from bot.blocks.common import esc
+from bot.listeners.guard import replying_on_error
+
+
+class Click:
+    """What a block_actions payload says: who clicked which button on which message."""
+
+    def __init__(self, body: dict):
+        action = (body.get("actions") or [{}])[0]
+        self.action_id = action.get("action_id", "")
+        self.value = action.get("value") or ""
+        self.user = (body.get("user") or {}).get("id", "")
+        self.channel = (body.get("channel") or {}).get("id") or (body.get("container") or {}).get("channel_id", "")
+        message = body.get("message") or {}
+        self.ts = message.get("ts") or (body.get("container") or {}).get("message_ts", "")
+        self.blocks = message.get("blocks") or []
+        self.response_url = body.get("response_url", "")
+
+
+def _private(ctx, click: Click):
+    """Error replies go to the clicker only and leave the message alone."""
+    return replying_on_error(ctx.respond(click.response_url), "that button",
+                             response_type="ephemeral", replace_original=False)
+
+
+def _update(ctx, click: Click, note: str, drop: tuple[str, ...] | None) -> None:
+    """Show on the clicked message what happened, and by whom."""
+    if click.channel and click.ts and click.blocks:
+        ctx.client.chat_update(channel=click.channel, ts=click.ts,
+                               **blocks.fit_message(blocks.resolved(click.blocks, note, drop=drop)))
+
+
+def _tell_clicker(ctx, click: Click, message: dict) -> None:
+    ctx.respond(click.response_url)(**blocks.fit_message(message), response_type="ephemeral",
+                                    replace_original=False)
+
+
+# ---- jobs: job(ctx, body) ----------------------------------------------------------------
+
+def retrain_new_data(ctx, body: dict) -> None:
+    c = Click(body)
+    with _private(ctx, c):
+        # The alert id is the dedupe key: two clicks (or two people) start one run.
+        run = ctx.service.request_training(f"new data (alert {c.value}), retrain by <@{c.user}>", {}, c.user,
+                                           trigger="new_data", dedupe_key=c.value)
+        _update(ctx, c, f":rocket: <@{c.user}> started run `{esc(run.run_id)}` from this alert.", None)
+
+
+def dismiss_alert(ctx, body: dict) -> None:
+    c = Click(body)
+    with _private(ctx, c):
+        ctx.service.state.audit("alert_dismissed", c.user, alert_id=c.value)
+        _update(ctx, c, f":wave: Dismissed by <@{c.user}>; the data stays pending for the next run.", None)
+
+
+def promote(ctx, body: dict) -> None:
+    c = Click(body)
+    with _private(ctx, c):
+        version = ctx.service.promote(c.value, by=c.user)
+        _update(ctx, c, f":rocket: <@{c.user}> promoted this run to production as *v{version}*.", (ids.PROMOTE,))
+
+
+def rollback(ctx, body: dict) -> None:
+    c = Click(body)
+    with _private(ctx, c):
+        shown = int(c.value) if c.value.isdigit() else None
+        prod = ctx.service.status().get("production") or {}
+        if shown is not None and prod.get("version") != shown:
+            # The report is old news: rolling back now would undo a different version.
+            raise Conflict(f"Production is now v{prod.get('version')}, not v{shown}; nothing rolled back. "
+                           f"Use `{ctx.settings.slash_command} rollback [version]` to choose explicitly.")
+        moved = ctx.service.rollback(None, by=c.user)
+        _update(ctx, c, f":rewind: <@{c.user}> rolled production back from v{moved.get('from')} "
+                        f"to v{moved.get('to')}.", (ids.ROLLBACK,))
+
+
+def cancel_run(ctx, body: dict) -> None:
+    c = Click(body)
+    with _private(ctx, c):
+        # The service re-renders the run's message (state canceled) through the notifier.
+        ctx.service.cancel(c.value, by=c.user)
+
+
+def view_run(ctx, body: dict) -> None:
+    c = Click(body)
+    with _private(ctx, c):
+        run = ctx.service.get_run(c.value)
+        steps = {name: {"state": state} for name, state in (run.progress or {}).items()}
+        _tell_clicker(ctx, c, blocks.run_details(run, steps, time.time()))
+
+
+def retrain(ctx, body: dict) -> None:
+    c = Click(body)
+    with _private(ctx, c):
+        old = ctx.service.get_run(c.value)
+        run = ctx.service.request_training(f"retrain of {old.run_id} by <@{c.user}>", old.params, c.user,
+                                           trigger="manual")
+        _tell_clicker(ctx, c, blocks.info(f":rocket: Started run `{esc(run.run_id)}` with the parameters of "
+                                          f"`{esc(old.run_id)}`."))
+
+
+JOBS = {ids.RETRAIN_NEW_DATA: retrain_new_data, ids.DISMISS_ALERT: dismiss_alert, ids.PROMOTE: promote,
+        ids.ROLLBACK: rollback, ids.CANCEL_RUN: cancel_run, ids.VIEW_RUN: view_run, ids.RETRAIN: retrain}
+
+
+def register(app, service, settings) -> None:
+    for action_id, job in JOBS.items():
+        app.action(action_id)(_acking(app, job))
+
+
+def _acking(app, job):
+    """A listener that acks, then runs ``job(ctx, body)`` in the background."""
+    def listener(ack, body):
+        ack()
+        app.background.submit(job, body, what=job.__name__)
+    listener.__name__ = f"on_{job.__name__}"
+    return listener

@@ -1,0 +1,127 @@
+"""The slash command (default `/ct`).
+
+The ack runs on the request thread and only does pure work: parse, validate and answer
+help and bad input right away. Everything that touches Redis, the store or the runner
+runs afterwards on app.background and answers through the response_url, so the ack
+never waits on training or I/O.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+
+from core.errors import ParamError, ServiceError
+from bot import blocks
+from bot.blocks.common import esc
+from bot.listeners.guard import error_reply, replying_on_error
+from bot.listeners.parse import Parsed, UnknownSubcommand, UsageError, parse
+
+log = logging.getLogger(__name__)
+
+WORKING = {"train": "Starting a training run", "status": "Checking", "runs": "Fetching runs",
+           "data": "Looking at the data", "deploy": "Promoting", "rollback": "Rolling back",
+           "schedule": "Updating the schedule", "cancel": "Canceling"}
+
+
+@functools.lru_cache(maxsize=4)
+def _help(command: str) -> dict:
+    """The help reply never changes within a process: build it once."""
+    from steps.params import TrainParams   # torch-free by contract
+    return blocks.fit_message(blocks.help_message(command, TrainParams.describe()))
+
+
+def register(app, service, settings) -> None:
+    command = settings.slash_command
+
+    def on_command(ack, body: dict):
+        """Answer at once: the final text when there is nothing slow to do, else 'working
+        on it' and the rest in the background."""
+        reply, parsed = _quick(service, body.get("text", ""), command)
+        ack(**reply)
+        if parsed is not None:
+            app.background.submit(run_command, parsed, body, what=f"{command} {parsed.sub}")
+
+    app.command(command)(on_command)
+
+
+def run_command(ctx, parsed: Parsed, body: dict) -> None:
+    """The slow part (a background job). Every answer replaces the 'working on it' reply."""
+    command = ctx.settings.slash_command
+    respond = ctx.respond(body["response_url"])
+    with replying_on_error(respond, f"`{command} {parsed.sub}`", replace_original=True):
+        out = _execute(ctx.service, ctx.client, ctx.settings, parsed, body.get("user_id", ""))
+        respond(**blocks.fit_message(out), replace_original=True)
+
+
+def _quick(service, text: str, command: str) -> tuple[dict, Parsed | None]:
+    """(the ack reply, the parsed command when slow work remains, else None)."""
+    reply, parsed = _classify(service, text, command)
+    return (reply if parsed is None and reply is _help(command) else blocks.fit_message(reply)), parsed
+
+
+def _classify(service, text: str, command: str) -> tuple[dict, Parsed | None]:
+    try:
+        p = parse(text, command)
+        if p.sub == "help":
+            return _help(command), None
+        if p.sub == "train":
+            service.parse_params(p.args)     # pure: raises ParamError listing valid keys
+        what = "Checking the schedule" if p.sub == "schedule" and not p.action else \
+            WORKING[p.sub] + (f" `{esc(p.run_id)}`" if p.run_id else "")
+        return blocks.working(what), p
+    except UnknownSubcommand as e:
+        return blocks.unknown_subcommand(command, e.sub, e.suggestions), None
+    except UsageError as e:
+        return blocks.error(str(e), e.hint), None
+    except ParamError as e:
+        return blocks.error(str(e), f"`{command} help` lists every parameter with its range."), None
+    except ServiceError as e:
+        return blocks.error(str(e)), None
+    except Exception as e:  # noqa: BLE001 - never let a bug become Slack's "dispatch_failed"
+        return error_reply(e, f"`{command}`"), None
+
+
+def _execute(service, client, settings, p: Parsed, who: str) -> dict:
+    """Carry out a parsed command; returns the reply (with response_type for public ones)."""
+    if p.sub == "status":
+        return blocks.status_message(service.status())
+    if p.sub == "runs":
+        return blocks.runs_message(service.list_runs(p.n))
+    if p.sub == "data":
+        return blocks.data_message(service.data_summary())
+    if p.sub == "train":
+        params = service.parse_params(p.args)
+        run = service.request_training(f"{settings.slash_command} train by <@{who}>", params, who,
+                                       trigger="manual")
+        link = _permalink(client, run.slack_channel, run.slack_ts)
+        where = f" — follow it <{link}|here>" if link else ""
+        shown = " ".join(f"`{k}={v}`" for k, v in params.items()) or "default parameters"
+        return blocks.info(f":rocket: Started run `{run.run_id}` with {shown}{where}.",
+                           f"`{settings.slash_command} cancel {run.run_id}` stops it.")
+    # The service says promotions, rollbacks, cancels and schedule changes in the channel
+    # (notifier.say) and audits them, so the person who typed the command gets a private receipt.
+    if p.sub == "deploy":
+        version = service.promote(p.run_id, by=who)
+        return blocks.info(f":rocket: Promoted run `{esc(p.run_id)}` to production as *v{version}*.")
+    if p.sub == "rollback":
+        moved = service.rollback(p.version, by=who)
+        return blocks.info(f":rewind: Production rolled back from v{moved.get('from')} to *v{moved.get('to')}*.")
+    if p.sub == "cancel":
+        run = service.cancel(p.run_id, by=who)
+        return blocks.info(f":no_entry_sign: Canceled run `{esc(run.run_id)}`.")
+    if p.sub == "schedule":
+        if p.action:
+            service.set_schedule_paused(p.action == "pause", by=who)
+            return blocks.info(f":calendar: Weekly retrain {'paused' if p.action == 'pause' else 'resumed'}.")
+        return blocks.schedule_message(service.status())
+    raise AssertionError(f"unhandled subcommand {p.sub}")
+
+
+def _permalink(client, channel: str, ts: str) -> str:
+    if not (channel and ts):
+        return ""
+    try:
+        return client.chat_getPermalink(channel=channel, message_ts=ts).get("permalink", "")
+    except Exception:  # a missing link is not worth failing the reply
+        log.warning("chat.getPermalink failed for %s/%s", channel, ts, exc_info=True)
+        return ""

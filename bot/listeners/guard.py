@@ -1,0 +1,35 @@
+"""Turn any failure in slow listener work into a specific ephemeral reply, never a traceback."""
+from __future__ import annotations
+
+import logging
+import uuid
+from contextlib import contextmanager
+
+from core.errors import ServiceError
+from bot import blocks
+
+log = logging.getLogger("bot.listeners")
+
+
+def error_reply(exc: BaseException, what: str) -> dict:
+    """The message for a failed request: ServiceError text is meant for people; anything
+    else is logged with an id the user can quote, and they see only that id."""
+    if isinstance(exc, ServiceError):
+        return blocks.error(str(exc))
+    incident = uuid.uuid4().hex[:8]
+    log.error("%s failed [incident %s]", what, incident, exc_info=exc)
+    return blocks.error(f"Something went wrong while handling {what}; it was logged as incident {incident}.",
+                        "Try again in a moment; if it keeps failing, tell whoever runs ctbot the incident id.")
+
+
+@contextmanager
+def replying_on_error(respond, what: str, **respond_kwargs):
+    """Run a block; on failure answer through ``respond`` (the response_url) instead."""
+    try:
+        yield
+    except Exception as exc:  # noqa: BLE001 - the user must get an answer whatever failed
+        reply = error_reply(exc, what)
+        try:
+            respond(**reply, **respond_kwargs)
+        except Exception:  # response_url expired or Slack down: nothing left to tell the user
+            log.warning("could not deliver the error reply for %s", what, exc_info=True)

@@ -1,0 +1,696 @@
+"""A local stand-in for Slack, for tests and the demo.
+
+It plays both sides of Slack on 127.0.0.1:
+
+* the Web API the bot calls (``WebClient(base_url=standin.api_url)``): auth.test,
+  chat.postMessage/update/postEphemeral/getPermalink, conversations.info/join, the
+  three calls of files_upload_v2 (including the POST to the upload URL it hands out),
+  and response_url POSTs (``/response/<id>``);
+* the Slack that calls the bot: ``command()`` and ``click()`` deliver signed slash
+  commands and button clicks to the bot's HTTP endpoint, like Slack does.
+
+It records every call, keeps the channel as Slack would show it (messages updated in
+place, threads, files, ephemeral replies), and renders a readable transcript.
+It checks what real Slack checks where a bug would otherwise hide: the bot token,
+unknown channels, the 50-block cap and text lengths, and five uses per response_url.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+from slack_sdk.signature import SignatureVerifier
+
+TEAM_ID = "T0CTBOT00"
+BOT_USER = "U0CTBOT00"
+BOT_ID = "B0CTBOT00"
+APP_ID = "A0CTBOT00"
+DEFAULT_USERS = {"U0ALICE01": "alice", "U0BOB0001": "bob"}
+RESPONSE_URL_USES = 5          # Slack: a response_url works 5 times in 30 minutes
+
+
+@dataclass
+class Call:
+    method: str                  # Web API method, "upload", or "response"
+    args: dict                   # merged query, form and JSON arguments (blocks decoded)
+    at: float
+    status: int = 200
+    error: str = ""
+
+
+@dataclass
+class Message:
+    channel: str
+    ts: str
+    text: str = ""
+    blocks: list = field(default_factory=list)
+    user: str = BOT_USER
+    thread_ts: str = ""
+    files: list = field(default_factory=list)       # [{id, name, title, path}]
+    ephemeral_to: str = ""                          # user id when only they can see it
+    kind: str = "message"                           # message | command | ephemeral
+    edits: int = 0
+    deleted: bool = False
+    replies: list = field(default_factory=list)
+
+    def to_payload(self) -> dict:
+        """The ``message`` object Slack puts in a block_actions payload."""
+        return {"type": "message", "ts": self.ts, "text": self.text, "blocks": self.blocks,
+                "user": self.user, "bot_id": BOT_ID if self.user == BOT_USER else None,
+                **({"thread_ts": self.thread_ts} if self.thread_ts else {})}
+
+
+class SlackApiError(Exception):
+    def __init__(self, error: str):
+        super().__init__(error)
+        self.error = error
+
+
+def _check_blocks(blocks) -> None:
+    """What Slack itself rejects with invalid_blocks (a deliberately small, independent check)."""
+    if not isinstance(blocks, list) or len(blocks) > 50:
+        raise SlackApiError("invalid_blocks")
+    for b in blocks:
+        t = b.get("type") if isinstance(b, dict) else None
+        txt = (b.get("text") or {}).get("text", "") if t in ("section", "header") else ""
+        if t is None or (t == "header" and len(txt) > 150) or (t == "section" and len(txt) > 3000):
+            raise SlackApiError("invalid_blocks")
+        if t == "section" and (len(b.get("fields") or []) > 10 or
+                               any(len(f.get("text", "")) > 2000 for f in b.get("fields") or [])):
+            raise SlackApiError("invalid_blocks")
+    if len(json.dumps(blocks)) > 50000:
+        raise SlackApiError("msg_too_long")
+
+
+class SlackStandin:
+    def __init__(self, *, bot_token: str = "xoxb-standin", signing_secret: str = "standin-secret",
+                 channels: tuple[str, ...] = ("ct",), users: dict | None = None,
+                 files_dir: str | Path | None = None, command: str = "/ct", host: str = "127.0.0.1"):
+        self.bot_token = bot_token
+        self.signing_secret = signing_secret
+        self.command_name = command
+        self.users = dict(users or DEFAULT_USERS)
+        self.files_dir = Path(files_dir) if files_dir else None
+        self._host = host
+        self._lock = threading.Condition()
+        self._calls: list[Call] = []
+        self._channels: dict[str, str] = {}            # id -> name
+        self._timeline: list[Message] = []             # top-level items in order
+        self._by_ts: dict[tuple[str, str], Message] = {}
+        self._responses: dict[str, dict] = {}          # rid -> {channel, user, uses, message, posts}
+        self._files: dict[str, dict] = {}
+        self._fail: dict[str, list] = {}
+        self.home_views: dict[str, dict] = {}          # user id -> last published Home tab
+        self._seq = itertools.count(1)
+        for name in channels:
+            self.add_channel(name)
+        self._server: ThreadingHTTPServer | None = None
+
+    # ---- lifecycle -------------------------------------------------------------------
+    def start(self) -> "SlackStandin":
+        standin = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):  # keep test output clean
+                pass
+
+            def do_GET(self):
+                standin._handle(self, b"")
+
+            def do_POST(self):
+                n = int(self.headers.get("Content-Length") or 0)
+                standin._handle(self, self.rfile.read(n) if n else b"")
+
+        self._server = ThreadingHTTPServer((self._host, 0), Handler)
+        self._server.daemon_threads = True
+        threading.Thread(target=self._server.serve_forever, daemon=True, name="slack-standin").start()
+        return self
+
+    def stop(self) -> None:
+        if self._server:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+
+    @property
+    def url(self) -> str:
+        host, port = self._server.server_address[:2]
+        return f"http://{host}:{port}"
+
+    @property
+    def api_url(self) -> str:
+        return self.url + "/api/"
+
+    # ---- inspection ----------------------------------------------------------------
+    def add_channel(self, name: str) -> str:
+        name = name.lstrip("#")
+        cid = "C" + name.upper().replace("-", "").replace("_", "")[:6].ljust(6, "0") + f"{len(self._channels):02d}"
+        self._channels[cid] = name
+        return cid
+
+    def channel_id(self, name_or_id: str) -> str:
+        key = (name_or_id or "").lstrip("#")
+        if key in self._channels:
+            return key
+        for cid, name in self._channels.items():
+            if name == key:
+                return cid
+        raise SlackApiError("channel_not_found")
+
+    def calls(self, method: str | None = None) -> list[Call]:
+        with self._lock:
+            return [c for c in self._calls if method is None or c.method == method]
+
+    def wait_for(self, method: str, count: int = 1, timeout: float = 10.0, where=None) -> list[Call]:
+        """Block until ``count`` successful calls of ``method`` (matching ``where``) were seen.
+        The bot does slow work after its ack, so tests wait here instead of sleeping."""
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            while True:
+                found = [c for c in self._calls if c.method == method and c.status == 200 and not c.error
+                         and (where is None or where(c.args))]
+                if len(found) >= count:
+                    return found
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    seen = [(c.method, c.status, c.error) for c in self._calls[-10:]]
+                    raise TimeoutError(f"waited {timeout}s for {count} x {method}; last calls: {seen}")
+                self._lock.wait(left)
+
+    def messages(self, channel: str | None = None) -> list[Message]:
+        """Top-level messages (not ephemeral) in a channel, oldest first."""
+        cid = self.channel_id(channel) if channel else None
+        with self._lock:
+            return [m for m in self._timeline if m.kind == "message" and not m.deleted
+                    and (cid is None or m.channel == cid)]
+
+    def message(self, channel: str, ts: str) -> Message:
+        with self._lock:
+            return self._by_ts[(self.channel_id(channel), ts)]
+
+    def thread(self, channel: str, ts: str) -> list[Message]:
+        return list(self.message(channel, ts).replies)
+
+    def ephemerals(self, user: str | None = None) -> list[Message]:
+        with self._lock:
+            return [m for m in self._timeline if m.kind == "ephemeral" and not m.deleted
+                    and (user is None or m.ephemeral_to == user)]
+
+    def responses(self, rid: str | None = None) -> list[dict]:
+        """Bodies posted to response_urls (all, or those of one response id)."""
+        with self._lock:
+            return [dict(p) for r, info in self._responses.items() if rid in (None, r) for p in info["posts"]]
+
+    def uploaded(self, file_id: str | None = None) -> dict:
+        """file_id -> {name, title, bytes, path, channel, thread_ts}."""
+        with self._lock:
+            return {k: dict(v) for k, v in self._files.items() if file_id in (None, k)}
+
+    def save_files(self, directory: str | Path) -> list[Path]:
+        """Write every uploaded file to ``directory``; later transcripts show these paths."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        out = []
+        with self._lock:
+            for fid, info in self._files.items():
+                if info["bytes"] is None:
+                    continue
+                path = directory / f"{fid}-{Path(info['name']).name}"
+                path.write_bytes(info["bytes"])
+                info["path"] = str(path)
+                for m in self._all_messages():
+                    for f in m.files:
+                        if f["id"] == fid:
+                            f["path"] = str(path)
+                out.append(path)
+        return out
+
+    def _all_messages(self):
+        for m in self._timeline:
+            yield m
+            yield from m.replies
+
+    def fail_next(self, method: str, *, status: int = 429, retry_after: int = 1, times: int = 1) -> None:
+        """The next ``times`` calls of ``method`` get HTTP ``status`` with Retry-After."""
+        with self._lock:
+            self._fail.setdefault(method, []).extend([(status, retry_after)] * times)
+
+    # ---- Slack -> app: signed deliveries --------------------------------------------
+    def response_url(self, channel: str, user: str, message_ts: str = "") -> str:
+        rid = f"R{next(self._seq):06d}"
+        with self._lock:
+            self._responses[rid] = {"channel": self.channel_id(channel), "user": user, "uses": 0,
+                                    "message_ts": message_ts, "posts": [], "last": None}
+        return f"{self.url}/response/{rid}"
+
+    def signed_headers(self, body: str, timestamp: int | None = None) -> dict:
+        ts = str(int(time.time()) if timestamp is None else timestamp)
+        sig = SignatureVerifier(self.signing_secret).generate_signature(timestamp=ts, body=body)
+        return {"X-Slack-Request-Timestamp": ts, "X-Slack-Signature": sig}
+
+    def _deliver(self, app_url: str, body: str, content_type: str) -> tuple[int, str]:
+        req = urllib.request.Request(app_url, data=body.encode(), method="POST",
+                                     headers={"Content-Type": content_type, **self.signed_headers(body)})
+        try:
+            with urllib.request.urlopen(req, timeout=10) as resp:
+                return resp.status, resp.read().decode()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read().decode()
+
+    def command_form(self, text: str, *, user: str = "U0ALICE01", channel: str = "ct") -> dict:
+        """The form fields Slack sends for ``/ct <text>``, with a fresh response_url, and
+        the command shown in the channel's transcript."""
+        cid = self.channel_id(channel)
+        with self._lock:
+            self._append(Message(channel=cid, ts=self._new_ts(), text=f"{self.command_name} {text}".strip(),
+                                 user=user, kind="command"))
+        return {"token": "legacy-verification-token", "team_id": TEAM_ID, "team_domain": "ctbot",
+                "channel_id": cid, "channel_name": self._channels[cid], "user_id": user,
+                "user_name": self.users.get(user, user), "command": self.command_name, "text": text,
+                "api_app_id": APP_ID, "response_url": self.response_url(cid, user),
+                "trigger_id": f"{next(self._seq)}.{int(time.time())}.standin"}
+
+    def action_payload(self, channel: str, ts: str, action_id: str, *, user: str = "U0ALICE01",
+                       value: str | None = None) -> dict:
+        """The block_actions payload Slack sends when ``user`` clicks button ``action_id``
+        on a channel message (after confirming its dialog, if it has one)."""
+        cid = self.channel_id(channel)
+        msg = self.message(cid, ts)
+        block, button = _find_button(msg.blocks, action_id, value)
+        with self._lock:
+            self._append(Message(channel=cid, ts=self._new_ts(), user=user, kind="command",
+                                 text=f"clicked [{button['text']['text']}] on the message of {ts}"))
+        return {
+            "type": "block_actions", "api_app_id": APP_ID, "token": "legacy-verification-token",
+            "user": {"id": user, "username": self.users.get(user, user), "name": self.users.get(user, user),
+                     "team_id": TEAM_ID},
+            "team": {"id": TEAM_ID, "domain": "ctbot"},
+            "container": {"type": "message", "message_ts": ts, "channel_id": cid, "is_ephemeral": False},
+            "channel": {"id": cid, "name": self._channels[cid]},
+            "message": msg.to_payload(),
+            "trigger_id": f"{next(self._seq)}.{int(time.time())}.standin",
+            "response_url": self.response_url(cid, user, message_ts=ts),
+            "state": {"values": {}},
+            "actions": [{"type": "button", "action_id": action_id, "block_id": block.get("block_id", ""),
+                         "text": button.get("text"), "value": button.get("value"), "style": button.get("style"),
+                         "action_ts": f"{time.time():.6f}"}],
+        }
+
+    def record_ack(self, response_url: str, body) -> None:
+        """Show a command's ack body as its first ephemeral reply, as Slack does."""
+        if isinstance(body, dict) and (body.get("text") or body.get("blocks")):
+            self._respond(response_url.rsplit("/", 1)[1], body, count_use=False)
+
+    def command(self, app_url: str, text: str, *, user: str = "U0ALICE01", channel: str = "ct") -> dict:
+        """Deliver ``/ct <text>`` to the bot, signed. Returns {status, body, response_url}."""
+        form = self.command_form(text, user=user, channel=channel)
+        status, raw = self._deliver(app_url, urllib.parse.urlencode(form), "application/x-www-form-urlencoded")
+        body = _maybe_json(raw)
+        if status == 200:
+            self.record_ack(form["response_url"], body)
+        return {"status": status, "body": body, "response_url": form["response_url"]}
+
+    def click(self, app_url: str, channel: str, ts: str, action_id: str, *, user: str = "U0ALICE01",
+              value: str | None = None) -> dict:
+        """Deliver a button click to the bot, signed. Returns {status, body, response_url}."""
+        payload = self.action_payload(channel, ts, action_id, user=user, value=value)
+        status, raw = self._deliver(app_url, "payload=" + urllib.parse.quote(json.dumps(payload)),
+                                    "application/x-www-form-urlencoded")
+        return {"status": status, "body": _maybe_json(raw), "response_url": payload["response_url"]}
+
+    def event(self, app_url: str, event: dict) -> dict:
+        """Deliver an Events API event (e.g. app_home_opened) in its event_callback envelope."""
+        envelope = {"token": "legacy-verification-token", "team_id": TEAM_ID, "api_app_id": APP_ID,
+                    "type": "event_callback", "event_id": f"Ev{next(self._seq):08d}",
+                    "event_time": int(time.time()), "event": event,
+                    "authorizations": [{"team_id": TEAM_ID, "user_id": BOT_USER, "is_bot": True}]}
+        status, raw = self._deliver(app_url, json.dumps(envelope), "application/json")
+        return {"status": status, "body": _maybe_json(raw)}
+
+    # ---- transcript ----------------------------------------------------------------
+    def transcript(self) -> str:
+        with self._lock:
+            lines = []
+            for m in self._timeline:
+                if m.deleted:
+                    continue
+                lines += _render_message(m, self.users, self._channels)
+                for r in m.replies:
+                    lines += ["    " + line for line in _render_message(r, self.users, self._channels)]
+            return "\n".join(lines) + "\n"
+
+    def save_transcript(self, path: str | Path, echo: bool = False) -> Path:
+        text = self.transcript()
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        if echo:
+            print(text)
+        return path
+
+    # ---- HTTP handling ---------------------------------------------------------------
+    def _new_ts(self) -> str:
+        return f"{int(time.time())}.{next(self._seq):06d}"
+
+    def _append(self, m: Message) -> None:
+        self._timeline.append(m)
+        self._by_ts[(m.channel, m.ts)] = m
+
+    def _handle(self, h: BaseHTTPRequestHandler, raw: bytes) -> None:
+        parsed = urllib.parse.urlsplit(h.path)
+        parts = parsed.path.strip("/").split("/")
+        try:
+            if parts[0] == "api" and len(parts) == 2:
+                status, body, headers = self._api(parts[1], h, parsed.query, raw)
+            elif parts[0] == "upload" and len(parts) == 2:
+                status, body, headers = self._upload(parts[1], raw)
+            elif parts[0] == "response" and len(parts) == 2:
+                status, body, headers = self._response_post(parts[1], raw)
+            elif parts[0] == "archives":
+                status, body, headers = 200, "permalink target", {}
+            else:
+                status, body, headers = 404, "not found", {}
+        except Exception as e:  # the stand-in must answer, even on its own bugs
+            status, body, headers = 500, f"standin error: {type(e).__name__}: {e}", {}
+        data = body.encode() if isinstance(body, str) else json.dumps(body).encode()
+        h.send_response(status)
+        h.send_header("Content-Type", "text/plain" if isinstance(body, str) else "application/json; charset=utf-8")
+        h.send_header("Content-Length", str(len(data)))
+        for k, v in headers.items():
+            h.send_header(k, v)
+        h.end_headers()
+        h.wfile.write(data)
+
+    def _args(self, h, query: str, raw: bytes) -> dict:
+        args = {k: v[-1] for k, v in urllib.parse.parse_qs(query).items()}
+        ctype = h.headers.get("Content-Type", "")
+        if raw and "json" in ctype:
+            args.update(json.loads(raw))
+        elif raw:
+            args.update({k: v[-1] for k, v in urllib.parse.parse_qs(raw.decode()).items()})
+        for key in ("blocks", "files", "attachments"):
+            if isinstance(args.get(key), str):
+                try:
+                    args[key] = json.loads(args[key])
+                except ValueError:
+                    pass
+        return args
+
+    def _api(self, method: str, h, query: str, raw: bytes):
+        args = self._args(h, query, raw)
+        with self._lock:
+            call = Call(method, args, time.time())
+            self._calls.append(call)
+            fails = self._fail.get(method)
+            if fails:
+                status, retry_after = fails.pop(0)
+                call.status, call.error = status, "ratelimited"
+                self._lock.notify_all()
+                return status, {"ok": False, "error": "ratelimited"}, {"Retry-After": str(retry_after)}
+            auth = h.headers.get("Authorization", "")
+            token = auth[7:] if auth.startswith("Bearer ") else args.get("token", "")
+            try:
+                if self.bot_token and token != self.bot_token:
+                    raise SlackApiError("invalid_auth" if token else "not_authed")
+                handler = getattr(self, "_m_" + method.replace(".", "_"), None)
+                if handler is None:
+                    raise SlackApiError("unknown_method")
+                result = {"ok": True, **handler(args)}
+            except SlackApiError as e:
+                call.error = e.error
+                result = {"ok": False, "error": e.error}
+            self._lock.notify_all()
+            return 200, result, {}
+
+    # Web API methods (called with the lock held) ------------------------------------
+    def _m_auth_test(self, a):
+        return {"url": self.url + "/", "team": "ctbot", "user": "ctbot", "team_id": TEAM_ID,
+                "user_id": BOT_USER, "bot_id": BOT_ID, "is_enterprise_install": False}
+
+    def _content(self, a) -> tuple[str, list]:
+        blocks = a.get("blocks") or []
+        text = a.get("text") or ""
+        if not text and not blocks:
+            raise SlackApiError("no_text")
+        if blocks:
+            _check_blocks(blocks)
+        if len(text) > 40000:
+            raise SlackApiError("msg_too_long")
+        return text, blocks
+
+    def _m_chat_postMessage(self, a):
+        cid = self.channel_id(a.get("channel", ""))
+        text, blocks = self._content(a)
+        m = Message(channel=cid, ts=self._new_ts(), text=text, blocks=blocks, thread_ts=a.get("thread_ts") or "")
+        if m.thread_ts:
+            parent = self._by_ts.get((cid, m.thread_ts))
+            if parent is None:
+                raise SlackApiError("thread_not_found")
+            parent.replies.append(m)
+            self._by_ts[(cid, m.ts)] = m
+        else:
+            self._append(m)
+        return {"channel": cid, "ts": m.ts, "message": m.to_payload()}
+
+    def _m_chat_update(self, a):
+        cid = self.channel_id(a.get("channel", ""))
+        m = self._by_ts.get((cid, a.get("ts", "")))
+        if m is None or m.deleted:
+            raise SlackApiError("message_not_found")
+        text, blocks = self._content(a)
+        m.text, m.blocks, m.edits = text, blocks, m.edits + 1
+        return {"channel": cid, "ts": m.ts, "text": text, "message": m.to_payload()}
+
+    def _m_chat_postEphemeral(self, a):
+        cid = self.channel_id(a.get("channel", ""))
+        if not a.get("user"):
+            raise SlackApiError("user_not_in_channel")
+        text, blocks = self._content(a)
+        m = Message(channel=cid, ts=self._new_ts(), text=text, blocks=blocks, kind="ephemeral",
+                    ephemeral_to=a["user"])
+        self._append(m)
+        return {"message_ts": m.ts}
+
+    def _m_chat_getPermalink(self, a):
+        cid = self.channel_id(a.get("channel", ""))
+        ts = a.get("message_ts", "")
+        if (cid, ts) not in self._by_ts:
+            raise SlackApiError("message_not_found")
+        return {"channel": cid, "permalink": f"{self.url}/archives/{cid}/p{ts.replace('.', '')}"}
+
+    def _m_conversations_info(self, a):
+        cid = self.channel_id(a.get("channel", ""))
+        return {"channel": {"id": cid, "name": self._channels[cid], "is_channel": True, "is_member": True}}
+
+    def _m_conversations_join(self, a):
+        return self._m_conversations_info(a)
+
+    def _m_views_publish(self, a):
+        view = a.get("view")
+        if isinstance(view, str):
+            view = json.loads(view)
+        if not a.get("user_id") or not isinstance(view, dict) or view.get("type") != "home":
+            raise SlackApiError("invalid_arguments")
+        _check_blocks(view.get("blocks") or [])
+        self.home_views[a["user_id"]] = view
+        return {"view": {"id": f"V{next(self._seq):08d}", **view}}
+
+    def _m_files_getUploadURLExternal(self, a):
+        if not a.get("filename") or not str(a.get("length", "")).isdigit():
+            raise SlackApiError("invalid_arguments")
+        fid = f"F{next(self._seq):08d}"
+        self._files[fid] = {"name": a["filename"], "title": a["filename"], "length": int(a["length"]),
+                            "bytes": None, "path": "", "channel": "", "thread_ts": ""}
+        return {"upload_url": f"{self.url}/upload/{fid}", "file_id": fid}
+
+    def _m_files_completeUploadExternal(self, a):
+        files = a.get("files") or []
+        out = []
+        for f in files:
+            info = self._files.get(f.get("id"))
+            if info is None or info["bytes"] is None:
+                raise SlackApiError("file_not_found" if info is None else "file_upload_incomplete")
+            info["title"] = f.get("title") or info["name"]
+            out.append({"id": f["id"], "name": info["name"], "title": info["title"], "size": len(info["bytes"])})
+        cid = a.get("channel_id") or ""
+        if cid:
+            cid = self.channel_id(cid)
+            thread_ts = a.get("thread_ts") or ""
+            m = Message(channel=cid, ts=self._new_ts(), text=a.get("initial_comment") or "",
+                        thread_ts=thread_ts,
+                        files=[{"id": f["id"], "name": f["name"], "title": f["title"],
+                                "path": self._files[f["id"]]["path"]} for f in out])
+            for f in out:
+                self._files[f["id"]].update(channel=cid, thread_ts=thread_ts)
+            if thread_ts:
+                parent = self._by_ts.get((cid, thread_ts))
+                if parent is None:
+                    raise SlackApiError("thread_not_found")
+                parent.replies.append(m)
+            else:
+                self._append(m)
+        return {"files": out}
+
+    # Non-API endpoints --------------------------------------------------------------
+    def _upload(self, fid: str, raw: bytes):
+        with self._lock:
+            self._calls.append(Call("upload", {"file_id": fid, "size": len(raw)}, time.time()))
+            info = self._files.get(fid)
+            if info is None:
+                self._lock.notify_all()
+                return 404, "unknown upload url", {}
+            info["bytes"] = raw
+            if self.files_dir:
+                self.files_dir.mkdir(parents=True, exist_ok=True)
+                path = self.files_dir / f"{fid}-{Path(info['name']).name}"
+                path.write_bytes(raw)
+                info["path"] = str(path)
+            self._lock.notify_all()
+        return 200, f"OK - {len(raw)}", {}
+
+    def _response_post(self, rid: str, raw: bytes):
+        try:
+            body = json.loads(raw or b"{}")
+        except ValueError:
+            return 400, "invalid_payload", {}
+        with self._lock:
+            call = Call("response", {"rid": rid, **body}, time.time())
+            self._calls.append(call)
+            status, text, headers = self._respond(rid, body)
+            call.status, call.error = status, "" if status == 200 else text
+            self._lock.notify_all()
+        return status, text, headers
+
+    def _respond(self, rid: str, body: dict, count_use: bool = True):
+        with self._lock:
+            info = self._responses.get(rid)
+            if info is None:
+                return 404, "no_such_response_url", {}
+            if count_use:   # a real POST to the response_url (not the ack shown as a reply)
+                info["uses"] += 1
+                if info["uses"] > RESPONSE_URL_USES:
+                    return 404, "used_url", {}
+                info["posts"].append(body)
+            cid, target = info["channel"], None
+            if info["message_ts"]:                      # from a click: the message with the button
+                target = self._by_ts.get((cid, info["message_ts"]))
+            elif info["last"] is not None:              # from a command: its last ephemeral reply
+                target = info["last"]
+            if body.get("delete_original") and target is not None:
+                target.deleted = True
+                return 200, "ok", {}
+            text, blocks = body.get("text") or "", body.get("blocks") or []
+            try:
+                if blocks:
+                    _check_blocks(blocks)
+            except SlackApiError as e:
+                return 400, e.error, {}
+            if body.get("replace_original") and target is not None:
+                target.text, target.blocks, target.edits = text, blocks, target.edits + 1
+                return 200, "ok", {}
+            in_channel = body.get("response_type") == "in_channel"
+            m = Message(channel=cid, ts=self._new_ts(), text=text, blocks=blocks,
+                        kind="message" if in_channel else "ephemeral",
+                        ephemeral_to="" if in_channel else info["user"])
+            self._append(m)
+            if not info["message_ts"]:
+                info["last"] = m
+            self._lock.notify_all()
+        return 200, "ok", {}
+
+
+def _maybe_json(raw: str):
+    try:
+        return json.loads(raw) if raw else {}
+    except ValueError:
+        return raw
+
+
+def _find_button(blocks: list, action_id: str, value: str | None):
+    for b in blocks:
+        for el in (b.get("elements") or []) + ([b["accessory"]] if b.get("accessory") else []):
+            if el.get("action_id") == action_id and (value is None or el.get("value") == value):
+                return b, el
+    raise KeyError(f"no button {action_id!r} on that message")
+
+
+# ---- rendering Block Kit as text -----------------------------------------------------
+def _mrkdwn(text: str, users: dict, channels: dict) -> str:
+    import re
+    text = re.sub(r"<@([UW][A-Z0-9]+)>", lambda m: "@" + users.get(m.group(1), m.group(1)), text)
+    text = re.sub(r"<#(C[A-Z0-9]+)(\|[^>]*)?>", lambda m: "#" + channels.get(m.group(1), m.group(1)), text)
+    text = re.sub(r"<(https?://[^|>]+)\|([^>]+)>", r"\2 (\1)", text)
+    text = re.sub(r"<(https?://[^>]+)>", r"\1", text)
+    return text.replace("&lt;", "<").replace("&gt;", ">").replace("&amp;", "&")
+
+
+def render_blocks(blocks: list, users: dict | None = None, channels: dict | None = None) -> list[str]:
+    """Block Kit as plain text lines: headers, sections, fields, context, buttons, images."""
+    users, channels = users or {}, channels or {}
+
+    def t(obj) -> str:
+        return _mrkdwn((obj or {}).get("text", ""), users, channels)
+
+    lines = []
+    for b in blocks:
+        kind = b.get("type")
+        if kind == "header":
+            title = t(b.get("text"))
+            lines += [f"┃ {title}", "┃ " + "─" * min(60, len(title))]
+        elif kind == "section":
+            if b.get("text"):
+                lines += t(b["text"]).replace("```", "").splitlines()
+            for f in b.get("fields") or []:
+                lines.append("  " + t(f).replace("\n", ": ", 1).replace("\n", " "))
+            acc = b.get("accessory")
+            if acc and acc.get("type") == "button":
+                lines.append(f"  [{t(acc.get('text'))}]")
+        elif kind == "context":
+            lines.append("  (" + " · ".join(t(e) if e.get("type") != "image" else "[img]"
+                                            for e in b.get("elements") or []) + ")")
+        elif kind == "divider":
+            lines.append("  " + "-" * 40)
+        elif kind == "actions":
+            buttons = []
+            for e in b.get("elements") or []:
+                label = f"[{t(e.get('text'))}]"
+                if e.get("confirm"):
+                    label += "(confirm)"
+                buttons.append(label)
+            lines.append("  " + " ".join(buttons))
+        elif kind == "image":
+            lines.append(f"  [image: {b.get('alt_text', '')}] {b.get('image_url', '')}")
+        else:
+            lines.append(f"  [{kind} block]")
+    return lines
+
+
+def _render_message(m: Message, users: dict, channels: dict) -> list[str]:
+    stamp = time.strftime("%H:%M:%S", time.localtime(float(m.ts.split(".")[0])))
+    who = "@" + users.get(m.user, "ctbot" if m.user == BOT_USER else m.user)
+    if m.kind == "command":
+        return [f"[{stamp}] {who}: {m.text}"]
+    tag = f" (only visible to @{users.get(m.ephemeral_to, m.ephemeral_to)})" if m.kind == "ephemeral" else ""
+    edited = f" (edited {m.edits}x)" if m.edits else ""
+    out = [f"[{stamp}] {who}{tag}{edited}:"]
+    body = render_blocks(m.blocks, users, channels) if m.blocks else _mrkdwn(m.text, users, channels).splitlines()
+    out += ["  " + line for line in body]
+    for f in m.files:
+        out.append(f"  [file: {f['title']}] {f['path'] or f['name']}")
+    return out + [""]

@@ -1,0 +1,524 @@
+"""The training service: the one object every trigger goes through.
+
+Slash commands, buttons, the weekly tick and the new-data tick all call it, so the
+rules live in one place: validated params, one active run per model (a Redis lock),
+a frozen data snapshot per run, an audit entry for every action, and one Slack message
+per run that the run watch keeps up to date.
+
+pipelines/ and steps/ are imported inside methods: they may pull in kfp, and the
+bot process should pay for that only when it actually starts a run.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import secrets
+import time
+from datetime import datetime, timezone
+
+from core.config import Settings
+from core.errors import Conflict, ParamError, ServiceError, UnknownRun
+from core.state import StateStore
+from core.types import FINAL_STATES, Notifier, RunRecord
+from pipelines import layout
+
+__all__ = ["TrainingService", "ServiceError", "ParamError", "UnknownRun", "Conflict"]
+
+log = logging.getLogger("ctbot.service")
+
+LOCK_TTL = 6 * 3600          # the run watch refreshes it; the TTL only frees a lock nobody watches
+DEDUPE_TTL = 7 * 24 * 3600   # how long a repeated request/alert/fire maps to the same run
+FINISH_TTL = 30 * 24 * 3600
+SNAPSHOT_MAX_URIS = 2000     # beyond this a snapshot is folded into folders (see _snapshot)
+QUEUED_TIMEOUT = 600         # a run never submitted after this long is marked failed
+
+
+def who(user: str) -> str:
+    """A Slack mention for user ids, the plain name for "scheduler" and friends."""
+    return f"<@{user}>" if user[:1] in ("U", "W") and user.isalnum() else (user or "someone")
+
+
+class TrainingService:
+    def __init__(self, settings: Settings, state: StateStore, store, runner,
+                 notifier: Notifier | None = None, clock=time.time, next_retrain_fn=None):
+        self.settings = settings
+        self.state = state
+        self.store = store
+        self.runner = runner
+        self.notifier = notifier
+        self.clock = clock
+        self.next_retrain_fn = next_retrain_fn
+        self.model = settings.model_name
+
+    # ---- params -------------------------------------------------------------------
+
+    def parse_params(self, tokens: list[str]) -> dict:
+        """["epochs=3", "lr=0.01"] -> {"epochs": 3, "lr": 0.01}, typed and range-checked."""
+        from steps.params import TrainParams
+        spec = TrainParams.describe()
+        raw = {}
+        for tok in tokens:
+            name, eq, value = tok.partition("=")
+            if not eq or not name.strip():
+                raise ParamError(f"Expected key=value, got `{tok}`. {_valid_keys(spec)}")
+            raw[name.strip()] = value.strip()
+        typed = {name: _coerce(name, value, spec) for name, value in raw.items()}
+        self._resolve(typed)  # range checks
+        return typed
+
+    def _resolve(self, params: dict) -> dict:
+        """Every TrainParams field, with the given ones validated; ParamError otherwise."""
+        from steps.params import TrainParams
+        try:
+            p = TrainParams.from_dict(dict(params))
+        except (ValueError, TypeError) as e:
+            raise ParamError(str(e)) from None
+        return dataclasses.asdict(p) if dataclasses.is_dataclass(p) else dict(vars(p))
+
+    # ---- starting a run ---------------------------------------------------------------
+
+    def request_training(self, reason: str, params: dict, requested_by: str, *, trigger="manual",
+                         data_uris: list[str] | None = None, force=False,
+                         dedupe_key: str | None = None, sweep=None) -> RunRecord:
+        params = self._resolve(params or {})
+        if dedupe_key:
+            existing = self._claim_dedupe(dedupe_key)
+            if existing:
+                return existing
+        try:
+            run = self._start(reason, params, requested_by, trigger, data_uris, force, sweep,
+                              dedupe_key)
+        except BaseException:
+            if dedupe_key:
+                self.state.forget(f"dedupe:req:{dedupe_key}")  # let a retry through
+            raise
+        return run
+
+    def _claim_dedupe(self, key: str) -> RunRecord | None:
+        """None if we own the key now; the earlier run if this request was already made."""
+        marker = f"dedupe:req:{key}"
+        deadline = time.monotonic() + 5
+        while not self.state.once(marker, DEDUPE_TTL, value="starting"):
+            value = self.state.marker(marker)
+            if value and value != "starting":
+                run = self.state.get_run(value)
+                if run:
+                    return run
+            if time.monotonic() > deadline:
+                raise Conflict("The same request is still being started; try again in a moment.")
+            time.sleep(0.1)
+        return None
+
+    def _start(self, reason, params, requested_by, trigger, data_uris, force, sweep,
+               dedupe_key) -> RunRecord:
+        snapshot = list(data_uris) if data_uris is not None else self._snapshot()
+        if not snapshot:
+            raise ServiceError(f"No training data under `{self.store.uri(self.settings.data_prefix)}`. "
+                               "Upload .npz files, PNG folders (<label>/<name>.png) or IDX files there.")
+        run = self._new_run(trigger, reason, requested_by, params, snapshot)
+        self._take_lock(run, force)
+        try:
+            created = self.state.create_run(run)
+            while not created:  # id collision: same minute, same 4 hex digits
+                run.run_id = _run_id(self.clock())
+                self.state.take_over_lock(self.model, run.run_id, LOCK_TTL)
+                created = self.state.create_run(run)
+        except BaseException:
+            self.state.release_lock(self.model, run.run_id)
+            raise
+        if dedupe_key:
+            self.state.set_marker(f"dedupe:req:{dedupe_key}", run.run_id)
+        self.state.audit("train_requested", requested_by, run_id=run.run_id, trigger=trigger,
+                         reason=reason, params=params, objects=len(snapshot), forced=force or None)
+        try:
+            external_id, external_url = self.runner.submit(
+                run.run_id, snapshot, params, self._eval_uri(), sweep=sweep,
+                requested_by=requested_by)
+        except Exception as e:
+            log.exception("submit of %s failed", run.run_id)
+            self.state.update_run(run.run_id, state="failed", finished_at=self.clock(),
+                                  error=f"submit failed: {e}")
+            self.state.release_lock(self.model, run.run_id)
+            self.state.audit("train_submit_failed", requested_by, run_id=run.run_id, error=str(e))
+            raise ServiceError(f"Could not start run `{run.run_id}`: {e}") from e
+        run = self.state.update_run(run.run_id, state="running", started_at=self.clock(),
+                                    external_id=str(external_id or ""),
+                                    external_url=external_url or "")
+        posted = self._notify("run_started", run)
+        if posted:
+            run = self.state.update_run(run.run_id, slack_channel=posted[0], slack_ts=posted[1])
+        return run
+
+    def _new_run(self, trigger, reason, requested_by, params, snapshot) -> RunRecord:
+        return RunRecord(run_id=_run_id(self.clock()), model=self.model, trigger=trigger,
+                         reason=reason, requested_by=requested_by, params=params,
+                         data_uris=snapshot, state="queued", created_at=self.clock(),
+                         runner=self.settings.runner)
+
+    def _take_lock(self, run: RunRecord, force: bool) -> None:
+        """One active run per model. A lock left behind by a run that has in fact ended
+        (the bot was down when it finished) is cleared by refreshing that run first."""
+        if self.state.acquire_lock(self.model, run.run_id, LOCK_TTL):
+            blocker = self._other_active(run.run_id)  # the lock may have expired under a live run
+        else:
+            holder = self.state.lock_holder(self.model)
+            blocker = self._still_active(holder) if holder else None
+            if blocker is None:
+                if holder:
+                    self.state.release_lock(self.model, holder)
+                if self.state.acquire_lock(self.model, run.run_id, LOCK_TTL):
+                    blocker = self._other_active(run.run_id)
+                else:
+                    blocker = self._still_active(self.state.lock_holder(self.model) or "")
+        if blocker is None:
+            return
+        if force:
+            self.state.take_over_lock(self.model, run.run_id, LOCK_TTL)
+            return
+        self.state.release_lock(self.model, run.run_id)
+        age = int((self.clock() - (blocker.started_at or blocker.created_at)) // 60)
+        raise Conflict(
+            f"Run `{blocker.run_id}` is still {blocker.state} ({blocker.trigger}, "
+            f"{who(blocker.requested_by)}, {age} min ago). Wait for it to finish, cancel it with "
+            f"`{self.settings.slash_command} cancel {blocker.run_id}`, or force a second run.",
+            run=blocker)
+
+    def _still_active(self, run_id: str) -> RunRecord | None:
+        run = self.state.get_run(run_id) if run_id else None
+        if run and run.active and run.external_id:
+            run = self.refresh(run.run_id)
+        return run if run and run.active else None
+
+    def _other_active(self, mine: str) -> RunRecord | None:
+        for run_id in self.state.active_run_ids():
+            if run_id == mine:
+                continue
+            run = self.state.get_run(run_id)
+            if run and run.model == self.model:
+                run = self._still_active(run_id)
+                if run:
+                    return run
+        return None
+
+    def _snapshot(self) -> list[str]:
+        """The run's data, frozen at request time: every object under the data prefix.
+
+        Past SNAPSHOT_MAX_URIS objects (PNG folders get there fast) the list would
+        overflow a command line and bloat the run record, so it is folded into the
+        folders one level under the prefix. Those stay open to later uploads; the run's
+        data card still lists exactly what was read."""
+        prefix = self.settings.data_prefix
+        keys = [o.key for o in self.store.list(prefix)
+                if not o.key.endswith("/") and not o.key.rsplit("/", 1)[-1].startswith(".")]
+        if len(keys) > SNAPSHOT_MAX_URIS:
+            folded = sorted({k if "/" not in k[len(prefix):] else
+                             prefix + k[len(prefix):].split("/", 1)[0] + "/" for k in keys})
+            keys = folded if len(folded) <= SNAPSHOT_MAX_URIS else [prefix]
+        return [self._uri(k) for k in keys]
+
+    def _uri(self, key: str) -> str:
+        uri = self.store.uri(key)
+        return uri + "/" if key.endswith("/") and not uri.endswith("/") else uri
+
+    def _eval_uri(self) -> str:
+        ref = self.settings.eval_key_or_uri
+        return ref if "://" in ref or ref.startswith("/") else self.store.uri(ref)
+
+    # ---- reading runs -----------------------------------------------------------------
+
+    def get_run(self, run_id: str) -> RunRecord:
+        run = self.state.get_run(run_id) if run_id else None
+        if run is None:
+            raise UnknownRun(run_id)
+        return run
+
+    def list_runs(self, n: int = 10) -> list[RunRecord]:
+        return self.state.list_runs(n)
+
+    def active_run(self) -> RunRecord | None:
+        holder = self.state.lock_holder(self.model)
+        run = self.state.get_run(holder) if holder else None
+        if run and run.active:
+            return run
+        for run_id in self.state.active_run_ids():
+            run = self.state.get_run(run_id)
+            if run and run.active and run.model == self.model:
+                return run
+        return None
+
+    def status(self) -> dict:
+        active = self.active_run()
+        return {
+            "active": active,
+            "steps": self._read_steps(active.run_id) if active else {},
+            "production": self._production(),
+            "next_retrain": self._next_retrain(),
+            "schedule_paused": self.state.schedule_paused(),
+            "pending": self.state.pending(),
+        }
+
+    def data_summary(self) -> dict:
+        """Pending data; the data cards of recent runs, the last training and production."""
+        runs = self.state.list_runs(20)
+        last = next((r for r in runs if r.state == "succeeded"), None)
+        recent = []
+        for r in runs:
+            card = self.store.get_json(layout.data_card_key(r.run_id)) if not r.active else None
+            if card:
+                recent.append({"run_id": r.run_id, **card})
+            if len(recent) == 5:
+                break
+        prod = self._production()
+        return {
+            "prefix": self.store.uri(self.settings.data_prefix),
+            "pending": self.state.pending(),
+            "recent": recent,
+            "last_trained": None if last is None else {
+                "run_id": last.run_id, "finished_at": last.finished_at,
+                "data_card": self.store.get_json(layout.data_card_key(last.run_id))},
+            "production": None if prod is None else {
+                "version": prod["version"],
+                "data_card": self.store.get_json(
+                    layout.version_prefix(self.model, prod["version"]) + "data_card.json")},
+        }
+
+    def _production(self) -> dict | None:
+        try:
+            from steps.deploy import read_alias
+            alias = read_alias(self.store, self.model)
+        except ImportError:
+            alias = self.store.get_json(layout.alias_key(self.model))
+        if not alias or alias.get("version") is None:
+            return None
+        version = int(alias["version"])
+        top1 = alias.get("top1")
+        if top1 is None:
+            metrics = self.store.get_json(layout.version_prefix(self.model, version) + "metrics.json")
+            top1 = (metrics or {}).get("top1")
+        return {"version": version, "top1": top1, "updated_at": alias.get("updated_at")}
+
+    def _next_retrain(self):
+        if self.next_retrain_fn is None:
+            return None
+        try:
+            return self.next_retrain_fn()
+        except Exception:
+            log.exception("next_retrain_fn failed")
+            return None
+
+    def _read_steps(self, run_id: str) -> dict:
+        try:
+            from pipelines.results import read_steps
+            return read_steps(self.store, run_id) or {}
+        except Exception:
+            log.exception("reading steps of %s failed", run_id)
+            return {}
+
+    # ---- following a run --------------------------------------------------------------
+
+    def refresh(self, run_id: str) -> RunRecord:
+        """Poll the runner and the run's step files; update the record and the run's
+        Slack message. Safe to call from several replicas: the final report is posted once."""
+        run = self.get_run(run_id)
+        if not run.active:
+            return run
+        if not run.external_id:
+            # Recorded but never submitted (the process stopped in between): after a
+            # while, close it so it no longer holds the lock.
+            if self.clock() - run.created_at < QUEUED_TIMEOUT:
+                return run
+            return self._finish(run, "failed", {}, run.progress,
+                                error="never submitted: the service stopped before starting it")
+        try:
+            status = self.runner.poll(run.run_id, run.external_id)
+        except Exception:
+            log.exception("poll of %s failed; will retry", run_id)
+            status = "running"
+        steps = self._read_steps(run_id)
+        progress = {name: (st or {}).get("state", "") for name, st in steps.items()}
+        if status not in FINAL_STATES:
+            self.state.refresh_lock(run.model, run_id, LOCK_TTL)
+            if progress != run.progress:
+                run = self.state.update_run(run_id, only_if_active=True, progress=progress) or run
+                self._notify("run_progress", run, steps)
+            return run
+        return self._finish(run, status, steps, progress)
+
+    def _finish(self, run: RunRecord, status: str, steps: dict, progress: dict,
+                error: str = "") -> RunRecord:
+        if not self.state.once(f"dedupe:finished:{run.run_id}", FINISH_TTL):
+            return self.get_run(run.run_id)  # another replica (or a cancel) finished it
+        report = None if error else self._read_report(run.run_id)
+        fields = {"progress": progress, "finished_at": self.clock()}
+        if error:
+            fields.update(state="failed", error=error)
+        elif status == "canceled":
+            fields["state"] = "canceled"
+        elif report is None:
+            fields["state"] = "failed"
+            fields["error"] = (f"the runner says {status} but the pipeline wrote no "
+                               f"{layout.report_key(run.run_id)}")
+        else:
+            ok = status == "succeeded" and report.get("status", "succeeded") == "succeeded"
+            fields.update(state="succeeded" if ok else "failed",
+                          decision=report.get("decision") or "",
+                          decision_reason=report.get("reason") or "",
+                          top1=(report.get("metrics") or {}).get("top1"),
+                          model_version=report.get("model_version"),
+                          failed_step=report.get("failed_step") or "",
+                          error=report.get("error") or ("" if ok else f"the runner says {status}"))
+        run = self.state.update_run(run.run_id, **fields)
+        self.state.release_lock(run.model, run.run_id)
+        if run.state == "succeeded":
+            self.state.clear_pending(upto=run.created_at)
+        self.state.audit("run_finished", "scheduler", run_id=run.run_id, state=run.state,
+                         decision=run.decision or None, version=run.model_version,
+                         error=run.error or None)
+        if report is None:
+            report = {"run_id": run.run_id, "model": run.model, "status": run.state,
+                      "params": run.params, "error": run.error, "decision": "",
+                      "failed_step": run.failed_step or None}
+        self._notify("run_finished", run, report, self._read_confusion(run.run_id))
+        return run
+
+    def _read_report(self, run_id: str) -> dict | None:
+        try:
+            from pipelines.results import read_report
+            return read_report(self.store, run_id)
+        except Exception:
+            log.exception("reading the report of %s failed", run_id)
+            return None
+
+    def _read_confusion(self, run_id: str) -> bytes | None:
+        try:
+            from pipelines.results import read_confusion_png
+            return read_confusion_png(self.store, run_id)
+        except Exception:
+            log.exception("reading the confusion matrix of %s failed", run_id)
+            return None
+
+    # ---- acting on runs and models ----------------------------------------------------
+
+    def cancel(self, run_id: str, by: str) -> RunRecord:
+        run = self.get_run(run_id)
+        if not run.active:
+            raise Conflict(f"Run `{run_id}` already {run.state}; nothing to cancel.", run=run)
+        if run.external_id:
+            try:
+                self.runner.cancel(run.run_id, run.external_id, by=by)
+            except Exception as e:
+                log.exception("cancel of %s failed", run_id)
+                raise ServiceError(f"Could not cancel run `{run_id}`: {e}") from e
+        self.state.once(f"dedupe:finished:{run_id}", FINISH_TTL)  # the run watch won't re-post it
+        run = self.state.update_run(run_id, state="canceled", finished_at=self.clock(),
+                                    error=f"canceled by {by}")
+        self.state.release_lock(run.model, run_id)
+        self.state.audit("cancel", by, run_id=run_id)
+        self._notify("run_progress", run, self._read_steps(run_id))
+        self._notify("say", f"{who(by)} canceled run `{run_id}`.")
+        return run
+
+    def promote(self, run_id: str, by: str) -> int:
+        """Publish a finished run's candidate package as the next production version."""
+        run = self.get_run(run_id)
+        if run.active:
+            raise Conflict(f"Run `{run_id}` is still {run.state}; promote it once it has finished.", run=run)
+        if run.state != "succeeded":
+            raise Conflict(f"Run `{run_id}` {run.state}; only a successful run's model can be promoted.", run=run)
+        if run.model_version is not None:
+            raise Conflict(f"Run `{run_id}` is already published as {self.model} v{run.model_version}; "
+                           f"`{self.settings.slash_command} rollback {run.model_version}` makes it "
+                           "production again.", run=run)
+        prefix = layout.candidate_prefix(run_id)
+        if next(iter(self.store.list(prefix)), None) is None:
+            raise ServiceError(f"Run `{run_id}` has no model package at `{self.store.uri(prefix)}`.")
+        from steps.deploy import publish
+        try:
+            version = publish(self.store, self.model, prefix, run_id=run_id, by=by,
+                              keep=self.settings.keep_versions, action="promote",
+                              metrics={"top1": run.top1} if run.top1 is not None else None)
+        except (ValueError, KeyError) as e:
+            raise ServiceError(f"Could not promote run `{run_id}`: {_msg(e)}") from e
+        note = f"promoted to v{version} by {who(by)}"
+        self.state.update_run(run_id, model_version=version,
+                              decision_reason="; ".join(x for x in (run.decision_reason, note) if x))
+        self.state.audit("promote", by, run_id=run_id, version=version)
+        self._notify("say", f"{who(by)} promoted run `{run_id}`: {self.model} v{version} is now production.")
+        return version
+
+    def rollback(self, version: int | None, by: str) -> dict:
+        """Move production back (to ``version``, or to the previous one); returns {from, to}."""
+        from steps.deploy import rollback
+        try:
+            moved = rollback(self.store, self.model, to_version=version, by=by)
+        except (ValueError, KeyError) as e:
+            raise ServiceError(f"Could not roll back {self.model}: {_msg(e)}") from e
+        self.state.audit("rollback", by, **{"from": moved.get("from"), "to": moved.get("to")})
+        self._notify("say", f"{who(by)} rolled {self.model} back from v{moved.get('from')} "
+                            f"to v{moved.get('to')}.")
+        return moved
+
+    def set_schedule_paused(self, paused: bool, by: str) -> None:
+        self.state.set_schedule_paused(paused)
+        self.state.audit("schedule_paused" if paused else "schedule_resumed", by)
+        self._notify("say", f"{who(by)} {'paused' if paused else 'resumed'} the weekly retrain.")
+
+    # ---- helpers ------------------------------------------------------------------------
+
+    def _notify(self, method: str, *args):
+        """Slack trouble must never break a run: log it and carry on."""
+        if self.notifier is None:
+            return None
+        try:
+            return getattr(self.notifier, method)(*args)
+        except Exception:
+            log.exception("notifier.%s failed", method)
+            return None
+
+
+def _run_id(ts: float) -> str:
+    """Readable and unique: r-20261122-0912-ab12 (UTC minute + 16 random bits; collisions
+    are caught by the SET NX in create_run)."""
+    stamp = datetime.fromtimestamp(ts, tz=timezone.utc).strftime("%Y%m%d-%H%M")
+    return f"r-{stamp}-{secrets.token_hex(2)}"
+
+
+def _msg(e: Exception) -> str:
+    return e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+
+
+def _valid_keys(spec: dict) -> str:
+    parts = []
+    for name, d in spec.items():
+        rng = d.get("range")
+        parts.append(f"`{name}` ({_type_name(d.get('type'))}"
+                     + (f", {rng}" if rng not in (None, "") else "")
+                     + f", default {d.get('default')!r})")
+    return "Valid keys: " + ", ".join(parts) + "."
+
+
+def _type_name(t) -> str:
+    return t if isinstance(t, str) else getattr(t, "__name__", str(t))
+
+
+def _coerce(name: str, value: str, spec: dict):
+    """Turn the text after '=' into the field's type; unknown keys pass through so that
+    TrainParams.from_dict reports them with the list of valid keys."""
+    if name not in spec:
+        return value
+    kind = _type_name(spec[name].get("type")).lower()
+    try:
+        if kind in ("int", "integer"):
+            return int(value)
+        if kind in ("float", "number"):
+            return float(value)
+        if kind in ("bool", "boolean"):
+            if value.lower() in ("1", "true", "yes", "on"):
+                return True
+            if value.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(value)
+    except ValueError:
+        raise ParamError(f"`{name}` must be {'an' if kind[0] in 'aeiou' else 'a'} {kind}, "
+                         f"got `{value}`. {_valid_keys(spec)}") from None
+    return value

@@ -1,0 +1,296 @@
+"""Everything ctbot keeps in Redis (see docs/architecture.md, "Redis keys").
+
+The Redis client is built in entry points and passed in, so importing this module
+opens no connection. It must be created with decode_responses=True.
+"""
+from __future__ import annotations
+
+import json
+import time
+from datetime import datetime, timezone
+
+from core.types import RunRecord
+
+# Compare-and-delete / compare-and-expire: only the holder may release or extend a lock.
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+_REFRESH = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 0
+"""
+
+AUDIT_MAXLEN = 10_000
+PENDING_MAX_BATCHES = 500
+
+
+def _iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, tz=timezone.utc).isoformat()
+
+
+class StateStore:
+    def __init__(self, redis_client, prefix: str = "ct:", clock=time.time,
+                 audit_maxlen: int = AUDIT_MAXLEN):
+        kwargs = getattr(getattr(redis_client, "connection_pool", None), "connection_kwargs", {})
+        if not kwargs.get("decode_responses"):
+            raise ValueError("StateStore needs a Redis client created with decode_responses=True")
+        self.r = redis_client
+        self.prefix = prefix
+        self.clock = clock
+        self.audit_maxlen = audit_maxlen
+        self._release = self.r.register_script(_RELEASE)
+        self._refresh = self.r.register_script(_REFRESH)
+
+    @classmethod
+    def from_url(cls, url: str, prefix: str = "ct:", **kwargs) -> "StateStore":
+        import redis
+        return cls(redis.Redis.from_url(url, decode_responses=True), prefix=prefix, **kwargs)
+
+    def k(self, *parts: str) -> str:
+        return self.prefix + ":".join(parts)
+
+    # ---- runs ----------------------------------------------------------------------
+
+    def create_run(self, run: RunRecord) -> bool:
+        """Store a new run; False when the id is already taken (ids must be unique)."""
+        if not self.r.set(self.k("run", run.run_id), json.dumps(run.to_dict()), nx=True):
+            return False
+        self._index_run(run)
+        return True
+
+    def save_run(self, run: RunRecord) -> None:
+        self.r.set(self.k("run", run.run_id), json.dumps(run.to_dict()))
+        self._index_run(run)
+
+    def _index_run(self, run: RunRecord) -> None:
+        # ct:active (a SET of active run ids) lets the run watch cost O(active runs).
+        p = self.r.pipeline()
+        p.zadd(self.k("runs"), {run.run_id: run.created_at})
+        if run.active:
+            p.sadd(self.k("active"), run.run_id)
+        else:
+            p.srem(self.k("active"), run.run_id)
+        p.execute()
+
+    def get_run(self, run_id: str) -> RunRecord | None:
+        raw = self.r.get(self.k("run", run_id))
+        return RunRecord.from_dict(json.loads(raw)) if raw else None
+
+    def update_run(self, run_id: str, only_if_active: bool = False, **fields) -> RunRecord | None:
+        """Change some fields of a run without losing a concurrent writer's other fields
+        (optimistic WATCH/MULTI). Returns the new record; None if the run doesn't exist,
+        or if only_if_active and it has already finished."""
+        from redis.exceptions import WatchError
+        key = self.k("run", run_id)
+        while True:
+            with self.r.pipeline() as p:
+                try:
+                    p.watch(key)
+                    raw = p.get(key)
+                    if not raw:
+                        return None
+                    run = RunRecord.from_dict(json.loads(raw))
+                    if only_if_active and not run.active:
+                        return None
+                    for name, value in fields.items():
+                        if name not in RunRecord.__dataclass_fields__:
+                            raise AttributeError(f"RunRecord has no field {name!r}")
+                        setattr(run, name, value)
+                    p.multi()
+                    p.set(key, json.dumps(run.to_dict()))
+                    p.zadd(self.k("runs"), {run.run_id: run.created_at})
+                    (p.sadd if run.active else p.srem)(self.k("active"), run.run_id)
+                    p.execute()
+                    return run
+                except WatchError:
+                    continue
+
+    def list_runs(self, n: int = 10, offset: int = 0) -> list[RunRecord]:
+        """Newest first."""
+        ids = self.r.zrevrange(self.k("runs"), offset, offset + n - 1)
+        if not ids:
+            return []
+        raws = self.r.mget([self.k("run", i) for i in ids])
+        return [RunRecord.from_dict(json.loads(x)) for x in raws if x]
+
+    def active_run_ids(self) -> list[str]:
+        return sorted(self.r.smembers(self.k("active")))
+
+    # ---- the one-active-run-per-model lock -------------------------------------------
+
+    def acquire_lock(self, model: str, run_id: str, ttl: float) -> bool:
+        return bool(self.r.set(self.k("lock", model), run_id, nx=True, px=int(ttl * 1000)))
+
+    def take_over_lock(self, model: str, run_id: str, ttl: float) -> None:
+        """Unconditional: a forced run becomes the model's active run."""
+        self.r.set(self.k("lock", model), run_id, px=int(ttl * 1000))
+
+    def release_lock(self, model: str, run_id: str) -> bool:
+        """Release only if run_id holds the lock; a stale caller can't free another run's lock."""
+        return bool(self._release(keys=[self.k("lock", model)], args=[run_id]))
+
+    def refresh_lock(self, model: str, run_id: str, ttl: float) -> bool:
+        return bool(self._refresh(keys=[self.k("lock", model)], args=[run_id, int(ttl * 1000)]))
+
+    def lock_holder(self, model: str) -> str | None:
+        return self.r.get(self.k("lock", model))
+
+    # ---- once / dedupe markers --------------------------------------------------------
+
+    def once(self, key: str, ttl: float, value: str = "1") -> bool:
+        """True for the first caller of ``key`` (e.g. "fire:weekly:2026-W47") within ttl,
+        False for everyone after: exactly-once across replicas with SET NX."""
+        return bool(self.r.set(self.prefix + key, value, nx=True, px=int(ttl * 1000)))
+
+    def marker(self, key: str) -> str | None:
+        """The value a once() call stored, or None."""
+        return self.r.get(self.prefix + key)
+
+    def set_marker(self, key: str, value: str) -> None:
+        """Overwrite a once() marker's value, keeping its expiry."""
+        self.r.set(self.prefix + key, value, keepttl=True)
+
+    def forget(self, key: str) -> None:
+        self.r.delete(self.prefix + key)
+
+    # ---- data-watch cursor ------------------------------------------------------------
+
+    def get_cursor(self, prefix: str) -> dict | None:
+        raw = self.r.get(self.k("cursor", prefix))
+        return json.loads(raw) if raw else None
+
+    def set_cursor(self, prefix: str, cursor: dict) -> None:
+        self.r.set(self.k("cursor", prefix), json.dumps(cursor))
+
+    def cursor_hash(self, prefix: str, name: str) -> dict:
+        """A companion hash of the cursor (the watcher keeps "tail" and "waiting" here)."""
+        return self.r.hgetall(self.k("cursor", prefix, name))
+
+    def commit_watch(self, prefix: str, cursor: dict, *, tail: dict, replace_tail: bool,
+                     waiting: dict, pending_objects: int = 0, pending_bytes: int = 0,
+                     pending_counts: dict | None = None) -> None:
+        """Save one data-watch tick atomically: cursor, its hashes and the pending summary.
+        Either all of it lands or none, so a crash can't count the same objects twice."""
+        from redis.exceptions import WatchError
+        cur_key, pend_key = self.k("cursor", prefix), self.k("pending")
+        tail_key, wait_key = self.k("cursor", prefix, "tail"), self.k("cursor", prefix, "waiting")
+        while True:
+            with self.r.pipeline() as p:
+                try:
+                    p.watch(pend_key)
+                    pending = json.loads(p.get(pend_key) or "{}")
+                    if pending_objects:
+                        pending = _add_batch(pending, self.clock(), pending_objects, pending_bytes,
+                                             pending_counts)
+                    p.multi()
+                    p.set(cur_key, json.dumps(cursor))
+                    if replace_tail:
+                        p.delete(tail_key)
+                    if tail:
+                        p.hset(tail_key, mapping=tail)
+                    p.delete(wait_key)
+                    if waiting:
+                        p.hset(wait_key, mapping=waiting)
+                    if pending_objects:
+                        p.set(pend_key, json.dumps(pending))
+                    p.execute()
+                    return
+                except WatchError:
+                    continue
+
+    def reset_cursor(self, prefix: str) -> None:
+        self.r.delete(self.k("cursor", prefix), self.k("cursor", prefix, "tail"),
+                      self.k("cursor", prefix, "waiting"))
+
+    # ---- schedule ---------------------------------------------------------------------
+
+    def schedule_paused(self) -> bool:
+        return self.r.get(self.k("schedule", "paused")) == "1"
+
+    def set_schedule_paused(self, paused: bool) -> None:
+        if paused:
+            self.r.set(self.k("schedule", "paused"), "1")
+        else:
+            self.r.delete(self.k("schedule", "paused"))
+
+    # ---- pending data (arrived since the last successful training) ----------------------
+
+    def pending(self) -> dict:
+        """{objects, bytes, since} where since is an ISO time or None."""
+        raw = json.loads(self.r.get(self.k("pending")) or "{}")
+        return {"objects": raw.get("objects", 0), "bytes": raw.get("bytes", 0),
+                "since": raw.get("since"), "counts": raw.get("counts", {})}
+
+    def add_pending(self, objects: int, nbytes: int, counts: dict | None = None) -> None:
+        self._update_pending(lambda p: _add_batch(p, self.clock(), objects, nbytes, counts))
+
+    def clear_pending(self, upto: float | None = None) -> None:
+        """Forget data seen up to ``upto`` (epoch seconds; None = everything). Batches that
+        arrived after a run took its data snapshot stay pending."""
+        def drop(p):
+            kept = [b for b in p.get("batches", []) if upto is not None and b["at"] > upto]
+            return _summarise(kept)
+        self._update_pending(drop)
+
+    def _update_pending(self, fn) -> None:
+        from redis.exceptions import WatchError
+        key = self.k("pending")
+        while True:
+            with self.r.pipeline() as p:
+                try:
+                    p.watch(key)
+                    new = fn(json.loads(p.get(key) or "{}"))
+                    p.multi()
+                    p.set(key, json.dumps(new))
+                    p.execute()
+                    return
+                except WatchError:
+                    continue
+
+    # ---- audit trail ------------------------------------------------------------------
+
+    def audit(self, action: str, who: str, **fields) -> str:
+        """Append to the audit stream: who did what, when. Values are stored as strings
+        (JSON for non-strings)."""
+        entry = {"action": action, "who": who or "", "at": _iso(self.clock())}
+        for k, v in fields.items():
+            if v is not None:
+                entry[k] = v if isinstance(v, str) else json.dumps(v, default=str)
+        return self.r.xadd(self.k("audit"), entry, maxlen=self.audit_maxlen, approximate=True)
+
+    def read_audit(self, n: int = 20) -> list[dict]:
+        """Newest first; each entry is its fields plus "id"."""
+        return [{"id": i, **f} for i, f in self.r.xrevrange(self.k("audit"), count=n)]
+
+
+def _add_batch(pending: dict, at: float, objects: int, nbytes: int,
+               counts: dict | None = None) -> dict:
+    """Pending data is a list of per-tick batches, so that a finished run can clear
+    exactly the batches that arrived before its data snapshot."""
+    batch = {"at": at, "objects": objects, "bytes": nbytes, "counts": dict(counts or {})}
+    batches = list(pending.get("batches", [])) + [batch]
+    if len(batches) > PENDING_MAX_BATCHES:
+        # Merge the oldest two under the later time: a run then clears them a little
+        # late rather than too early.
+        a, b = batches[0], batches[1]
+        batches[:2] = [{"at": b["at"], "first": a.get("first", a["at"]),
+                        "objects": a["objects"] + b["objects"], "bytes": a["bytes"] + b["bytes"],
+                        "counts": _sum_counts([a, b])}]
+    return _summarise(batches)
+
+
+def _sum_counts(batches: list) -> dict:
+    out: dict = {}
+    for b in batches:
+        for label, n in (b.get("counts") or {}).items():
+            out[label] = out.get(label, 0) + n
+    return out
+
+
+def _summarise(batches: list) -> dict:
+    return {"objects": sum(b["objects"] for b in batches),
+            "bytes": sum(b["bytes"] for b in batches),
+            "since": _iso(min(b.get("first", b["at"]) for b in batches)) if batches else None,
+            "counts": _sum_counts(batches),
+            "batches": batches}

@@ -1,0 +1,376 @@
+"""The KFP v2 pipeline: ingest -> validate -> train -> embed -> index -> evaluate -> deploy.
+
+Components are thin: each calls one function in steps/ and records its status in the
+store (pipelines.status). KFP ships only a component function's source, so every import
+a component needs is inside its body, and everything a component uses must be installed
+in the image (the ctbot image has the project installed).
+
+Two pipeline functions share the components:
+  ct_pipeline        one training config
+  ct_sweep_pipeline  a ParallelFor over ``sweep`` configs, select_best picks the model
+Both are built by ``build_pipeline``; resources (pipelines.resources) are applied there,
+so the compiled YAML carries them while local runs stay free of Kubernetes settings.
+"""
+# No `from __future__ import annotations`: kfp reads the real annotation objects.
+import json
+import os
+from typing import List
+
+from kfp import dsl
+from kfp.dsl import (ClassificationMetrics, Dataset, Input, Metrics, Model, Output,
+                     PipelineTaskFinalStatus)
+
+from pipelines import resources as res
+
+IMAGE = os.environ.get("CT_IMAGE", "ghcr.io/ctbot/ctbot:latest")
+PIPELINE_NAME = "ctbot-mnist-arcface"
+SWEEP_PIPELINE_NAME = "ctbot-mnist-arcface-sweep"
+
+
+def component(fn):
+    # No pip at run time: the image (or the local venv) already has kfp and ctbot.
+    return dsl.component(fn, base_image=IMAGE, install_kfp_package=False)
+
+
+@component
+def ingest(run_id: str, store: str, data_uris: list, eval_uri: str, data: Output[Dataset]):
+    import json
+    import os
+
+    from pipelines import layout
+    from pipelines.status import track
+    from steps.ingest import ingest as run_ingest
+    from steps.ingest import summary as card_summary
+    from steps.storage import open_store
+
+    with track(store, run_id, "ingest") as st:
+        target = open_store(store)
+        uris = json.loads(data_uris) if isinstance(data_uris, str) else list(data_uris)
+        eval_uri = eval_uri or target.uri("eval/eval.npz")
+        os.makedirs(data.path, exist_ok=True)
+        result = run_ingest(uris, data.path, eval_uri=eval_uri)
+        card_path = os.path.join(data.path, "data_card.json")
+        if os.path.exists(card_path):
+            with open(card_path) as f:
+                target.put_json(layout.data_card_key(run_id), json.load(f))
+        st.summary = card_summary(result)
+        data.metadata.update({k: v for k, v in st.summary.items() if isinstance(v, (int, float, str))})
+
+
+@component
+def validate(run_id: str, store: str, data: Input[Dataset], validated: Output[Dataset]):
+    """Checks a copy: validation may drop leaked rows, and an input artifact is read-only
+    on a cluster, so the checked data set is this step's own output."""
+    import shutil
+
+    from pipelines.status import track
+    from steps.validate import validate as run_validate
+
+    with track(store, run_id, "validate") as st:
+        shutil.copytree(data.path, validated.path)
+        st.summary = run_validate(validated.path)
+
+
+@component
+def train(run_id: str, store: str, params: dict, data: Input[Dataset], model: Output[Model]) -> float:
+    import os
+
+    from pipelines.status import track
+    from steps.params import TrainParams
+    from steps.train import train as run_train
+
+    with track(store, run_id, "train") as st:
+        p = TrainParams.from_dict(params)
+        st.progress(params=p.to_dict())
+        os.makedirs(model.path, exist_ok=True)
+        result = run_train(data.path, model.path, p, on_epoch=lambda info: st.progress(**info))
+        st.summary = {**result, "params": p.to_dict()}
+    val = result.get("val_top1")  # None when val_fraction=0
+    model.metadata.update({"val_top1": val, "epochs": result["epochs"]})
+    return -1.0 if val is None else float(val)
+
+
+@component
+def train_trial(run_id: str, store: str, params: dict, trial: dict, data: Input[Dataset],
+                model: Output[Model]) -> float:
+    """One sweep config. Progress goes to steps/train.json too, so the run shows as
+    training; select_best writes train's final status."""
+    import os
+
+    from pipelines.status import track
+    from steps.params import TrainParams
+    from steps.train import train as run_train
+
+    index = int(trial["trial"])
+    with track(store, run_id, f"train-trial-{index}", mirror="train") as st:
+        p = TrainParams.from_dict({**params, **(trial.get("params") or {})})
+        st.progress(trial=index, params=p.to_dict())
+        os.makedirs(model.path, exist_ok=True)
+        result = run_train(data.path, model.path, p,
+                           on_epoch=lambda info: st.progress(trial=index, **info))
+        st.summary = {**result, "trial": index, "params": p.to_dict()}
+    val = result.get("val_top1")  # None when val_fraction=0: the trial cannot win on merit
+    model.metadata.update({"val_top1": val, "trial": index})
+    return -1.0 if val is None else float(val)
+
+
+@component
+def select_best(run_id: str, store: str, models: Input[List[Model]], scores: List[float],
+                best: Output[Model]) -> float:
+    """Pick the trial with the highest val_top1 and pass its model on."""
+    import shutil
+
+    from pipelines.results import read_trials
+    from pipelines.status import StepStatus
+    from steps.storage import open_store
+
+    target = open_store(store)
+    i = max(range(len(scores)), key=lambda j: scores[j])
+    shutil.copytree(models[i].path, best.path)
+    trials = read_trials(target, run_id)
+    st = StepStatus(target, run_id, "train")
+    starts = [t["started_at"] for t in trials.values() if t.get("started_at")]
+    st.started_at = min(starts) if starts else st.started_at
+    chosen = trials.get(int(models[i].metadata.get("trial", i)), {}).get("summary", {})
+    st.done({**chosen, "best_trial": chosen.get("trial", i), "val_top1": scores[i],
+             "trials": [{"trial": k, "val_top1": (t.get("summary") or {}).get("val_top1"),
+                         "params": (t.get("summary") or {}).get("params")}
+                        for k, t in trials.items()]})
+    best.metadata.update(models[i].metadata)
+    return float(scores[i])
+
+
+@component
+def embed(run_id: str, store: str, model: Input[Model], data: Input[Dataset],
+          embeddings: Output[Dataset]):
+    import os
+
+    from pipelines.status import track
+    from steps.embed import embed as run_embed
+
+    with track(store, run_id, "embed") as st:
+        os.makedirs(embeddings.path, exist_ok=True)
+        st.summary = {
+            "gallery": run_embed(model.path, os.path.join(data.path, "data.npz"),
+                                 os.path.join(embeddings.path, "gallery.npz")),
+            "eval": run_embed(model.path, os.path.join(data.path, "eval.npz"),
+                              os.path.join(embeddings.path, "eval.npz")),
+        }
+
+
+@component
+def index(run_id: str, store: str, embeddings: Input[Dataset], index: Output[dsl.Artifact],
+          kind: str = "flat"):
+    import os
+
+    from pipelines.status import track
+    from steps.index import build_index
+
+    with track(store, run_id, "index") as st:
+        os.makedirs(index.path, exist_ok=True)
+        st.summary = build_index(os.path.join(embeddings.path, "gallery.npz"), index.path, kind=kind)
+
+
+@component
+def evaluate(run_id: str, store: str, model_name: str, floor: float, tolerance: float,
+             data: Input[Dataset], model: Input[Model], embeddings: Input[Dataset],
+             index: Input[dsl.Artifact], metrics: Output[Metrics],
+             confusion: Output[ClassificationMetrics], evaluation: Output[dsl.Artifact]) -> str:
+    """Candidate vs floor and vs the production model on the same eval set; returns the
+    decision, "deploy" or "hold". The candidate package is uploaded whatever the
+    decision, for 'Promote anyway'. (The decision is the single return value because
+    kfp.local cannot resolve a dsl.If on a named output of a multi-output task.)"""
+    import os
+    import shutil
+    import tempfile
+
+    from pipelines import layout
+    from pipelines.status import track
+    from steps import deploy as registry
+    from steps.evaluate import evaluate as run_evaluate
+    from steps.evaluate import evaluate_package
+    from steps.storage import open_store
+
+    eval_npz = os.path.join(data.path, "eval.npz")
+    with track(store, run_id, "evaluate") as st:
+        target = open_store(store)
+        production = None
+        alias = registry.read_alias(target, model_name)
+        if alias and alias.get("version") is not None:
+            version = int(alias["version"])
+            with tempfile.TemporaryDirectory() as pkg:
+                registry.download_package(target, layout.version_prefix(model_name, version), pkg)
+                production = {"version": version, "top1": float(evaluate_package(pkg, eval_npz))}
+
+        os.makedirs(evaluation.path, exist_ok=True)
+        result = run_evaluate(index.path, os.path.join(embeddings.path, "eval.npz"), evaluation.path,
+                              production=production, floor=floor, tolerance=tolerance)
+        for name, key in (("confusion.png", layout.confusion_png_key(run_id)),
+                          ("confusion.csv", layout.confusion_csv_key(run_id))):
+            path = os.path.join(evaluation.path, name)
+            if os.path.exists(path):
+                target.upload_file(path, key)
+
+        # The package: model, index, labels, metrics, data card, params.
+        with tempfile.TemporaryDirectory() as pkg:
+            for src in (model.path, index.path):
+                shutil.copytree(src, pkg, dirs_exist_ok=True)
+            for name in ("metrics.json",):
+                shutil.copy(os.path.join(evaluation.path, name), pkg)
+            shutil.copy(os.path.join(data.path, "data_card.json"), pkg)
+            registry.upload_package(target, pkg, layout.candidate_prefix(run_id))
+
+        st.summary = {k: result.get(k) for k in ("top1", "decision", "reason", "production")}
+
+    metrics.log_metric("top1", float(result["top1"]))
+    metrics.log_metric("floor", float(floor))
+    if production:
+        metrics.log_metric("production_top1", float(production["top1"]))
+        metrics.log_metric("production_version", int(production["version"]))
+    for label, acc in sorted((result.get("per_class") or {}).items()):
+        if acc is not None:  # None: no eval images of that class
+            metrics.log_metric(f"top1_class_{label}", float(acc))
+    matrix = [[int(v) for v in row] for row in result["confusion"]]
+    confusion.log_confusion_matrix([str(i) for i in range(len(matrix))], matrix)
+    return str(result["decision"])
+
+
+@component
+def deploy(run_id: str, store: str, model_name: str, keep_versions: int, requested_by: str) -> int:
+    from pipelines import layout
+    from pipelines.status import track
+    from steps import deploy as registry
+    from steps.storage import open_store
+
+    with track(store, run_id, "deploy") as st:
+        version = registry.publish(open_store(store), model_name, layout.candidate_prefix(run_id),
+                                   run_id=run_id, by=requested_by or "ctbot",
+                                   keep=int(keep_versions))  # metrics: the package's metrics.json
+        st.summary = {"version": int(version)}
+    return int(version)
+
+
+@component
+def finalize(run_id: str, store: str, model_name: str, params: dict,
+             status: PipelineTaskFinalStatus):
+    """Exit task: runs whether the body succeeded or not, and writes report.json."""
+    from pipelines.report import finalize_run
+    from steps.storage import open_store
+
+    report = finalize_run(open_store(store), run_id, model=model_name, params=params,
+                          pipeline_state=status.state, pipeline_error=status.error_message or "")
+    print(f"report: status={report['status']} decision={report['decision']} "
+          f"failed_step={report['failed_step']}")
+
+
+def _configure(task, step: str, resources: dict | None):
+    # Every task has side effects in the store (status JSONs, registry): never cache.
+    task.set_caching_options(False)
+    return res.apply(task, step, resources)
+
+
+def build_pipeline(resources: dict | None = None, *, sweep: bool = False, parallelism: int = 2):
+    """Return the pipeline function. ``resources`` is a pipelines.resources config (None
+    = no Kubernetes settings, as for kfp.local); ``parallelism`` bounds sweep trials."""
+
+    def body(run_id, store, model_name, data_uris, eval_uri, params, floor, tolerance,
+             keep_versions, requested_by, train_model):
+        exit_task = _configure(finalize(run_id=run_id, store=store, model_name=model_name,
+                                        params=params), "finalize", resources)
+        with dsl.ExitHandler(exit_task, name="ctbot-run"):
+            ing = _configure(ingest(run_id=run_id, store=store, data_uris=data_uris,
+                                    eval_uri=eval_uri), "ingest", resources)
+            val = _configure(validate(run_id=run_id, store=store, data=ing.outputs["data"]),
+                             "validate", resources)
+            data = val.outputs["validated"]
+            model = train_model(data)
+            emb = _configure(embed(run_id=run_id, store=store, model=model, data=data),
+                             "embed", resources)
+            idx = _configure(index(run_id=run_id, store=store,
+                                   embeddings=emb.outputs["embeddings"]), "index", resources)
+            ev = _configure(evaluate(run_id=run_id, store=store, model_name=model_name,
+                                     floor=floor, tolerance=tolerance, data=data,
+                                     model=model, embeddings=emb.outputs["embeddings"],
+                                     index=idx.outputs["index"]), "evaluate", resources)
+            with dsl.If(ev.outputs["Output"] == "deploy", name="decision-deploy"):
+                _configure(deploy(run_id=run_id, store=store, model_name=model_name,
+                                  keep_versions=keep_versions, requested_by=requested_by),
+                           "deploy", resources)
+
+    if not sweep:
+        @dsl.pipeline(name=PIPELINE_NAME,
+                      description="MNIST ArcFace + faiss: ingest, validate, train, embed, "
+                                  "index, evaluate, deploy when better")
+        def ct_pipeline(run_id: str, store: str, model_name: str = "mnist-arcface",
+                        data_uris: list = [], eval_uri: str = "", params: dict = {},
+                        floor: float = 0.97, tolerance: float = 0.002, keep_versions: int = 5,
+                        requested_by: str = ""):
+            def train_model(data):
+                t = _configure(train(run_id=run_id, store=store, params=params, data=data),
+                               "train", resources)
+                return t.outputs["model"]
+
+            body(run_id, store, model_name, data_uris, eval_uri, params, floor, tolerance,
+                 keep_versions, requested_by, train_model)
+
+        return ct_pipeline
+
+    @dsl.pipeline(name=SWEEP_PIPELINE_NAME,
+                  description="MNIST ArcFace + faiss with a hyper-parameter sweep: the best "
+                              "trial by val_top1 goes on to embed, index, evaluate, deploy")
+    def ct_sweep_pipeline(run_id: str, store: str, sweep: list, model_name: str = "mnist-arcface",
+                          data_uris: list = [], eval_uri: str = "", params: dict = {},
+                          floor: float = 0.97, tolerance: float = 0.002, keep_versions: int = 5,
+                          requested_by: str = ""):
+        def train_model(data):
+            # sweep comes in as a pipeline parameter: kfp.local mishandles a static list
+            # under ExitHandler/If.
+            with dsl.ParallelFor(sweep, parallelism=parallelism, name="sweep") as trial:
+                t = _configure(train_trial(run_id=run_id, store=store, params=params, trial=trial,
+                                           data=data), "train", resources)
+            best = _configure(select_best(run_id=run_id, store=store,
+                                          models=dsl.Collected(t.outputs["model"]),
+                                          scores=dsl.Collected(t.outputs["Output"])),
+                              "select_best", resources)
+            return best.outputs["best"]
+
+        body(run_id, store, model_name, data_uris, eval_uri, params, floor, tolerance,
+             keep_versions, requested_by, train_model)
+
+    return ct_sweep_pipeline
+
+
+def normalize_sweep(sweep) -> list[dict]:
+    """Sweep configs as the pipeline takes them: [{"trial": i, "params": {...}}].
+    Accepts a JSON string, a list of param dicts, or the normalised form; param keys
+    are checked later, by TrainParams, inside the trial (and earlier by the CLI)."""
+    if isinstance(sweep, str):
+        sweep = json.loads(sweep) if sweep.strip() else []
+    if not sweep:
+        return []
+    if not isinstance(sweep, list) or not all(isinstance(s, dict) for s in sweep):
+        raise ValueError("sweep must be a JSON list of parameter objects, e.g. "
+                         '[{"lr": 0.002}, {"lr": 0.004, "epochs": 4}]')
+    out = []
+    for i, item in enumerate(sweep):
+        params = item["params"] if set(item) == {"trial", "params"} else item
+        out.append({"trial": i, "params": dict(params)})
+    return out
+
+
+def pipeline_arguments(*, run_id: str, store: str, model_name: str, data_uris: list,
+                       eval_uri: str, params: dict, floor: float, tolerance: float,
+                       keep_versions: int, requested_by: str, sweep=None) -> dict:
+    """The pipeline's arguments, shared by the local and the KFP runner."""
+    args = {"run_id": run_id, "store": store, "model_name": model_name,
+            "data_uris": list(data_uris), "eval_uri": eval_uri or "", "params": dict(params or {}),
+            "floor": float(floor), "tolerance": float(tolerance),
+            "keep_versions": int(keep_versions), "requested_by": requested_by or ""}
+    trials = normalize_sweep(sweep)
+    if trials:
+        args["sweep"] = trials
+    return args
+
+
+ct_pipeline = build_pipeline(res.DEFAULT_RESOURCES)
+ct_sweep_pipeline = build_pipeline(res.DEFAULT_RESOURCES, sweep=True)

@@ -1,0 +1,233 @@
+"""The model registry in the object store: versioned packages and a production alias.
+
+    python -m steps.deploy --store ROOT --model NAME publish --package-prefix runs/R/candidate/ --run-id R
+    python -m steps.deploy --store ROOT --model NAME rollback [--to N]
+    python -m steps.deploy --store ROOT --model NAME show
+
+Layout: models/<model>/v<N>/ holds a package (model.pt, model_export.pt, index.faiss,
+labels.npy, metrics.json, ...) plus meta.json; models/<model>/production.json is the
+alias {version, updated_at, run_id, top1, history: [...]}. The alias is replaced by one
+PUT, so readers see either the old or the new version, never a mix.
+
+No torch or faiss here: the bot imports this module for promote and rollback.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+from steps.storage import Store, open_store
+
+_VERSION = re.compile(r"^v(\d+)/")
+
+
+def _prefix(model: str) -> str:
+    if not model or "/" in model or model.startswith("."):
+        raise ValueError(f"bad model name {model!r}")
+    return f"models/{model}/"
+
+
+def _version_prefix(model: str, version: int) -> str:
+    return f"{_prefix(model)}v{int(version)}/"
+
+
+def _alias_key(model: str) -> str:
+    return f"{_prefix(model)}production.json"
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def read_alias(store: Store, model: str) -> dict | None:
+    return store.get_json(_alias_key(model))
+
+
+def list_versions(store: Store, model: str) -> list[int]:
+    """Versions whose package is (still) in the store, ascending."""
+    base = _prefix(model)
+    found = set()
+    for obj in store.list(base):
+        m = _VERSION.match(obj.key[len(base):])
+        if m:
+            found.add(int(m.group(1)))
+    return sorted(found)
+
+
+def read_meta(store: Store, model: str, version: int) -> dict | None:
+    return store.get_json(_version_prefix(model, version) + "meta.json")
+
+
+def _lineage(history: list[dict]) -> list[int]:
+    """The stack of versions production went through, as rollbacks undo deployments:
+    deploy/promote push; a rollback to v pops back to v (or pushes it if v is not there)."""
+    stack: list[int] = []
+    for h in history:
+        v = int(h["version"])
+        if h.get("action") == "rollback" and v in stack:
+            del stack[stack.index(v) + 1:]
+        elif not stack or stack[-1] != v:
+            stack.append(v)
+    return stack
+
+
+def _put_alias(store: Store, model: str, version: int, entry: dict, alias: dict | None) -> dict:
+    history = list((alias or {}).get("history", [])) + [entry]
+    new = {"version": version, "updated_at": entry["at"], "run_id": entry.get("run_id"),
+           "top1": entry.get("top1"), "history": history}
+    store.put_json(_alias_key(model), new)  # one PUT: the atomic move
+    return new
+
+
+def publish(store: Store, model: str, package_prefix: str, *, run_id: str, by: str, keep: int = 5,
+            metrics: dict | None = None, action: str = "deploy") -> int:
+    """Copy the package under package_prefix to a new version, point production at it,
+    prune old versions. Returns the new version number."""
+    if action not in ("deploy", "promote"):
+        raise ValueError(f"action must be deploy or promote, got {action!r}")
+    if keep < 1:
+        raise ValueError(f"keep must be >= 1, got {keep}")
+    package_prefix = package_prefix.rstrip("/") + "/"
+    objects = [o for o in store.list(package_prefix)]
+    if not objects:
+        raise ValueError(f"no model package under {store.uri(package_prefix)}")
+    alias = read_alias(store, model)
+    # Never reuse a number, even of a pruned version: history and reports refer to it.
+    used = list_versions(store, model) + [int(h["version"]) for h in (alias or {}).get("history", [])]
+    version = max(used, default=0) + 1
+    dst = _version_prefix(model, version)
+    store.copy_prefix(package_prefix, dst)
+    metrics = metrics if metrics is not None else store.get_json(package_prefix + "metrics.json")
+    top1 = (metrics or {}).get("top1")
+    at = _now()
+    meta = {"model": model, "version": version, "run_id": run_id, "by": by, "at": at,
+            "action": action, "source": store.uri(package_prefix), "top1": top1,
+            "metrics": metrics, "files": sorted(o.key[len(package_prefix):] for o in objects)}
+    store.put_json(dst + "meta.json", meta)
+    new_alias = _put_alias(store, model, version,
+                           {"version": version, "action": action, "by": by, "at": at,
+                            "run_id": run_id, "top1": top1}, alias)
+    prune(store, model, keep, alias=new_alias)
+    return version
+
+
+def prune(store: Store, model: str, keep: int, alias: dict | None = None) -> list[int]:
+    """Delete all but the newest `keep` versions, never the production version nor the
+    one a rollback would return to. Returns the versions deleted."""
+    alias = alias if alias is not None else read_alias(store, model)
+    protected = set()
+    if alias:
+        stack = _lineage(alias.get("history", []))
+        protected.add(int(alias["version"]))
+        if len(stack) >= 2:
+            protected.add(stack[-2])
+    versions = list_versions(store, model)
+    doomed = [v for v in versions[:-keep] if v not in protected] if keep < len(versions) else []
+    for v in doomed:
+        for obj in list(store.list(_version_prefix(model, v))):
+            store.delete(obj.key)
+    return doomed
+
+
+def rollback(store: Store, model: str, to_version: int | None = None, by: str = "") -> dict:
+    """Point production back at an earlier version (default: the one before the current in
+    the alias history). Returns {"from": a, "to": b}."""
+    alias = read_alias(store, model)
+    if not alias:
+        raise ValueError(f"{model} has no production version yet: nothing to roll back")
+    current = int(alias["version"])
+    available = list_versions(store, model)
+    if to_version is None:
+        stack = _lineage(alias.get("history", []))
+        earlier = [v for v in stack[:-1] if v in available and v != current]
+        if not earlier:
+            raise ValueError(f"{model} v{current} has no earlier version in its history to roll back to")
+        target = earlier[-1]
+    else:
+        target = int(to_version)
+        if target == current:
+            raise ValueError(f"{model} is already at v{target}")
+        if target not in available:
+            listed = ", ".join(f"v{v}" for v in available) or "none"
+            raise ValueError(f"{model} v{target} does not exist or was pruned; available: {listed}")
+    meta = read_meta(store, model, target) or {}
+    _put_alias(store, model, target,
+               {"version": target, "action": "rollback", "by": by, "at": _now(),
+                "run_id": meta.get("run_id"), "top1": meta.get("top1"), "from": current}, alias)
+    return {"from": current, "to": target}
+
+
+def upload_package(store: Store, local_dir: str, prefix: str) -> list[str]:
+    """Put every file under local_dir into the store under prefix; returns the keys."""
+    root = Path(local_dir)
+    if not root.is_dir():
+        raise FileNotFoundError(f"package directory {root} does not exist")
+    prefix = prefix.rstrip("/") + "/"
+    keys = []
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        key = prefix + path.relative_to(root).as_posix()
+        store.upload_file(path, key)
+        keys.append(key)
+    if not keys:
+        raise ValueError(f"package directory {root} is empty")
+    return keys
+
+
+def download_package(store: Store, prefix: str, local_dir: str) -> list[Path]:
+    """Fetch a package (e.g. models/<m>/v<N>/) into local_dir; returns the local paths."""
+    prefix = prefix.rstrip("/") + "/"
+    paths = [store.download_file(o.key, Path(local_dir) / o.key[len(prefix):])
+             for o in list(store.list(prefix))]
+    if not paths:
+        raise FileNotFoundError(f"no package under {store.uri(prefix)}")
+    return paths
+
+
+def show(store: Store, model: str) -> dict:
+    alias = read_alias(store, model)
+    return {"model": model, "production": alias and {k: alias.get(k) for k in
+                                                     ("version", "updated_at", "run_id", "top1")},
+            "versions": list_versions(store, model),
+            "history": (alias or {}).get("history", [])}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m steps.deploy", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--store", required=True, help="s3://bucket/prefix or a directory")
+    ap.add_argument("--model", required=True)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("publish", help="publish a package and make it production")
+    p.add_argument("--package-prefix", required=True, help="store key prefix of the package")
+    p.add_argument("--run-id", required=True)
+    p.add_argument("--by", default="cli")
+    p.add_argument("--keep", type=int, default=5)
+    p.add_argument("--action", default="deploy", choices=("deploy", "promote"))
+    r = sub.add_parser("rollback", help="point production at an earlier version")
+    r.add_argument("--to", type=int, help="version (default: the previous one in history)")
+    r.add_argument("--by", default="cli")
+    sub.add_parser("show", help="production alias, versions and history")
+    args = ap.parse_args(argv)
+    store = open_store(args.store)
+    try:
+        if args.cmd == "publish":
+            v = publish(store, args.model, args.package_prefix, run_id=args.run_id, by=args.by,
+                        keep=args.keep, action=args.action)
+            out = {"version": v, "model": args.model}
+        elif args.cmd == "rollback":
+            out = rollback(store, args.model, args.to, by=args.by)
+        else:
+            out = show(store, args.model)
+    except ValueError as e:
+        print(json.dumps({"error": str(e)}))
+        return 1
+    print(json.dumps(out, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

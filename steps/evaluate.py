@@ -1,0 +1,161 @@
+"""kNN evaluation on the fixed eval set and the deploy decision.
+
+    python -m steps.evaluate --index-dir I --eval-emb eval_emb.npz --out-dir O
+                             [--production-version 3 --production-top1 0.9821] [--k 1]
+
+Writes metrics.json, confusion.csv and confusion.png (a labelled heatmap with counts).
+The decision is "deploy" when top-1 clears the floor and does not regress against the
+production model (measured on the same eval set) by more than the tolerance.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+N_CLASSES = 10
+
+
+def knn_predict(index, gallery_labels: np.ndarray, queries: np.ndarray, k: int = 1) -> np.ndarray:
+    """k=1: label of the nearest neighbour. k>1: majority vote of the k nearest, ties
+    going to the label with the larger summed similarity."""
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    k = min(k, index.ntotal)
+    sims, ids = index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+    labels = gallery_labels[np.clip(ids, 0, None)].astype(np.int64)
+    if k == 1:
+        return labels[:, 0]
+    valid = ids >= 0  # approximate indexes may return fewer than k hits (-1)
+    votes = np.zeros((len(queries), max(N_CLASSES, int(labels.max()) + 1)))
+    rows = np.repeat(np.arange(len(queries)), k).reshape(len(queries), k)
+    np.add.at(votes, (rows[valid], labels[valid]), 1.0 + 1e-4 * sims[valid])
+    return votes.argmax(1)
+
+
+def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray) -> np.ndarray:
+    cm = np.zeros((N_CLASSES, N_CLASSES), dtype=np.int64)
+    ok = (y_true < N_CLASSES) & (y_pred < N_CLASSES)
+    np.add.at(cm, (y_true[ok].astype(np.int64), y_pred[ok].astype(np.int64)), 1)
+    return cm
+
+
+def decide(top1: float, production: dict | None, floor: float, tolerance: float) -> tuple[str, str]:
+    """("deploy"|"hold", a sentence with the numbers behind it)."""
+    pct = f"{top1:.2%}"
+    if top1 < floor:
+        return "hold", f"hold: top-1 {pct} is below the {floor:.2%} floor"
+    if not production or production.get("top1") is None:
+        return "deploy", f"deploy: top-1 {pct} clears the {floor:.2%} floor; no production model yet"
+    p_top1, version = float(production["top1"]), production.get("version")
+    delta_pp = (top1 - p_top1) * 100
+    vs = f"production v{version} ({p_top1:.2%})"
+    if top1 + 1e-12 < p_top1 - tolerance:
+        return "hold", (f"hold: top-1 {pct} regresses {-delta_pp:.2f} pp vs {vs}, beyond the "
+                        f"{tolerance * 100:.2f} pp tolerance")
+    tail = "" if delta_pp >= 0 else f", within the {tolerance * 100:.2f} pp tolerance"
+    return "deploy", f"deploy: top-1 {pct} clears the {floor:.2%} floor and is {delta_pp:+.2f} pp vs {vs}{tail}"
+
+
+def plot_confusion(cm: np.ndarray, top1: float, path: str | Path, title: str = "") -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    row = cm.sum(1, keepdims=True)
+    frac = np.divide(cm, row, out=np.zeros(cm.shape, float), where=row > 0)
+    fig, ax = plt.subplots(figsize=(7.2, 6.2), dpi=110)
+    im = ax.imshow(frac, cmap="Blues", vmin=0, vmax=1)
+    for i in range(N_CLASSES):
+        for j in range(N_CLASSES):
+            if cm[i, j]:
+                ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=8,
+                        color="white" if frac[i, j] > 0.5 else ("#b00020" if i != j else "black"))
+    ax.set_xticks(range(N_CLASSES))
+    ax.set_yticks(range(N_CLASSES))
+    ax.set_xlabel("predicted digit")
+    ax.set_ylabel("true digit")
+    ax.set_title(title or f"kNN top-1 {top1:.2%} on {int(cm.sum())} eval images")
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="share of the true class")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def write_confusion_csv(cm: np.ndarray, path: str | Path) -> None:
+    lines = ["true\\pred," + ",".join(str(j) for j in range(N_CLASSES))]
+    lines += [f"{i}," + ",".join(str(int(v)) for v in cm[i]) for i in range(N_CLASSES)]
+    Path(path).write_text("\n".join(lines) + "\n")
+
+
+def evaluate(index_dir: str, eval_emb_path: str, out_dir: str, *, production: dict | None = None,
+             floor: float = 0.97, tolerance: float = 0.002, k: int = 1) -> dict:
+    from steps.index import load_index
+
+    t0 = time.time()
+    index, labels = load_index(index_dir)
+    with np.load(eval_emb_path) as d:
+        q, y = d["emb"], d["y"].astype(np.int64)
+    if len(q) == 0:
+        raise ValueError(f"{eval_emb_path} holds no eval embeddings")
+    pred = knn_predict(index, labels, q, k)
+    top1 = float((pred == y).mean())
+    cm = confusion_matrix(y, pred)
+    support = cm.sum(1)
+    per_class = {str(i): (round(float(cm[i, i] / support[i]), 5) if support[i] else None)
+                 for i in range(N_CLASSES)}
+    production = dict(production) if production and production.get("top1") is not None else None
+    decision, reason = decide(top1, production, floor, tolerance)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    plot_confusion(cm, top1, out / "confusion.png",
+                   f"kNN top-1 {top1:.2%} (k={k}) on {len(y)} eval images")
+    write_confusion_csv(cm, out / "confusion.csv")
+    result = {"top1": round(top1, 6), "per_class": per_class, "confusion": cm.tolist(),
+              "n": int(len(y)), "k": int(k), "production": production, "decision": decision,
+              "reason": reason, "floor": floor, "tolerance": tolerance,
+              "seconds": round(time.time() - t0, 2)}
+    (out / "metrics.json").write_text(json.dumps(result, indent=1))
+    return result
+
+
+def evaluate_package(package_dir: str, eval_npz: str, k: int = 1) -> float:
+    """Top-1 of a published model package (its own export and index) on an eval set of
+    images (npz x, y): how the production model is measured on the same eval set."""
+    from steps.index import load_index
+    from steps.model import embed_images, load_embedder
+
+    with np.load(eval_npz) as d:
+        x, y = d["x"], d["y"].astype(np.int64)
+    emb = embed_images(load_embedder(package_dir), x).numpy()
+    index, labels = load_index(package_dir)
+    return float((knn_predict(index, labels, emb, k) == y).mean())
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m steps.evaluate", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--index-dir", required=True)
+    ap.add_argument("--eval-emb", required=True, help="npz with emb and y, from embed")
+    ap.add_argument("--out-dir", required=True)
+    ap.add_argument("--production-version", type=int)
+    ap.add_argument("--production-top1", type=float)
+    ap.add_argument("--floor", type=float, default=0.97)
+    ap.add_argument("--tolerance", type=float, default=0.002)
+    ap.add_argument("--k", type=int, default=1)
+    args = ap.parse_args(argv)
+    production = None
+    if args.production_top1 is not None:
+        production = {"version": args.production_version, "top1": args.production_top1}
+    r = evaluate(args.index_dir, args.eval_emb, args.out_dir, production=production,
+                 floor=args.floor, tolerance=args.tolerance, k=args.k)
+    print(json.dumps({k: v for k, v in r.items() if k != "confusion"}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,436 @@
+"""Read a data snapshot into one array file plus a data card.
+
+    python -m steps.ingest --out-dir D [--eval-uri URI] URI [URI ...]
+
+A URI is an object (s3://bucket/key or a local path) or a prefix (ending in '/', or a
+local directory) that expands to its objects. Formats:
+  * .npz with x (N,28,28) or (N,784) and y (N,)
+  * PNG folders <label>/<name>.png (the label is the parent folder's name)
+  * IDX pairs, raw or .gz: '<stem>-images-idx3-ubyte' with '<stem>-labels-idx1-ubyte'
+
+Nothing here raises on bad data: unreadable objects go to card["errors"], wrong shapes to
+card["shape_issues"], bad labels to card["label_issues"] and bad pixel values to
+card["value_issues"], each naming the object's URI, for validate to judge. Training rows
+identical to an eval image are dropped here (and counted in card["leakage"]) so no later
+step can train or search on them.
+"""
+from __future__ import annotations
+
+import argparse
+import gzip
+import hashlib
+import io
+import json
+import posixpath
+import re
+import struct
+import sys
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from steps import storage
+
+DIGITS = [str(d) for d in range(10)]
+
+
+@dataclass
+class Loaded:
+    """What one source (an object, or an IDX pair) contributed."""
+    uri: str
+    size: int
+    fmt: str
+    x: np.ndarray | None = None
+    y: np.ndarray | None = None
+    issues: dict = field(default_factory=dict)  # kind -> issue dict, kinds as in the card
+
+
+class BadObject(Exception):
+    """The object cannot be read at all (corrupt, truncated, wrong format)."""
+
+
+# ---------------------------------------------------------------- listing
+
+def expand(uris: list[str]) -> tuple[list[tuple[str, int]], list[dict]]:
+    """((uri, size) of every object, prefixes expanded, sorted and de-duplicated;
+    errors for prefixes that hold nothing)."""
+    found: dict[str, int] = {}
+    errors = []
+    for uri in uris:
+        local = not uri.startswith("s3://")
+        path = Path(uri.removeprefix("file://")) if local else None
+        if not local and not uri.endswith("/") and not _looks_like_data(uri):
+            uri += "/"  # s3://bucket/data means the folder, as a person would mean it
+        if uri.endswith("/") or (local and path.is_dir()):
+            objs = storage.list_uri(uri)
+            if not objs:
+                errors.append({"uri": uri, "error": "no objects under this prefix"})
+            for o in objs:
+                found[o.key] = o.size
+        elif local:
+            found[str(path)] = path.stat().st_size if path.is_file() else -1
+        else:
+            found[uri] = -1  # size learned when read; a missing key is reported as an error
+    return sorted(found.items()), errors
+
+
+def _looks_like_data(uri: str) -> bool:
+    n = _name(uri).lower()
+    return n.endswith((".npz", ".png", ".gz")) or _idx_role(uri) is not None
+
+
+def _name(uri: str) -> str:
+    return posixpath.basename(uri.rstrip("/"))
+
+
+def _idx_role(uri: str) -> str | None:
+    n = _name(uri).lower()
+    if "idx3" in n:
+        return "images"
+    if "idx1" in n:
+        return "labels"
+    return None
+
+
+def _idx_stem(uri: str) -> str:
+    """Pairs 'train-images-idx3-ubyte.gz' with 'train-labels-idx1-ubyte' (same folder)."""
+    d, n = posixpath.split(uri)
+    n = re.sub(r"\.gz$", "", n.lower())
+    n = n.replace("images", "{}").replace("labels", "{}").replace("idx3", "idx").replace("idx1", "idx")
+    return f"{d}/{n}"
+
+
+# ---------------------------------------------------------------- decoding
+
+def _to_uint8(x: np.ndarray) -> tuple[np.ndarray, dict | None]:
+    """Pixels as uint8 0..255. Floats in 0..1 are scaled; floats in 0..255 rounded."""
+    if x.dtype == np.uint8:
+        return x, None
+    if x.dtype == bool or not np.issubdtype(x.dtype, np.number):
+        return np.zeros(x.shape, np.uint8), {"problem": f"pixel dtype {x.dtype} is not numeric"}
+    xf = x.astype(np.float64, copy=False)
+    if not np.isfinite(xf).all():
+        return np.zeros(x.shape, np.uint8), {"problem": "pixels contain NaN or inf"}
+    lo, hi = (float(xf.min()), float(xf.max())) if xf.size else (0.0, 0.0)
+    if lo < 0 or hi > 255:
+        return np.clip(np.rint(xf), 0, 255).astype(np.uint8), {
+            "problem": f"pixel values {lo:g}..{hi:g} outside 0..255", "min": lo, "max": hi}
+    if np.issubdtype(x.dtype, np.floating) and hi <= 1.0:
+        xf = xf * 255.0
+    return np.rint(xf).astype(np.uint8), None
+
+
+def _images(x: np.ndarray) -> tuple[np.ndarray | None, str | None]:
+    """(N,28,28) view of x, or a description of its wrong shape."""
+    if x.ndim == 2 and x.shape[1] == 784:
+        return x.reshape(-1, 28, 28), None
+    if x.ndim == 4 and 1 in (x.shape[1], x.shape[3]):
+        x = x.reshape(x.shape[0], *[s for s in x.shape[1:] if s != 1] or [1])
+    if x.ndim == 3 and x.shape[1:] == (28, 28):
+        return x, None
+    shape = "x".join(str(s) for s in x.shape[1:]) or "scalar"
+    return None, f"images are {shape}, need 28x28 (array shape {tuple(x.shape)})"
+
+
+def _labels(y: np.ndarray, uri: str, out: Loaded) -> np.ndarray:
+    """Labels as uint8; values that are not integers 0..255 are recorded and become 255
+    (out of range, so validate names them) rather than silently wrapping."""
+    y = np.asarray(y).reshape(-1)
+    if y.dtype.kind not in "iuf" or (y.dtype.kind == "f" and not np.isfinite(y).all()):
+        out.issues["label_issues"] = {"uri": uri, "problem": f"labels of dtype {y.dtype} are not integers"}
+        return np.full(len(y), 255, np.uint8)
+    yi = np.rint(y).astype(np.int64)
+    bad = (yi != y) | (yi < 0) | (yi > 9)
+    if bad.any():
+        vals = sorted({float(v) if v != int(v) else int(v) for v in np.unique(y[bad])})
+        out.issues["label_issues"] = {"uri": uri, "count": int(bad.sum()), "values": vals[:20],
+                                      "problem": "labels out of range 0-9: "
+                                                 + ", ".join(str(v) for v in vals[:20])}
+    return np.where((yi < 0) | (yi > 255) | (yi != y), 255, yi).astype(np.uint8)
+
+
+def _load_npz(data: bytes, uri: str, size: int) -> Loaded:
+    if not data.startswith(b"PK"):
+        raise BadObject("not a zip file (an .npz must be a numpy zip archive)")
+    try:
+        with np.load(io.BytesIO(data), allow_pickle=False) as z:
+            keys = set(z.files)
+            kx = next((k for k in ("x", "X", "images", "x_train") if k in keys), None)
+            ky = next((k for k in ("y", "Y", "labels", "y_train") if k in keys), None)
+            if kx is None or ky is None:
+                raise BadObject(f"needs arrays x and y, has {sorted(keys) or 'none'}")
+            x, y = z[kx], z[ky]
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as e:
+        raise BadObject(f"unreadable npz: {e}") from None
+    out = Loaded(uri, size, "npz")
+    if len(x) != len(np.asarray(y).reshape(-1)):
+        raise BadObject(f"x has {len(x)} images but y has {np.asarray(y).size} labels")
+    imgs, problem = _images(x)
+    if problem:
+        out.issues["shape_issues"] = {"uri": uri, "shape": list(x.shape), "problem": problem}
+        return out
+    out.x, vproblem = _to_uint8(imgs)
+    if vproblem:
+        out.issues["value_issues"] = {"uri": uri, **vproblem}
+    out.y = _labels(y, uri, out)
+    return out
+
+
+def _load_png(data: bytes, uri: str, size: int) -> Loaded:
+    from PIL import Image, UnidentifiedImageError
+
+    out = Loaded(uri, size, "png")
+    label = posixpath.basename(posixpath.dirname(uri))
+    try:
+        img = Image.open(io.BytesIO(data))
+        img.load()
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        raise BadObject(f"unreadable PNG: {e}") from None
+    arr = np.asarray(img.convert("L"))
+    if arr.shape != (28, 28):
+        out.issues["shape_issues"] = {"uri": uri, "shape": list(arr.shape),
+                                      "problem": f"image is {arr.shape[0]}x{arr.shape[1]}, need 28x28"}
+        return out
+    if label not in DIGITS:
+        out.issues["label_issues"] = {"uri": uri, "count": 1, "values": [label],
+                                      "problem": f"folder name {label!r} is not a label 0-9"}
+        out.x, out.y = arr[None], np.array([255], np.uint8)
+        return out
+    out.x, out.y = arr[None].astype(np.uint8), np.array([int(label)], np.uint8)
+    return out
+
+
+def _parse_idx(data: bytes, what: str) -> np.ndarray:
+    if data[:2] == b"\x1f\x8b":
+        try:
+            data = gzip.decompress(data)
+        except (OSError, EOFError) as e:
+            raise BadObject(f"corrupt gzip in IDX {what}: {e}") from None
+    if len(data) < 4 or data[:2] != b"\x00\x00" or data[2] != 0x08:
+        raise BadObject(f"not an unsigned-byte IDX {what} file (bad magic number)")
+    ndim = data[3]
+    header = 4 + 4 * ndim
+    if len(data) < header:
+        raise BadObject(f"truncated IDX {what} header")
+    dims = struct.unpack(f">{ndim}I", data[4:header])
+    n = int(np.prod(dims)) if dims else 0
+    if len(data) - header != n:
+        raise BadObject(f"IDX {what} holds {len(data) - header} bytes, header says {n}")
+    return np.frombuffer(data, np.uint8, offset=header).reshape(dims)
+
+
+def _load_idx_pair(img_uri: str, img_data: bytes, lab_uri: str, lab_data: bytes, size: int) -> Loaded:
+    x = _parse_idx(img_data, "images")
+    y = _parse_idx(lab_data, "labels")
+    out = Loaded(img_uri, size, "idx")
+    if y.ndim != 1 or len(x) != len(y):
+        raise BadObject(f"{len(x)} images but {y.size} labels in {lab_uri}")
+    imgs, problem = _images(x)
+    if problem:
+        out.issues["shape_issues"] = {"uri": img_uri, "shape": list(x.shape), "problem": problem}
+        return out
+    out.x, out.y = imgs, _labels(y, lab_uri, out)
+    return out
+
+
+# ---------------------------------------------------------------- ingest
+
+class _Reader:
+    """Reads objects by URI with one S3 client per bucket (a client costs ~0.1 s to make)
+    and a few threads, so a folder of thousands of small PNGs does not take minutes."""
+
+    def __init__(self):
+        self._stores: dict[str, storage.Store] = {}
+
+    def read(self, uri: str) -> bytes:
+        try:
+            if uri.startswith("s3://"):
+                bucket, key = storage.split_s3_uri(uri)
+                if bucket not in self._stores:
+                    self._stores[bucket] = storage.open_store(f"s3://{bucket}")
+                return self._stores[bucket].get_bytes(key)
+            return storage.read_uri(uri)
+        except KeyError:
+            raise BadObject("object not found") from None
+        except (IsADirectoryError, PermissionError) as e:
+            raise BadObject(str(e)) from None
+
+    def read_many(self, uris: list[str]):
+        """(uri, bytes | BadObject) in order."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        for bucket in {storage.split_s3_uri(u)[0] for u in uris if u.startswith("s3://")}:
+            if bucket not in self._stores:  # build each client once, before the threads race
+                store = storage.open_store(f"s3://{bucket}")
+                store.client  # noqa: B018
+                self._stores[bucket] = store
+
+        def one(uri):
+            try:
+                return uri, self.read(uri)
+            except BadObject as e:
+                return uri, e
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            yield from pool.map(one, uris)
+
+
+def load_sources(uris: list[str]) -> tuple[list[Loaded], list[dict], list[dict]]:
+    """(loaded sources, errors [{uri, error}], skipped [{uri, reason}])."""
+    loaded, skipped = [], []
+    objects, errors = expand(uris)
+    reader = _Reader()
+    idx_parts: dict[str, dict[str, tuple[str, int]]] = {}
+    singles = []
+    for uri, size in objects:
+        name = _name(uri).lower()
+        if _idx_role(uri):
+            idx_parts.setdefault(_idx_stem(uri), {})[_idx_role(uri)] = (uri, size)
+        elif name.endswith((".npz", ".png")):
+            singles.append(uri)
+        else:
+            skipped.append({"uri": uri, "reason": "not .npz, .png or IDX"})
+    for uri, data in reader.read_many(singles):
+        try:
+            if isinstance(data, BadObject):
+                raise data
+            decode = _load_npz if uri.lower().endswith(".npz") else _load_png
+            loaded.append(decode(data, uri, len(data)))
+        except BadObject as e:
+            errors.append({"uri": uri, "error": str(e)})
+    for stem, parts in sorted(idx_parts.items()):
+        if set(parts) != {"images", "labels"}:
+            (uri, _), = parts.values()
+            missing = "labels-idx1" if "images" in parts else "images-idx3"
+            errors.append({"uri": uri, "error": f"IDX file without its {missing} partner"})
+            continue
+        (iu, _), (lu, _) = parts["images"], parts["labels"]
+        try:
+            idata, ldata = reader.read(iu), reader.read(lu)
+            loaded.append(_load_idx_pair(iu, idata, lu, ldata, len(idata) + len(ldata)))
+        except BadObject as e:
+            errors.append({"uri": f"{iu} + {_name(lu)}", "error": str(e)})
+    return loaded, sorted(errors, key=lambda e: e["uri"]), skipped
+
+
+def _merge(loaded: list[Loaded]):
+    """Concatenate; PNGs from one folder are reported as one source (one entry per object
+    would bloat the card for thousands of files)."""
+    groups: dict[str, dict] = {}
+    xs, ys, srcs = [], [], []
+    issues: dict[str, list] = {"shape_issues": [], "label_issues": [], "value_issues": []}
+    for item in loaded:
+        for kind, issue in item.issues.items():
+            issues[kind].append(issue)
+        if item.x is None:
+            continue
+        key = posixpath.dirname(posixpath.dirname(item.uri)) + "/" if item.fmt == "png" else item.uri
+        g = groups.setdefault(key, {"uri": key, "format": item.fmt, "size": 0, "n": 0, "objects": 0,
+                                    "_i": len(groups)})
+        g["size"] += item.size
+        g["n"] += len(item.x)
+        g["objects"] += 1
+        xs.append(item.x)
+        ys.append(item.y)
+        srcs.append(np.full(len(item.x), g["_i"], np.int32))
+    sources = [{k: v for k, v in g.items() if k != "_i"} for g in groups.values()]
+    for s in sources:
+        if s["format"] != "png":
+            s.pop("objects")
+    if xs:
+        return np.concatenate(xs), np.concatenate(ys), np.concatenate(srcs), sources, issues
+    return (np.zeros((0, 28, 28), np.uint8), np.zeros(0, np.uint8), np.zeros(0, np.int32),
+            sources, issues)
+
+
+def fingerprint(x: np.ndarray, y: np.ndarray) -> str:
+    h = hashlib.sha256()
+    h.update(np.ascontiguousarray(x, np.uint8).tobytes())
+    h.update(np.ascontiguousarray(y, np.uint8).tobytes())
+    return "sha256:" + h.hexdigest()
+
+
+def image_hashes(x: np.ndarray) -> np.ndarray:
+    """One 16-byte digest per image, for duplicate and leakage checks."""
+    flat = np.ascontiguousarray(x, np.uint8).reshape(len(x), -1)
+    return np.array([hashlib.blake2b(r.tobytes(), digest_size=16).digest() for r in flat], dtype="S16")
+
+
+def counts(y: np.ndarray) -> dict[str, int]:
+    c = np.bincount(y[y <= 9].astype(np.int64), minlength=10) if len(y) else np.zeros(10, int)
+    return {str(i): int(c[i]) for i in range(10)}
+
+
+def _drop_leaked(x, y, src, sources, eval_x) -> tuple[np.ndarray, ...]:
+    eval_h = set(image_hashes(eval_x).tolist())
+    leaked = np.array([h in eval_h for h in image_hashes(x).tolist()], bool) if len(x) else np.zeros(0, bool)
+    by_source = {}
+    for i in np.flatnonzero(leaked):
+        by_source[sources[src[i]]["uri"]] = by_source.get(sources[src[i]]["uri"], 0) + 1
+    keep = ~leaked
+    info = {"dropped": int(leaked.sum()), "n_before": int(len(x)),
+            "by_source": [{"uri": u, "n": n} for u, n in sorted(by_source.items())]}
+    return x[keep], y[keep], src[keep], info
+
+
+def ingest(uris: list[str], out_dir: str, eval_uri: str | None = None) -> dict:
+    """Write out_dir/data.npz (x uint8 (N,28,28), y uint8, src int32), data_card.json, and
+    out_dir/eval.npz when eval_uri is given. Returns the data card."""
+    if isinstance(uris, str):
+        uris = [uris]
+    if not uris:
+        raise ValueError("ingest needs at least one data URI")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    loaded, errors, skipped = load_sources(list(uris))
+    x, y, src, sources, issues = _merge(loaded)
+
+    card_eval, eval_x = None, None
+    if eval_uri:
+        e_loaded, e_errors, _ = load_sources([eval_uri])
+        ex, ey, esrc, e_sources, e_issues = _merge(e_loaded)
+        np.savez(out / "eval.npz", x=ex, y=ey, src=esrc)
+        card_eval = {"uri": eval_uri, "n": int(len(ex)), "counts": counts(ey),
+                     "fingerprint": fingerprint(ex, ey), "sources": e_sources, "errors": e_errors,
+                     **{k: v for k, v in e_issues.items() if v}}
+        eval_x = ex
+
+    leakage = None
+    if eval_x is not None and len(eval_x):
+        x, y, src, leakage = _drop_leaked(x, y, src, sources, eval_x)
+
+    np.savez(out / "data.npz", x=x, y=y, src=src)
+    card = {"n": int(len(x)), "counts": counts(y), "sources": sources,
+            "fingerprint": fingerprint(x, y), "errors": errors, "skipped": skipped,
+            **issues, "uris": list(uris)}
+    if leakage is not None:
+        card["leakage"] = leakage
+    if card_eval is not None:
+        card["eval"] = card_eval
+    (out / "data_card.json").write_text(json.dumps(card, indent=1))
+    return card
+
+
+def summary(card: dict) -> dict:
+    """The short form printed by the CLI and kept in step status."""
+    return {"n": card["n"], "counts": card["counts"], "fingerprint": card["fingerprint"],
+            "sources": len(card["sources"]), "errors": len(card["errors"]),
+            "skipped": len(card.get("skipped", [])),
+            "eval_n": card.get("eval", {}).get("n"),
+            "leaked_dropped": card.get("leakage", {}).get("dropped", 0)}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m steps.ingest", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("uris", nargs="+", help="objects or prefixes (s3://bucket/key, paths)")
+    ap.add_argument("--out-dir", required=True)
+    ap.add_argument("--eval-uri", help="the fixed eval set (npz or any supported format)")
+    args = ap.parse_args(argv)
+    print(json.dumps(summary(ingest(args.uris, args.out_dir, args.eval_uri))))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

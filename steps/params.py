@@ -1,0 +1,128 @@
+"""Training hyper-parameters: one dataclass, torch-free so the bot can describe and
+check them without importing torch.
+
+KFP hands ints over as floats (3.0) and Slack hands everything over as strings ("3"),
+so ``from_dict`` coerces both and rejects unknown keys and out-of-range values with a
+message a user can act on.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import MISSING, asdict, dataclass, field, fields
+
+# name -> (min, max) inclusive; for str fields: the allowed values.
+_RANGES: dict[str, tuple] = {
+    "epochs": (1, 200),
+    "batch_size": (8, 8192),
+    "lr": (1e-6, 1.0),
+    "lr_schedule": ("onecycle", "cosine", "none"),
+    "weight_decay": (0.0, 1.0),
+    "embedding_dim": (2, 1024),
+    "margin": (0.0, 1.0),
+    "scale": (1.0, 128.0),
+    "seed": (0, 2**31 - 1),
+    "device": ("auto", "cpu", "cuda"),
+    "augment_shift": (0, 6),
+    "augment_rotate": (0.0, 45.0),
+    "augment_scale": (0.0, 0.3),
+    "val_fraction": (0.0, 0.5),
+    "threads": (0, 256),
+}
+
+
+def _f(default, help: str):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class TrainParams:
+    epochs: int = _f(8, "passes over the training data")
+    batch_size: int = _f(256, "images per optimiser step (global, split across GPUs under DDP)")
+    lr: float = _f(4e-3, "peak learning rate (AdamW)")
+    lr_schedule: str = _f("onecycle", "learning-rate schedule over the whole run")
+    weight_decay: float = _f(5e-4, "AdamW decoupled weight decay")
+    embedding_dim: int = _f(128, "size of the L2-normalised embedding")
+    margin: float = _f(0.5, "ArcFace additive angular margin m (radians)")
+    scale: float = _f(30.0, "ArcFace logit scale s")
+    seed: int = _f(0, "random seed (weights, split, shuffling, augmentation)")
+    device: str = _f("auto", "auto picks CUDA when available (DDP over all GPUs), else CPU")
+    augment_shift: int = _f(2, "random translation of training images, in pixels (0 = off)")
+    augment_rotate: float = _f(0.0, "random rotation of training images, up to this many degrees")
+    augment_scale: float = _f(0.0, "random zoom of training images by up to this fraction (0.1 = 90-110%)")
+    val_fraction: float = _f(0.05, "share of the training data held out to measure val_top1 (kNN)")
+    threads: int = _f(0, "CPU threads for torch; 0 = all cores")
+
+    @classmethod
+    def valid_keys(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> "TrainParams":
+        """Build from loosely typed input; ``None`` values mean 'use the default'."""
+        d = dict(d or {})
+        unknown = sorted(k for k in d if k not in cls.valid_keys())
+        if unknown:
+            raise ValueError(f"unknown training parameter(s): {', '.join(unknown)}; "
+                             f"valid: {', '.join(cls.valid_keys())}")
+        values = {}
+        for f in fields(cls):
+            if f.name not in d or d[f.name] is None:
+                continue
+            values[f.name] = _coerce(f.name, type(f.default), d[f.name])
+        p = cls(**values)
+        p.check()
+        return p
+
+    def check(self) -> None:
+        problems = []
+        for f in fields(self):
+            v, rng = getattr(self, f.name), _RANGES[f.name]
+            if isinstance(rng[0], str):
+                if v not in rng:
+                    problems.append(f"{f.name}={v!r} must be one of {', '.join(rng)}")
+            elif not (rng[0] <= v <= rng[1]):
+                problems.append(f"{f.name}={v} is out of range [{rng[0]}, {rng[1]}]")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def describe(cls) -> dict:
+        """name -> {type, default, range, help}: enough for a user-facing help text."""
+        out = {}
+        for f in fields(cls):
+            rng = _RANGES[f.name]
+            out[f.name] = {
+                "type": type(f.default).__name__,
+                "default": f.default if f.default is not MISSING else None,
+                "range": list(rng) if isinstance(rng[0], str) else [rng[0], rng[1]],
+                "help": f.metadata.get("help", ""),
+            }
+        return out
+
+
+def _coerce(name: str, kind: type, value):
+    try:
+        if kind is int:
+            if isinstance(value, bool):
+                raise ValueError
+            x = float(value) if isinstance(value, str) else value
+            if isinstance(x, float):
+                if not math.isfinite(x) or x != int(x):
+                    raise ValueError
+                x = int(x)
+            return int(x)
+        if kind is float:
+            if isinstance(value, bool):
+                raise ValueError
+            x = float(value)
+            if not math.isfinite(x):
+                raise ValueError
+            return x
+        if kind is str:
+            return str(value).strip().lower()
+    except (TypeError, ValueError):
+        pass
+    raise ValueError(f"{name}={value!r} is not a valid {kind.__name__}")

@@ -1,0 +1,106 @@
+"""The model registry on the moto S3 server: publish, alias history, rollback, prune."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from steps.deploy import (download_package, list_versions, publish, read_alias, read_meta, rollback,
+                          upload_package)
+
+MODEL = "mnist-arcface"
+
+
+def make_candidate(store, run_id, top1):
+    prefix = f"runs/{run_id}/candidate/"
+    store.put_bytes(prefix + "model.pt", f"weights of {run_id}".encode())
+    store.put_bytes(prefix + "index.faiss", b"index")
+    store.put_json(prefix + "metrics.json", {"top1": top1})
+    return prefix
+
+
+def test_publish_twice_then_rollback(s3_store):
+    v1 = publish(s3_store, MODEL, make_candidate(s3_store, "r1", 0.981), run_id="r1", by="U1")
+    v2 = publish(s3_store, MODEL, make_candidate(s3_store, "r2", 0.985), run_id="r2", by="weekly")
+    assert (v1, v2) == (1, 2)
+    assert list_versions(s3_store, MODEL) == [1, 2]
+    assert s3_store.get_bytes(f"models/{MODEL}/v2/model.pt") == b"weights of r2"
+    meta = read_meta(s3_store, MODEL, 2)
+    assert meta["run_id"] == "r2" and meta["by"] == "weekly" and meta["top1"] == 0.985
+    assert meta["files"] == ["index.faiss", "metrics.json", "model.pt"]
+    alias = read_alias(s3_store, MODEL)
+    assert alias["version"] == 2 and alias["top1"] == 0.985 and alias["run_id"] == "r2"
+    assert [(h["version"], h["action"], h["by"], h["run_id"]) for h in alias["history"]] == [
+        (1, "deploy", "U1", "r1"), (2, "deploy", "weekly", "r2")]
+
+    assert rollback(s3_store, MODEL, by="U2") == {"from": 2, "to": 1}
+    alias = read_alias(s3_store, MODEL)
+    assert alias["version"] == 1 and alias["top1"] == 0.981
+    assert alias["history"][-1]["action"] == "rollback" and alias["history"][-1]["from"] == 2
+    with pytest.raises(ValueError, match="has no earlier version in its history"):
+        rollback(s3_store, MODEL)
+    assert rollback(s3_store, MODEL, to_version=2) == {"from": 1, "to": 2}
+    with pytest.raises(ValueError, match="already at v2"):
+        rollback(s3_store, MODEL, to_version=2)
+
+
+def test_rollback_walks_back_through_the_lineage(s3_store):
+    for i, top1 in enumerate([0.97, 0.98, 0.99], start=1):
+        publish(s3_store, MODEL, make_candidate(s3_store, f"r{i}", top1), run_id=f"r{i}", by="u")
+    assert rollback(s3_store, MODEL)["to"] == 2
+    assert rollback(s3_store, MODEL)["to"] == 1
+    # a new deployment after rollbacks gets a fresh number and becomes the new head
+    assert publish(s3_store, MODEL, make_candidate(s3_store, "r4", 0.99), run_id="r4", by="u",
+                   action="promote") == 4
+    assert read_alias(s3_store, MODEL)["history"][-1]["action"] == "promote"
+    assert rollback(s3_store, MODEL) == {"from": 4, "to": 1}
+
+
+def test_prune_keeps_the_newest_plus_production_and_its_predecessor(s3_store):
+    for i in range(1, 4):
+        publish(s3_store, MODEL, make_candidate(s3_store, f"r{i}", 0.98), run_id=f"r{i}", by="u", keep=2)
+    assert list_versions(s3_store, MODEL) == [2, 3]
+    rollback(s3_store, MODEL, to_version=2)        # production is now v2, history v1..v3
+    publish(s3_store, MODEL, make_candidate(s3_store, "r4", 0.98), run_id="r4", by="u", keep=1)
+    # v4 is production; v2 (the rollback target) survives; v3 goes
+    assert list_versions(s3_store, MODEL) == [2, 4]
+    assert not any(o.key.startswith(f"models/{MODEL}/v3/") for o in s3_store.list("models/"))
+    # pruned numbers are never reused
+    assert publish(s3_store, MODEL, make_candidate(s3_store, "r5", 0.98), run_id="r5", by="u", keep=1) == 5
+    with pytest.raises(ValueError, match=r"v3 does not exist or was pruned; available: v4, v5"):
+        rollback(s3_store, MODEL, to_version=3)
+
+
+def test_errors_are_clear(s3_store):
+    with pytest.raises(ValueError, match="has no production version yet"):
+        rollback(s3_store, MODEL)
+    with pytest.raises(ValueError, match="no model package under s3://"):
+        publish(s3_store, MODEL, "runs/missing/candidate/", run_id="x", by="u")
+
+
+def test_upload_and_download_package(s3_store, tmp_path):
+    pkg = tmp_path / "pkg"
+    (pkg / "sub").mkdir(parents=True)
+    (pkg / "model.pt").write_bytes(b"w")
+    (pkg / "sub" / "x.json").write_text("{}")
+    keys = upload_package(s3_store, str(pkg), "runs/r9/candidate")
+    assert keys == ["runs/r9/candidate/model.pt", "runs/r9/candidate/sub/x.json"]
+    got = download_package(s3_store, "runs/r9/candidate/", str(tmp_path / "back"))
+    assert sorted(p.relative_to(tmp_path / "back").as_posix() for p in got) == ["model.pt", "sub/x.json"]
+
+
+def test_cli_publish_rollback_show(s3_store, bucket):
+    make_candidate(s3_store, "r1", 0.98)
+    make_candidate(s3_store, "r2", 0.99)
+    base = [sys.executable, "-m", "steps.deploy", "--store", f"s3://{bucket}/", "--model", MODEL]
+
+    def cli(*args):
+        r = subprocess.run(base + list(args), capture_output=True, text=True)
+        return r.returncode, json.loads(r.stdout)
+    assert cli("publish", "--package-prefix", "runs/r1/candidate/", "--run-id", "r1") == (0, {"version": 1, "model": MODEL})
+    assert cli("publish", "--package-prefix", "runs/r2/candidate/", "--run-id", "r2")[1]["version"] == 2
+    assert cli("rollback") == (0, {"from": 2, "to": 1})
+    code, shown = cli("show")
+    assert code == 0 and shown["production"]["version"] == 1 and shown["versions"] == [1, 2]
+    code, err = cli("rollback", "--to", "7")
+    assert code == 1 and "v7 does not exist" in err["error"]

@@ -1,0 +1,137 @@
+"""embed -> index -> evaluate, and the deploy decision, on a tiny trained model."""
+import csv
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from steps.embed import embed
+from steps.evaluate import decide, evaluate, evaluate_package, knn_predict
+from steps.index import build_index, load_index
+from steps.synthetic import make_digits
+from steps.train import train
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    """A tiny model trained for 2 epochs on synthetic digits, its gallery and eval embeddings."""
+    d = tmp_path_factory.mktemp("run")
+    x, y = make_digits(400, seed=31)
+    ex, ey = make_digits(100, seed=32)
+    np.savez(d / "data.npz", x=x, y=y)
+    np.savez(d / "eval.npz", x=ex, y=ey)
+    train(str(d), str(d / "model"), {"epochs": 2, "batch_size": 32, "threads": 1, "val_fraction": 0})
+    embed(str(d / "model"), str(d / "data.npz"), str(d / "gallery.npz"))
+    embed(str(d / "model"), str(d / "eval.npz"), str(d / "eval_emb.npz"))
+    build_index(str(d / "gallery.npz"), str(d / "index"))
+    return d
+
+
+def unit_rows(n, dim, seed):
+    v = np.random.default_rng(seed).normal(size=(n, dim)).astype(np.float32)
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+def test_embed_writes_normalised_embeddings_with_labels(pipeline):
+    with np.load(pipeline / "gallery.npz") as g, np.load(pipeline / "data.npz") as d:
+        assert g["emb"].dtype == np.float32 and g["emb"].shape == (400, 128)
+        np.testing.assert_allclose(np.linalg.norm(g["emb"], axis=1), 1.0, rtol=1e-5)
+        np.testing.assert_array_equal(g["y"], d["y"])
+
+
+def test_embed_from_checkpoint_equals_export(pipeline, tmp_path):
+    embed(str(pipeline / "model"), str(pipeline / "eval.npz"), str(tmp_path / "ckpt.npz"), prefer="checkpoint")
+    with np.load(tmp_path / "ckpt.npz") as a, np.load(pipeline / "eval_emb.npz") as b:
+        np.testing.assert_allclose(a["emb"], b["emb"], atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["flat", "ivf", "hnsw"])
+def test_index_kinds_find_exact_neighbours(tmp_path, kind):
+    emb = unit_rows(500, 16, seed=1)
+    np.savez(tmp_path / "g.npz", emb=emb, y=np.arange(500) % 10)
+    info = build_index(str(tmp_path / "g.npz"), str(tmp_path / kind), kind=kind)
+    assert (info["kind"], info["n"], info["dim"]) == (kind, 500, 16)
+    index, labels = load_index(tmp_path / kind)
+    sims, ids = index.search(emb[:50], 1)
+    assert (ids[:, 0] == np.arange(50)).mean() >= (1.0 if kind == "flat" else 0.9)
+    np.testing.assert_array_equal(labels, np.arange(500) % 10)
+    assert json.loads((tmp_path / kind / "index.json").read_text())["kind"] == kind
+
+
+def test_unknown_index_kind(tmp_path):
+    np.savez(tmp_path / "g.npz", emb=unit_rows(5, 4, 0), y=np.zeros(5))
+    with pytest.raises(ValueError, match="unknown index kind 'lsh': use one of flat, ivf, hnsw"):
+        build_index(str(tmp_path / "g.npz"), str(tmp_path), kind="lsh")
+
+
+def test_knn_vote_and_top1_on_known_embeddings(tmp_path):
+    # gallery: 3 points of class 1 near e0, 2 points of class 2 nearer to e0
+    g = np.array([[1, 0.30, 0], [1, 0.35, 0], [1, 0.4, 0], [1, 0.1, 0], [1, 0.12, 0], [0, 0, 1]], np.float32)
+    g /= np.linalg.norm(g, axis=1, keepdims=True)
+    gy = np.array([1, 1, 1, 2, 2, 7])
+    np.savez(tmp_path / "g.npz", emb=g, y=gy)
+    build_index(str(tmp_path / "g.npz"), str(tmp_path / "idx"))
+    index, labels = load_index(tmp_path / "idx")
+    q = np.array([[1, 0, 0], [0, 0.1, 1]], np.float32)
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    assert knn_predict(index, labels, q, k=1).tolist() == [2, 7]
+    assert knn_predict(index, labels, q, k=5).tolist() == [1, 1]  # 3 votes of class 1 beat 2
+    assert knn_predict(index, labels, q, k=4).tolist() == [2, 1]  # 2-2 tie: class 2 is closer
+
+    np.savez(tmp_path / "q.npz", emb=q, y=np.array([1, 7]))
+    r = evaluate(str(tmp_path / "idx"), str(tmp_path / "q.npz"), str(tmp_path / "out"), floor=0.4)
+    assert r["top1"] == 0.5 and r["n"] == 2 and r["k"] == 1
+    assert r["per_class"]["1"] == 0.0 and r["per_class"]["7"] == 1.0 and r["per_class"]["0"] is None
+    assert r["confusion"][1][2] == 1 and r["confusion"][7][7] == 1 and sum(map(sum, r["confusion"])) == 2
+    assert r["decision"] == "deploy"
+
+
+def test_evaluate_writes_metrics_csv_and_png(pipeline, tmp_path):
+    r = evaluate(str(pipeline / "index"), str(pipeline / "eval_emb.npz"), str(tmp_path), floor=0.0)
+    assert r["n"] == 100 and 0.0 <= r["top1"] <= 1.0
+    cm = np.array(r["confusion"])
+    assert cm.shape == (10, 10) and cm.sum() == 100 and np.trace(cm) == round(r["top1"] * 100)
+    assert json.loads((tmp_path / "metrics.json").read_text())["top1"] == r["top1"]
+    rows = list(csv.reader(open(tmp_path / "confusion.csv")))
+    assert rows[0] == ["true\\pred"] + [str(i) for i in range(10)]
+    assert np.array([[int(v) for v in row[1:]] for row in rows[1:]]).tolist() == r["confusion"]
+    png = Image.open(tmp_path / "confusion.png")
+    assert png.size[0] >= 600 and png.size[1] >= 500
+
+
+def test_evaluate_package_measures_a_published_model(pipeline, tmp_path):
+    import shutil
+    pkg = tmp_path / "pkg"
+    shutil.copytree(pipeline / "model", pkg)
+    for f in ("index.faiss", "labels.npy"):
+        shutil.copy(pipeline / "index" / f, pkg / f)
+    top1 = evaluate_package(str(pkg), str(pipeline / "eval.npz"))
+    r = evaluate(str(pipeline / "index"), str(pipeline / "eval_emb.npz"), str(tmp_path / "e"))
+    assert top1 == pytest.approx(r["top1"], abs=1e-9)
+
+
+@pytest.mark.parametrize("top1,production,decision,reason", [
+    (0.961, None, "hold", "hold: top-1 96.10% is below the 97.00% floor"),
+    (0.9852, None, "deploy", "deploy: top-1 98.52% clears the 97.00% floor; no production model yet"),
+    (0.9852, {"version": 3, "top1": 0.9821}, "deploy",
+     "deploy: top-1 98.52% clears the 97.00% floor and is +0.31 pp vs production v3 (98.21%)"),
+    (0.9802, {"version": 3, "top1": 0.9847}, "hold",
+     "hold: top-1 98.02% regresses 0.45 pp vs production v3 (98.47%), beyond the 0.20 pp tolerance"),
+    (0.9840, {"version": 3, "top1": 0.9850}, "deploy",
+     "deploy: top-1 98.40% clears the 97.00% floor and is -0.10 pp vs production v3 (98.50%), "
+     "within the 0.20 pp tolerance"),
+    (0.9830, {"version": 3, "top1": 0.9850}, "deploy",   # exactly at the tolerance still deploys
+     "deploy: top-1 98.30% clears the 97.00% floor and is -0.20 pp vs production v3 (98.50%), "
+     "within the 0.20 pp tolerance"),
+])
+def test_decision_and_reason(top1, production, decision, reason):
+    assert decide(top1, production, floor=0.97, tolerance=0.002) == (decision, reason)
+
+
+def test_production_comparison_flows_into_the_result(pipeline, tmp_path):
+    r = evaluate(str(pipeline / "index"), str(pipeline / "eval_emb.npz"), str(tmp_path), floor=0.0,
+                 production={"version": 2, "top1": 1.0}, tolerance=0.0)
+    assert r["production"] == {"version": 2, "top1": 1.0}
+    if r["top1"] < 1.0:
+        assert r["decision"] == "hold" and "vs production v2 (100.00%)" in r["reason"]
