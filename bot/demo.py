@@ -187,7 +187,9 @@ def run(args: argparse.Namespace) -> int:
         say(f"bot serving {app_url}; scheduler: next weekly retrain {proc.scheduler.next_retrain():%a %Y-%m-%d %H:%M %Z}")
         channel = settings.slack_channel
 
-        # 1. New data arrives; the data watch alerts.
+        # 1. New data arrives; the data watch alerts. The first tick takes what is already
+        #    in the bucket as seen, so it runs before the upload.
+        proc.scheduler.jobs.data_watcher.tick()
         store.put_bytes(f"{settings.data_prefix}2026-11-17/batch-0001.npz", npz_bytes(*batches[0]))
         say("uploaded data/2026-11-17/batch-0001.npz")
         tick(proc)
