@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from core.errors import Conflict, ServiceError
 from core.types import NewData
 from scheduler.watcher import BucketWatcher, new_data
+from scheduler.notify import say_safely
 
 log = logging.getLogger("ctbot.scheduler.data_watch")
 
@@ -129,8 +130,4 @@ class DataWatch:
         return TickResult(False, None, found, scan.cursor, action="alert", alert_id=alert_id, **base)
 
     def _say(self, text: str) -> None:
-        if self.notifier is not None:
-            try:
-                self.notifier.say(text)
-            except Exception:
-                log.exception("notifier.say failed")
+        say_safely(self.notifier, text)

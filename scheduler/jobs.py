@@ -15,6 +15,7 @@ from datetime import datetime
 from core.errors import Conflict, ServiceError
 from core.types import RunRecord
 from scheduler.fires import check_days, fire_key, previous_fire, weekly_trigger
+from scheduler.notify import say_safely
 
 log = logging.getLogger("ctbot.scheduler")
 
@@ -115,8 +116,4 @@ class Jobs:
         return out
 
     def _say(self, text: str) -> None:
-        if self.notifier is not None:
-            try:
-                self.notifier.say(text)
-            except Exception:
-                log.exception("notifier.say failed")
+        say_safely(self.notifier, text)
