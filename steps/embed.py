@@ -19,14 +19,12 @@ import numpy as np
 
 def embed(model_dir: str, npz_path: str, out_path: str, batch_size: int = 1024,
           *, prefer: str = "export", threads: int = 0) -> dict:
-    import os
-
     import torch
 
-    from steps.model import embed_images, load_embedder
+    from steps.model import available_cpus, embed_images, load_embedder
 
     t0 = time.time()
-    torch.set_num_threads(threads or os.cpu_count() or 1)
+    torch.set_num_threads(threads or available_cpus())
     with np.load(npz_path) as d:
         x = d["x"]
         y = d["y"] if "y" in d.files else np.full(len(x), 255, np.uint8)

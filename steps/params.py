@@ -50,7 +50,7 @@ class TrainParams:
     augment_rotate: float = _f(0.0, "random rotation of training images, up to this many degrees")
     augment_scale: float = _f(0.0, "random zoom of training images by up to this fraction (0.1 = 90-110%)")
     val_fraction: float = _f(0.05, "share of the training data held out to measure val_top1 (kNN)")
-    threads: int = _f(0, "CPU threads for torch; 0 = all cores")
+    threads: int = _f(0, "CPU threads for torch; 0 = every CPU this process may use (cgroup limit)")
 
     @classmethod
     def valid_keys(cls) -> list[str]:

@@ -96,6 +96,8 @@ def train(data_dir: str, out_dir: str, params: TrainParams | dict | None = None,
 
 
 def _train_ddp(x, y, out_dir, params, device, world, on_epoch):
+    from queue import Empty
+
     import torch.multiprocessing as mp
 
     with socket.socket() as s:  # a free port for the rendezvous
@@ -107,17 +109,20 @@ def _train_ddp(x, y, out_dir, params, device, world, on_epoch):
                      nprocs=world, join=False)
     result = None
 
-    def drain():
+    def handle(kind, payload):
         nonlocal result
-        while not queue.empty():
-            kind, payload = queue.get()
-            if kind == "epoch" and on_epoch:
-                on_epoch(payload)
-            elif kind == "result":
-                result = payload
+        if kind == "epoch" and on_epoch:
+            on_epoch(payload)
+        elif kind == "result":
+            result = payload
     while not procs.join(timeout=0.5):
-        drain()
-    drain()
+        while not queue.empty():
+            handle(*queue.get())
+    while result is None:  # rank 0 put its result before exiting; give the pipe a moment
+        try:
+            handle(*queue.get(timeout=10))
+        except Empty:  # rank 0 died without a result
+            break
     if result is None:
         raise RuntimeError("DDP training ended without a result from rank 0")
     return result
@@ -210,10 +215,10 @@ def _fit(x, y, out_dir, params: TrainParams, device, rank, world, emit) -> dict:
     import torch.nn as nn
 
     from steps.model import (EXPORT_FILE, MODEL_FILE, ArcFace, EmbeddingNet, arch_config,
-                             count_params, embed_images, export_bytes)
+                             available_cpus, count_params, embed_images, export_bytes)
 
     t0 = time.time()
-    cpu_threads = params.threads or os.cpu_count() or 1
+    cpu_threads = params.threads or available_cpus()
     if str(device).startswith("cpu"):
         torch.set_num_threads(max(1, cpu_threads // world))
     torch.manual_seed(params.seed)

@@ -121,11 +121,30 @@ def validate(data_dir: str, *, min_per_class: int = 10, max_imbalance: float = 1
         problem = _label_problem(y, src, sources)
         if problem:
             raise ValidationError(problem)
+        hashes = image_hashes(x)
+
+        eval_path = d / "eval.npz"
+        if eval_path.is_file():
+            ev = _load(eval_path, "eval set")
+            e_sources = card.get("eval", {}).get("sources", [])
+            problem = _label_problem(ev["y"], ev["src"], e_sources, where=" in the eval set")
+            if problem:
+                raise ValidationError(problem)
+            if len(ev["x"]) == 0:
+                raise ValidationError(f"the eval set {card.get('eval', {}).get('uri', eval_path)} is empty")
+            ec = np.bincount(ev["y"].astype(np.int64), minlength=10)
+            stats["eval_n"] = int(len(ev["y"]))
+            missing = [str(i) for i in range(10) if ec[i] == 0]
+            if missing:
+                warnings.append(f"the eval set has no images of class {', '.join(missing)}")
+            # before the counts: leaked rows are dropped, and a large leak explains an empty set
+            x, y, src, hashes = _check_leakage(d, card, x, y, src, hashes, ev["x"],
+                                               max_leak_fraction, warnings, stats)
+
         if len(x) == 0:
             raise ValidationError("no training images: " + (
                 "the data URIs held no readable images" if not card.get("uris")
                 else "nothing readable under " + _list(card["uris"])))
-
         for s in card.get("skipped", []):
             warnings.append(f"skipped {s['uri']} ({s['reason']})")
 
@@ -145,7 +164,6 @@ def validate(data_dir: str, *, min_per_class: int = 10, max_imbalance: float = 1
         if ratio > math.sqrt(max_imbalance):
             warnings.append(imbalance)
 
-        hashes = image_hashes(x)
         _, first, inverse = np.unique(hashes, return_index=True, return_inverse=True)
         n_dup = int(len(x) - len(first))
         stats["duplicates"] = n_dup
@@ -155,30 +173,13 @@ def validate(data_dir: str, *, min_per_class: int = 10, max_imbalance: float = 1
             pairs = np.unique(np.stack([inverse.reshape(-1), y.astype(np.int64)], 1), axis=0)
             conflicting = int((np.bincount(pairs[:, 0]) > 1).sum())
             stats["conflicting_duplicates"] = conflicting
-            dup_src = sorted({sources[s]["uri"] for s in np.unique(src[np.setdiff1d(np.arange(len(x)), first)])
-                              if s < len(sources)})
+            repeats = np.setdiff1d(np.arange(len(x)), first)
+            dup_src = sorted({sources[s]["uri"] for s in np.unique(src[repeats]) if s < len(sources)})
             msg = (f"{_plural(n_dup, 'exact duplicate image')} ({n_dup / len(x):.1%}) in "
                    + _list(dup_src))
             if n_dup / len(x) > max_duplicate_fraction:
                 raise ValidationError(f"{msg}: above the {max_duplicate_fraction:.0%} limit")
             warnings.append(msg + (f"; {conflicting} of them with conflicting labels" if conflicting else ""))
-
-        eval_path = d / "eval.npz"
-        if eval_path.is_file():
-            ev = _load(eval_path, "eval set")
-            e_sources = card.get("eval", {}).get("sources", [])
-            problem = _label_problem(ev["y"], ev["src"], e_sources, where=" in the eval set")
-            if problem:
-                raise ValidationError(problem)
-            if len(ev["x"]) == 0:
-                raise ValidationError(f"the eval set {card.get('eval', {}).get('uri', eval_path)} is empty")
-            ec = np.bincount(ev["y"].astype(np.int64), minlength=10)
-            stats["eval_n"] = int(len(ev["y"]))
-            missing = [str(i) for i in range(10) if ec[i] == 0]
-            if missing:
-                warnings.append(f"the eval set has no images of class {', '.join(missing)}")
-            x, y, src = _check_leakage(d, card, x, y, src, hashes, ev["x"], max_leak_fraction,
-                                       warnings, stats)
         stats["counts"] = counts(y)
         stats["n"] = int(len(y))
     except ValidationError as e:
@@ -197,7 +198,7 @@ def _check_leakage(d, card, x, y, src, hashes, eval_x, max_leak_fraction, warnin
     total = int(leaked.sum()) + int(earlier.get("dropped", 0))
     stats["leaked"] = total
     if not total:
-        return x, y, src
+        return x, y, src, hashes
     by_source = {e["uri"]: e["n"] for e in earlier.get("by_source", [])}
     sources = card.get("sources", [])
     for i in np.flatnonzero(leaked):
@@ -212,13 +213,13 @@ def _check_leakage(d, card, x, y, src, hashes, eval_x, max_leak_fraction, warnin
     warnings.append(msg + ": dropped from training")
     if leaked.any():  # rows ingest did not already drop
         keep = ~leaked
-        x, y, src = x[keep], y[keep], src[keep]
+        x, y, src, hashes = x[keep], y[keep], src[keep], hashes[keep]
         np.savez(d / "data.npz", x=x, y=y, src=src)
         card["n"], card["counts"], card["fingerprint"] = int(len(x)), counts(y), fingerprint(x, y)
         card["leakage"] = {"dropped": total, "n_before": n_before,
                            "by_source": [{"uri": u, "n": n} for u, n in sorted(by_source.items())]}
         (d / "data_card.json").write_text(json.dumps(card, indent=1))
-    return x, y, src
+    return x, y, src, hashes
 
 
 def _write(d: Path, result: dict) -> None:

@@ -101,7 +101,9 @@ def final_report(run: RunRecord, report: dict) -> dict:
         delta = (top1 - prod["top1"]) if (prod and prod.get("top1") is not None and top1 is not None) else None
         vs = f" ({pp(delta)} vs production v{prod.get('version')})" if delta is not None else \
             " (no production model to compare)"
-        blocks.append(section(f"*kNN top-1* {pct(top1)}{vs}\n*Decision*: {esc(decision or '–')} — {esc(reason or '')}"))
+        # evaluate's reasons already open with the decision ("hold: top-1 ...").
+        why = (reason or "").removeprefix(f"{decision}:").strip()
+        blocks.append(section(f"*kNN top-1* {pct(top1)}{vs}\n*Decision*: {esc(decision or '–')} — {esc(why)}"))
         blocks += fields([
             ("Worst classes", _worst(metrics.get("per_class") or {})),
             ("Model version", f"v{version}" if version else "not published"),

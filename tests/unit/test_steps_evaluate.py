@@ -135,3 +135,25 @@ def test_production_comparison_flows_into_the_result(pipeline, tmp_path):
     assert r["production"] == {"version": 2, "top1": 1.0}
     if r["top1"] < 1.0:
         assert r["decision"] == "hold" and "vs production v2 (100.00%)" in r["reason"]
+
+
+def test_clis_embed_index_evaluate(pipeline, tmp_path):
+    import subprocess
+    import sys
+
+    def cli(*args):
+        r = subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, check=True)
+        return json.loads(r.stdout.strip().splitlines()[-1])
+    e = cli("steps.embed", "--model-dir", str(pipeline / "model"), "--npz", str(pipeline / "eval.npz"),
+            "--out", str(tmp_path / "q.npz"))
+    assert (e["n"], e["dim"]) == (100, 128)
+    i = cli("steps.index", "--emb", str(pipeline / "gallery.npz"), "--out-dir", str(tmp_path / "idx"),
+            "--kind", "hnsw")
+    assert (i["kind"], i["n"]) == ("hnsw", 400)
+    r = cli("steps.evaluate", "--index-dir", str(pipeline / "index"), "--eval-emb", str(tmp_path / "q.npz"),
+            "--out-dir", str(tmp_path / "ev"), "--production-version", "3", "--production-top1", "1.0",
+            "--floor", "0", "--k", "3")
+    assert r["k"] == 3 and r["production"] == {"version": 3, "top1": 1.0}
+    if r["top1"] < 0.998:
+        assert r["decision"] == "hold" and "vs production v3 (100.00%)" in r["reason"]
+    assert (tmp_path / "ev" / "confusion.png").is_file()

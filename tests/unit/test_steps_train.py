@@ -107,6 +107,7 @@ def test_bad_training_data_is_refused(tmp_path):
         train(str(tmp_path), str(tmp_path / "o"), TINY)
 
 
+@pytest.mark.slow
 def test_ddp_path_over_gloo_on_cpu(data_dir, tmp_path):
     """Two processes under DDP (gloo, CPU): the GPU path without GPUs."""
     epochs = []
@@ -145,3 +146,10 @@ def test_affine_augmentation_identity_and_variation():
     # ink is moved, not created or lost wholesale
     ratio = moved.float().sum() / xt.float().sum()
     assert 0.8 < ratio < 1.2
+
+
+def test_available_cpus_respects_affinity():
+    import os
+
+    from steps.model import available_cpus
+    assert 1 <= available_cpus() <= len(os.sched_getaffinity(0))

@@ -156,3 +156,13 @@ def test_missing_objects_and_empty_prefixes_are_named(s3_store, bucket, tmp_path
         run(tmp_path, [f"s3://{bucket}/data/", f"s3://{bucket}/data/gone.npz", f"s3://{bucket}/empty/"])
     assert str(e.value) == (f"2 missing objects: s3://{bucket}/data/gone.npz (object not found), "
                             f"s3://{bucket}/empty/ (no objects under this prefix)")
+
+
+def test_eval_set_uploaded_as_training_data_is_called_out(tmp_path):
+    ex, ey = make_digits(100, seed=15)
+    (tmp_path / "eval.npz").write_bytes(npz_bytes(x=ex, y=ey))
+    (tmp_path / "copy.npz").write_bytes(npz_bytes(x=ex, y=ey))
+    with pytest.raises(ValidationError) as e:
+        run(tmp_path, [str(tmp_path / "copy.npz")], eval_uri=str(tmp_path / "eval.npz"))
+    assert str(e.value).startswith(f"100 training images (100.0%) identical to eval images, from "
+                                   f"{tmp_path / 'copy.npz'} (100): above the 5% limit")
