@@ -99,7 +99,6 @@ def configure(services: Services, out: Path) -> tuple[dict, object]:
             os.environ.setdefault(k, v)
         s3 = start_s3()
         services.stoppers.append(s3.stop)
-        logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto's request log
         os.environ["S3_ENDPOINT_URL"] = s3.endpoint_url  # the run's subprocesses inherit it
         from steps.storage import s3_client
         s3_client(s3.endpoint_url).create_bucket(Bucket="ctbot-demo")

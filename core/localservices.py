@@ -73,4 +73,6 @@ def start_s3() -> LocalS3:
     port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
+    import logging
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
     return LocalS3(f"http://127.0.0.1:{port}", server)
