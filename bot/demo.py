@@ -215,7 +215,7 @@ def run(args: argparse.Namespace) -> int:
         tick(proc)
         if standin:
             alert = latest_alert(standin, channel)
-            click = standin.click(app_url, channel, alert.ts, "retrain_now", user="U0BOB0002")
+            click = standin.click(app_url, channel, alert.ts, "retrain_now", user="U0BOB0001")
             say(f"clicked [Retrain now] on the alert -> HTTP {click['status']}")
             run2 = _wait_new_run(proc.service, {first.run_id})
         else:

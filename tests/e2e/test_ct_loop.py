@@ -76,10 +76,10 @@ def test_new_data_to_posted_report(tmp_path, redis_url, s3_store, bucket):
         assert "data/2026-11-22/batch-0001.npz" in all_text(alert.blocks)
 
         # Tiny training through the real Retrain-now button (signed block_actions).
-        click = standin.click(proc.server.events_url, channel, alert.ts, "retrain_now", user="U0BOB0002")
+        click = standin.click(proc.server.events_url, channel, alert.ts, "retrain_now", user="U0BOB0001")
         assert click["status"] == 200
         run = wait(lambda: proc.service.list_runs(1), 30, "the run to be recorded")[0]
-        assert run.trigger == "new_data" and run.requested_by == "U0BOB0002"
+        assert run.trigger == "new_data" and run.requested_by == "U0BOB0001"
         assert run.data_uris and all(u.startswith(f"s3://{bucket}/data/") for u in run.data_uris)
 
         final = wait(lambda: (r := proc.service.get_run(run.run_id)) and not r.active and r,
