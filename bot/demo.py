@@ -74,8 +74,8 @@ class Services:
         for stop in reversed(self.stoppers):
             try:
                 stop()
-            except Exception:
-                pass
+            except Exception:  # keep stopping the rest; say what would not stop
+                logging.getLogger("ctbot.demo").warning("stopping %s failed", stop, exc_info=True)
 
 
 def configure(services: Services, out: Path) -> tuple[dict, object]:
