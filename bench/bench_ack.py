@@ -41,10 +41,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bot.standin import SlackStandin  # noqa: E402
-from core.localservices import free_port, start_redis  # noqa: E402
 from core.state import StateStore  # noqa: E402
 from core.types import RunRecord  # noqa: E402
+from devkit.localservices import free_port, start_redis  # noqa: E402
+from devkit.standin import SlackStandin  # noqa: E402
 
 SECRET = "bench-signing-secret"
 TOKEN = "xoxb-bench"
@@ -53,10 +53,10 @@ SLOW = {"status", "train epochs=3", "runs 5"}          # answered after the ack,
 BAR_P99_MS = 100.0
 BOLT_DEV_SERVER = """
 import logging, sys
-from bot.runtime import build
+from ctbot.wiring import build_bot, build_deps
 from core.config import Settings
 logging.basicConfig(level=logging.WARNING)
-proc = build(Settings.from_env(), with_scheduler=False)
+proc = build_bot(build_deps(Settings.from_env()), with_scheduler=False)
 proc.app.background.start()
 proc.app.start(port=int(sys.argv[1]), path="/slack/events", http_server_logger_enabled=False)
 """

@@ -29,7 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import timedelta, timezone
+from datetime import UTC, timedelta
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -122,7 +122,7 @@ def bench_size(n: int, n_new: int, redis_url: str) -> list[dict]:
         # Start from the cursor a previous sweep would have left (newest key, newest
         # LastModified, the tail of objects inside the overlap window), so that the
         # largest bucket is listed in full only once, by the sweep below.
-        objs = [(o.name, o.last_modified.replace(tzinfo=timezone.utc), o.etag.strip('"'))
+        objs = [(o.name, o.last_modified.replace(tzinfo=UTC), o.etag.strip('"'))
                 for o in backend.get_bucket(BUCKET).keys.values()]
         wm = max(lm for _, lm, _ in objs)
         tail = {k: etag for k, lm, etag in objs if lm >= wm - w.overlap}

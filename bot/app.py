@@ -2,22 +2,16 @@
 from __future__ import annotations
 
 import logging
+
 from slack_bolt import App
 from slack_sdk import WebClient
-from slack_sdk.http_retry.builtin_handlers import RateLimitErrorRetryHandler
 
-from core.config import Settings
 from bot.background import JobContext, ThreadBackground
 from bot.listeners import actions, commands, home
+from bot.slack_client import with_rate_limit_retries
+from core.config import Settings, reveal
 
 log = logging.getLogger(__name__)
-
-
-def with_rate_limit_retries(client: WebClient, max_retry_count: int = 3) -> WebClient:
-    """Make ``client`` wait out HTTP 429 (Retry-After) instead of failing; idempotent."""
-    if not any(isinstance(h, RateLimitErrorRetryHandler) for h in client.retry_handlers):
-        client.retry_handlers.append(RateLimitErrorRetryHandler(max_retry_count=max_retry_count))
-    return client
 
 
 class _DropTokenNotice(logging.Filter):
@@ -47,7 +41,7 @@ def create_app(settings: Settings, service, client: WebClient, background=None) 
     request Bolt calls auth.test once through ``client``. Slow work runs on
     ``background`` (default: a thread pool in this process with this service)."""
     app = BotApp(
-        signing_secret=settings.slack_signing_secret,
+        signing_secret=reveal(settings.slack_signing_secret),
         client=with_rate_limit_retries(client),
         token_verification_enabled=False,
         # Listeners run on the request thread: they ack and hand slow work to

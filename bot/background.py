@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
@@ -65,20 +64,11 @@ class ThreadBackground:
 _worker_ctx: JobContext | None = None
 
 
-def _init_worker(settings, nice: int, log_level: int) -> None:
-    """Runs once in each worker process: lower its priority, build its own clients."""
+def set_worker_context(ctx: JobContext) -> None:
+    """Called by the worker's initializer (ctbot.wiring.init_job_worker) once it has
+    built its own service and client."""
     global _worker_ctx
-    if nice:
-        os.nice(nice)
-    # Runs started here are children of this worker; let the kernel reap them when they
-    # end (the run watch in the bot process follows them through /proc and the store).
-    signal.signal(signal.SIGCHLD, signal.SIG_IGN)
-    logging.basicConfig(level=log_level, format="%(asctime)s %(name)s[worker] %(levelname)s %(message)s")
-    from bot.runtime import build_service, slack_client
-    from bot.notifier import SlackNotifier
-    client = slack_client(settings)
-    service = build_service(settings, SlackNotifier(client, settings.slack_channel, settings))
-    _worker_ctx = JobContext(service, client, settings)
+    _worker_ctx = ctx
 
 
 def _run_in_worker(fn, args, what: str):
@@ -90,10 +80,10 @@ def _ready() -> int:
 
 
 class ProcessBackground:
-    def __init__(self, settings, workers: int = 2, nice: int = 19, log_level: int | None = None):
-        self.settings, self.workers, self.nice = settings, workers, nice
-        # Workers log like the bot process does, unless told otherwise.
-        self.log_level = logging.getLogger().getEffectiveLevel() if log_level is None else log_level
+    def __init__(self, *, workers: int = 2, initializer, initargs: tuple = ()):
+        """``initializer(*initargs)`` runs in each worker and must end by calling
+        set_worker_context; it is a module-level function so spawn can pickle it."""
+        self.workers, self.initializer, self.initargs = workers, initializer, initargs
         self._pool = self._new_pool()
 
     def _new_pool(self) -> ProcessPoolExecutor:
@@ -101,7 +91,7 @@ class ProcessBackground:
         # spawn, not fork: the bot process has threads (server, scheduler) and forking
         # those can copy a held lock into the child.
         return ProcessPoolExecutor(max_workers=self.workers, mp_context=multiprocessing.get_context("spawn"),
-                                   initializer=_init_worker, initargs=(self.settings, self.nice, self.log_level))
+                                   initializer=self.initializer, initargs=self.initargs)
 
     def start(self, wait: bool = False, timeout: float = 60) -> list[int]:
         """Start the workers now rather than on the first job (they take ~1 s to import

@@ -13,10 +13,10 @@ import time
 
 from slack_sdk import WebClient
 
+from bot import blocks
+from bot.slack_client import with_rate_limit_retries
 from core.config import Settings
 from core.types import NewData, RunRecord
-from bot import blocks
-from bot.app import with_rate_limit_retries
 
 log = logging.getLogger(__name__)
 

@@ -12,9 +12,9 @@ import json
 import logging
 import threading
 import urllib.parse
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Callable
 
 from slack_bolt import App
 from slack_bolt.request import BoltRequest

@@ -22,6 +22,7 @@ class Settings:
     slash_command: str = "/ct"
     http_host: str = "127.0.0.1"
     http_port: int = 3000
+    slack_min_update_seconds: float = 3.0   # chat.update is rate limited; progress is throttled
     # State and storage
     redis_url: str = ""
     store: str = "./.ctbot/store"       # s3://bucket/prefix or a local directory
@@ -49,7 +50,7 @@ class Settings:
     extra: dict = field(default_factory=dict)
 
     @classmethod
-    def from_env(cls, env: dict | None = None, **overrides) -> "Settings":
+    def from_env(cls, env: dict | None = None, **overrides) -> Settings:
         env = os.environ if env is None else env
         values = {}
         for f in fields(cls):
@@ -65,11 +66,12 @@ class Settings:
         values.update(overrides)
         return cls(**values)
 
-    @property
-    def eval_key_or_uri(self) -> str:
-        return self.eval_uri or "eval/eval.npz"
-
     def __repr__(self) -> str:  # keep secrets out of logs and tracebacks
         shown = {f.name: ("***" if f.name in SECRET_FIELDS and getattr(self, f.name) else getattr(self, f.name))
                  for f in fields(self)}
         return f"Settings({shown})"
+
+
+def reveal(secret) -> str:
+    """A secret's value, for the one place that hands it to a client."""
+    return secret.get_secret_value() if hasattr(secret, "get_secret_value") else (secret or "")

@@ -12,15 +12,15 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import secrets
 import time
-from datetime import datetime, timezone
 
 from core.config import Settings
 from core.errors import Conflict, ParamError, ServiceError, UnknownRun
+from core.notify import SafeNotifier
+from core.queries import RunQueries
 from core.state import StateStore
 from core.types import FINAL_STATES, Notifier, RunRecord
-from pipelines import layout
+from steps import layout
 
 __all__ = ["TrainingService", "ServiceError", "ParamError", "UnknownRun", "Conflict"]
 
@@ -38,33 +38,27 @@ def who(user: str) -> str:
     return f"<@{user}>" if user[:1] in ("U", "W") and user.isalnum() else (user or "someone")
 
 
-class TrainingService:
+class TrainingService(RunQueries):
     def __init__(self, settings: Settings, state: StateStore, store, runner,
-                 notifier: Notifier | None = None, clock=time.time, next_retrain_fn=None):
+                 notifier: Notifier | None = None, *, clock=time.time, next_retrain=None):
         self.settings = settings
         self.state = state
         self.store = store
         self.runner = runner
-        self.notifier = notifier
+        self.notifier = SafeNotifier(notifier)
         self.clock = clock
-        self.next_retrain_fn = next_retrain_fn
+        self.next_retrain = next_retrain   # () -> datetime | None, the weekly schedule's
         self.model = settings.model_name
 
     # ---- params -------------------------------------------------------------------
 
     def parse_params(self, tokens: list[str]) -> dict:
-        """["epochs=3", "lr=0.01"] -> {"epochs": 3, "lr": 0.01}, typed and range-checked."""
+        """["epochs=3", "preset=v0"] -> the typed keys given; ParamError lists valid keys."""
         from steps.params import TrainParams
-        spec = TrainParams.describe()
-        raw = {}
-        for tok in tokens:
-            name, eq, value = tok.partition("=")
-            if not eq or not name.strip():
-                raise ParamError(f"Expected key=value, got `{tok}`. {_valid_keys(spec)}")
-            raw[name.strip()] = value.strip()
-        typed = {name: _coerce(name, value, spec) for name, value in raw.items()}
-        self._resolve(typed)  # range checks
-        return typed
+        try:
+            return TrainParams.parse_tokens(tokens)
+        except ValueError as e:
+            raise ParamError(str(e)) from None
 
     def _resolve(self, params: dict) -> dict:
         """Every TrainParams field, with the given ones validated; ParamError otherwise."""
@@ -120,7 +114,7 @@ class TrainingService:
         try:
             created = self.state.create_run(run)
             while not created:  # id collision: same minute, same 4 hex digits
-                run.run_id = _run_id(self.clock())
+                run.run_id = layout.new_run_id(self.clock())
                 self.state.take_over_lock(self.model, run.run_id, LOCK_TTL)
                 created = self.state.create_run(run)
         except BaseException:
@@ -144,13 +138,13 @@ class TrainingService:
         run = self.state.update_run(run.run_id, state="running", started_at=self.clock(),
                                     external_id=str(external_id or ""),
                                     external_url=external_url or "")
-        posted = self._notify("run_started", run)
+        posted = self.notifier.run_started(run)
         if posted:
             run = self.state.update_run(run.run_id, slack_channel=posted[0], slack_ts=posted[1])
         return run
 
     def _new_run(self, trigger, reason, requested_by, params, snapshot) -> RunRecord:
-        return RunRecord(run_id=_run_id(self.clock()), model=self.model, trigger=trigger,
+        return RunRecord(run_id=layout.new_run_id(self.clock()), model=self.model, trigger=trigger,
                          reason=reason, requested_by=requested_by, params=params,
                          data_uris=snapshot, state="queued", created_at=self.clock(),
                          runner=self.settings.runner)
@@ -221,98 +215,7 @@ class TrainingService:
         return uri + "/" if key.endswith("/") and not uri.endswith("/") else uri
 
     def _eval_uri(self) -> str:
-        ref = self.settings.eval_key_or_uri
-        return ref if "://" in ref or ref.startswith("/") else self.store.uri(ref)
-
-    # ---- reading runs -----------------------------------------------------------------
-
-    def get_run(self, run_id: str) -> RunRecord:
-        run = self.state.get_run(run_id) if run_id else None
-        if run is None:
-            raise UnknownRun(run_id)
-        return run
-
-    def list_runs(self, n: int = 10) -> list[RunRecord]:
-        return self.state.list_runs(n)
-
-    def active_run(self) -> RunRecord | None:
-        holder = self.state.lock_holder(self.model)
-        run = self.state.get_run(holder) if holder else None
-        if run and run.active:
-            return run
-        for run_id in self.state.active_run_ids():
-            run = self.state.get_run(run_id)
-            if run and run.active and run.model == self.model:
-                return run
-        return None
-
-    def status(self) -> dict:
-        active = self.active_run()
-        return {
-            "active": active,
-            "steps": self._read_steps(active.run_id) if active else {},
-            "production": self._production(),
-            "next_retrain": self._next_retrain(),
-            "schedule_paused": self.state.schedule_paused(),
-            "pending": self.state.pending(),
-        }
-
-    def data_summary(self) -> dict:
-        """Pending data; the data cards of recent runs, the last training and production."""
-        runs = self.state.list_runs(20)
-        last = next((r for r in runs if r.state == "succeeded"), None)
-        recent = []
-        for r in runs:
-            card = self.store.get_json(layout.data_card_key(r.run_id)) if not r.active else None
-            if card:
-                recent.append({"run_id": r.run_id, **card})
-            if len(recent) == 5:
-                break
-        prod = self._production()
-        return {
-            "prefix": self.store.uri(self.settings.data_prefix),
-            "pending": self.state.pending(),
-            "recent": recent,
-            "last_trained": None if last is None else {
-                "run_id": last.run_id, "finished_at": last.finished_at,
-                "data_card": self.store.get_json(layout.data_card_key(last.run_id))},
-            "production": None if prod is None else {
-                "version": prod["version"],
-                "data_card": self.store.get_json(
-                    layout.version_prefix(self.model, prod["version"]) + "data_card.json")},
-        }
-
-    def _production(self) -> dict | None:
-        try:
-            from steps.deploy import read_alias
-            alias = read_alias(self.store, self.model)
-        except ImportError:
-            alias = self.store.get_json(layout.alias_key(self.model))
-        if not alias or alias.get("version") is None:
-            return None
-        version = int(alias["version"])
-        top1 = alias.get("top1")
-        if top1 is None:
-            metrics = self.store.get_json(layout.version_prefix(self.model, version) + "metrics.json")
-            top1 = (metrics or {}).get("top1")
-        return {"version": version, "top1": top1, "updated_at": alias.get("updated_at")}
-
-    def _next_retrain(self):
-        if self.next_retrain_fn is None:
-            return None
-        try:
-            return self.next_retrain_fn()
-        except Exception:
-            log.exception("next_retrain_fn failed")
-            return None
-
-    def _read_steps(self, run_id: str) -> dict:
-        try:
-            from pipelines.results import read_steps
-            return read_steps(self.store, run_id) or {}
-        except Exception:
-            log.exception("reading steps of %s failed", run_id)
-            return {}
+        return layout.resolve_eval_uri(self.settings.store, self.settings.eval_uri)
 
     # ---- following a run --------------------------------------------------------------
 
@@ -340,7 +243,7 @@ class TrainingService:
             self.state.refresh_lock(run.model, run_id, LOCK_TTL)
             if progress != run.progress:
                 run = self.state.update_run(run_id, only_if_active=True, progress=progress) or run
-                self._notify("run_progress", run, steps)
+                self.notifier.run_progress(run, steps)
             return run
         return self._finish(run, status, steps, progress)
 
@@ -378,24 +281,8 @@ class TrainingService:
             report = {"run_id": run.run_id, "model": run.model, "status": run.state,
                       "params": run.params, "error": run.error, "decision": "",
                       "failed_step": run.failed_step or None}
-        self._notify("run_finished", run, report, self._read_confusion(run.run_id))
+        self.notifier.run_finished(run, report, self._read_confusion(run.run_id))
         return run
-
-    def _read_report(self, run_id: str) -> dict | None:
-        try:
-            from pipelines.results import read_report
-            return read_report(self.store, run_id)
-        except Exception:
-            log.exception("reading the report of %s failed", run_id)
-            return None
-
-    def _read_confusion(self, run_id: str) -> bytes | None:
-        try:
-            from pipelines.results import read_confusion_png
-            return read_confusion_png(self.store, run_id)
-        except Exception:
-            log.exception("reading the confusion matrix of %s failed", run_id)
-            return None
 
     # ---- acting on runs and models ----------------------------------------------------
 
@@ -414,8 +301,8 @@ class TrainingService:
                                     error=f"canceled by {by}")
         self.state.release_lock(run.model, run_id)
         self.state.audit("cancel", by, run_id=run_id)
-        self._notify("run_progress", run, self._read_steps(run_id))
-        self._notify("say", f"{who(by)} canceled run `{run_id}`.")
+        self.notifier.run_progress(run, self._read_steps(run_id))
+        self.notifier.say(f"{who(by)} canceled run `{run_id}`.")
         return run
 
     def promote(self, run_id: str, by: str) -> int:
@@ -443,82 +330,37 @@ class TrainingService:
         self.state.update_run(run_id, model_version=version,
                               decision_reason="; ".join(x for x in (run.decision_reason, note) if x))
         self.state.audit("promote", by, run_id=run_id, version=version)
-        self._notify("say", f"{who(by)} promoted run `{run_id}`: {self.model} v{version} is now production.")
+        self.notifier.say(f"{who(by)} promoted run `{run_id}`: {self.model} v{version} is now production.")
         return version
 
-    def rollback(self, version: int | None, by: str) -> dict:
-        """Move production back (to ``version``, or to the previous one); returns {from, to}."""
+    def rollback(self, version: int | None, by: str, *, expect_production: int | None = None) -> dict:
+        """Move production back (to ``version``, or to the previous one); returns {from, to}.
+        ``expect_production``: the version the actor saw (a report's button); if production
+        has moved since, nothing is rolled back."""
         from steps.deploy import rollback
+        if expect_production is not None:
+            prod = self.production() or {}
+            if prod.get("version") != expect_production:
+                raise Conflict(f"Production is now v{prod.get('version')}, not v{expect_production}; "
+                               f"nothing rolled back. Use `{self.settings.slash_command} rollback "
+                               f"[version]` to choose explicitly.")
         try:
             moved = rollback(self.store, self.model, to_version=version, by=by)
         except (ValueError, KeyError) as e:
             raise ServiceError(f"Could not roll back {self.model}: {_msg(e)}") from e
         self.state.audit("rollback", by, **{"from": moved.get("from"), "to": moved.get("to")})
-        self._notify("say", f"{who(by)} rolled {self.model} back from v{moved.get('from')} "
+        self.notifier.say(f"{who(by)} rolled {self.model} back from v{moved.get('from')} "
                             f"to v{moved.get('to')}.")
         return moved
+
+    def dismiss_alert(self, alert_id: str, by: str) -> None:
+        self.state.audit("alert_dismissed", by, alert_id=alert_id)
 
     def set_schedule_paused(self, paused: bool, by: str) -> None:
         self.state.set_schedule_paused(paused)
         self.state.audit("schedule_paused" if paused else "schedule_resumed", by)
-        self._notify("say", f"{who(by)} {'paused' if paused else 'resumed'} the weekly retrain.")
-
-    # ---- helpers ------------------------------------------------------------------------
-
-    def _notify(self, method: str, *args):
-        """Slack trouble must never break a run: log it and carry on."""
-        if self.notifier is None:
-            return None
-        try:
-            return getattr(self.notifier, method)(*args)
-        except Exception:
-            log.exception("notifier.%s failed", method)
-            return None
-
-
-def _run_id(ts: float) -> str:
-    """Readable and unique: r-20261122-0912-ab12 (UTC minute + 16 random bits; collisions
-    are caught by the SET NX in create_run)."""
-    stamp = datetime.fromtimestamp(ts, tz=timezone.utc).strftime("%Y%m%d-%H%M")
-    return f"r-{stamp}-{secrets.token_hex(2)}"
+        self.notifier.say(f"{who(by)} {'paused' if paused else 'resumed'} the weekly retrain.")
 
 
 def _msg(e: Exception) -> str:
     return e.args[0] if isinstance(e, KeyError) and e.args else str(e)
-
-
-def _valid_keys(spec: dict) -> str:
-    parts = []
-    for name, d in spec.items():
-        rng = d.get("range")
-        parts.append(f"`{name}` ({_type_name(d.get('type'))}"
-                     + (f", {rng}" if rng not in (None, "") else "")
-                     + f", default {d.get('default')!r})")
-    return "Valid keys: " + ", ".join(parts) + "."
-
-
-def _type_name(t) -> str:
-    return t if isinstance(t, str) else getattr(t, "__name__", str(t))
-
-
-def _coerce(name: str, value: str, spec: dict):
-    """Turn the text after '=' into the field's type; unknown keys pass through so that
-    TrainParams.from_dict reports them with the list of valid keys."""
-    if name not in spec:
-        return value
-    kind = _type_name(spec[name].get("type")).lower()
-    try:
-        if kind in ("int", "integer"):
-            return int(value)
-        if kind in ("float", "number"):
-            return float(value)
-        if kind in ("bool", "boolean"):
-            if value.lower() in ("1", "true", "yes", "on"):
-                return True
-            if value.lower() in ("0", "false", "no", "off"):
-                return False
-            raise ValueError(value)
-    except ValueError:
-        raise ParamError(f"`{name}` must be {'an' if kind[0] in 'aeiou' else 'a'} {kind}, "
-                         f"got `{value}`. {_valid_keys(spec)}") from None
-    return value

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from core.types import RunRecord
 
@@ -26,7 +26,7 @@ PENDING_MAX_BATCHES = 500
 
 
 def _iso(ts: float) -> str:
-    return datetime.fromtimestamp(ts, tz=timezone.utc).isoformat()
+    return datetime.fromtimestamp(ts, tz=UTC).isoformat()
 
 
 class StateStore:
@@ -42,8 +42,11 @@ class StateStore:
         self._release = self.r.register_script(_RELEASE)
         self._refresh = self.r.register_script(_REFRESH)
 
+    def ping(self) -> None:
+        self.r.ping()
+
     @classmethod
-    def from_url(cls, url: str, prefix: str = "ct:", **kwargs) -> "StateStore":
+    def from_url(cls, url: str, prefix: str = "ct:", **kwargs) -> StateStore:
         import redis
         return cls(redis.Redis.from_url(url, decode_responses=True), prefix=prefix, **kwargs)
 

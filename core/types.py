@@ -43,7 +43,7 @@ class RunRecord:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "RunRecord":
+    def from_dict(cls, d: dict) -> RunRecord:
         known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
         return cls(**known)
 
@@ -64,7 +64,7 @@ class Notifier(Protocol):
         """Post the run's one message; returns (channel, ts)."""
 
     def run_progress(self, run: RunRecord, steps: dict) -> None:
-        """Update the message in place. steps: step -> step-status dict (see pipelines.layout)."""
+        """Update the message in place. steps: step -> step-status dict (see steps.layout)."""
 
     def run_finished(self, run: RunRecord, report: dict, confusion_png: bytes | None) -> None:
         """Final report in the message, details and the confusion matrix in its thread."""

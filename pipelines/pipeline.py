@@ -14,11 +14,9 @@ so the compiled YAML carries them while local runs stay free of Kubernetes setti
 # No `from __future__ import annotations`: kfp reads the real annotation objects.
 import json
 import os
-from typing import List
 
 from kfp import dsl
-from kfp.dsl import (ClassificationMetrics, Dataset, Input, Metrics, Model, Output,
-                     PipelineTaskFinalStatus)
+from kfp.dsl import ClassificationMetrics, Dataset, Input, Metrics, Model, Output, PipelineTaskFinalStatus
 
 from pipelines import resources as res
 
@@ -37,8 +35,8 @@ def ingest(run_id: str, store: str, data_uris: list, eval_uri: str, data: Output
     import json
     import os
 
-    from pipelines import layout
     from pipelines.status import track
+    from steps import layout
     from steps.ingest import ingest as run_ingest
     from steps.ingest import summary as card_summary
     from steps.storage import open_store
@@ -115,13 +113,13 @@ def train_trial(run_id: str, store: str, params: dict, trial: dict, data: Input[
 
 
 @component
-def select_best(run_id: str, store: str, models: Input[List[Model]], scores: List[float],
+def select_best(run_id: str, store: str, models: Input[list[Model]], scores: list[float],
                 best: Output[Model]) -> float:
     """Pick the trial with the highest val_top1 and pass its model on."""
     import shutil
 
-    from pipelines.results import read_trials
     from pipelines.status import StepStatus
+    from steps.results import read_trials
     from steps.storage import open_store
 
     target = open_store(store)
@@ -184,9 +182,9 @@ def evaluate(run_id: str, store: str, model_name: str, floor: float, tolerance: 
     import shutil
     import tempfile
 
-    from pipelines import layout
     from pipelines.status import track
     from steps import deploy as registry
+    from steps import layout
     from steps.evaluate import evaluate as run_evaluate
     from steps.evaluate import evaluate_package
     from steps.storage import open_store
@@ -237,9 +235,9 @@ def evaluate(run_id: str, store: str, model_name: str, floor: float, tolerance: 
 
 @component
 def deploy(run_id: str, store: str, model_name: str, keep_versions: int, requested_by: str) -> int:
-    from pipelines import layout
     from pipelines.status import track
     from steps import deploy as registry
+    from steps import layout
     from steps.storage import open_store
 
     with track(store, run_id, "deploy") as st:

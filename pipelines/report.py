@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import time
 
-from pipelines import layout
-from pipelines.results import read_steps, read_trials
 from pipelines.status import mark
+from steps import layout
+from steps.results import read_steps, read_trials
 
 SUCCEEDED, FAILED, CANCELED = "SUCCEEDED", "FAILED", "CANCELED"
 # steps that must be done for a run to count as succeeded; deploy is conditional

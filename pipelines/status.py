@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
-from pipelines.layout import step_key
+from steps.layout import step_key
 
 log = logging.getLogger(__name__)
 MAX_ERROR_CHARS = 2000

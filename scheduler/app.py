@@ -1,6 +1,6 @@
 """APScheduler wiring: three jobs on a BackgroundScheduler, plus the start-up catch-up.
 
-    service, sched = build(settings, notifier)   # in an entry point
+    sched = ctbot.wiring.build_deps(settings).scheduler
     sched.start()                                # catch-up, then the jobs run in threads
     ...
     sched.shutdown()
@@ -11,9 +11,6 @@ exactly-once per fire comes from Redis (scheduler/jobs.py), not from a shared jo
 from __future__ import annotations
 
 import logging
-import signal
-import threading
-import time
 from datetime import datetime
 
 from apscheduler.schedulers.background import BackgroundScheduler
@@ -62,41 +59,3 @@ class CtScheduler:
 
     def next_retrain(self):
         return self.jobs.next_retrain()
-
-
-def build(settings, notifier=None, *, state=None, store=None, runner=None, clock=time.time):
-    """The training service and a scheduler around it, from settings. Network clients
-    are created here, in the entry point, never at import time."""
-    from core.service import TrainingService
-    from core.state import StateStore
-    from scheduler.data_watch import DataWatch
-    from steps.storage import open_store
-
-    if state is None:
-        if not settings.redis_url:
-            raise ValueError("REDIS_URL is not set: the scheduler keeps its state in Redis")
-        state = StateStore.from_url(settings.redis_url)
-    store = store or open_store(settings.store)
-    if runner is None:
-        from pipelines.runners import get_runner
-        runner = get_runner(settings)
-    service = TrainingService(settings, state, store, runner, notifier, clock=clock)
-    watch = DataWatch(settings, state, store, service, notifier, clock=clock)
-    jobs = Jobs(settings, state, service, watch, notifier, clock=clock)
-    service.next_retrain_fn = jobs.next_retrain
-    return service, CtScheduler(settings, jobs)
-
-
-def main() -> None:
-    """A scheduler process without Slack (python -m scheduler): runs, alerts go to the log."""
-    from core.config import Settings
-
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    _, sched = build(Settings.from_env())
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
-    sched.start()
-    log.info("scheduler started; next weekly retrain %s", sched.next_retrain())
-    stop.wait()
-    sched.shutdown()

@@ -14,9 +14,9 @@ import uuid
 from dataclasses import dataclass
 
 from core.errors import Conflict, ServiceError
+from core.notify import SafeNotifier
 from core.types import NewData
-from scheduler.watcher import BucketWatcher, new_data
-from scheduler.notify import say_safely
+from scheduler.watcher import BucketWatcher, Scan, new_data
 
 log = logging.getLogger("ctbot.scheduler.data_watch")
 
@@ -37,6 +37,36 @@ class TickResult:
     alert_id: str | None = None
 
 
+@dataclass
+class Decision:
+    """What a tick decided, before anything is done about it."""
+    action: str                    # baseline | skip | run | alert
+    reason: str | None = None      # why nothing is started or posted
+    found: NewData | None = None
+    todo: dict | None = None       # every object not yet handled
+    waiting: dict | None = None    # what stays waiting when the cursor is committed
+    note: str = ""                 # told to the channel beside the alert
+
+
+def decide(scan: Scan, *, prefix: str, threshold: int, auto_retrain: bool, paused: bool) -> Decision:
+    """A pure decision from a scan, like a dagster sensor's: run, alert or skip (with a
+    reason). The new cursor is the scan's own."""
+    if scan.mode == "baseline":
+        return Decision("baseline", f"first tick: the {scan.listed} object(s) already under "
+                                    f"`{prefix}` count as seen", waiting={})
+    todo = {**scan.waiting, **scan.found}
+    if not todo:
+        return Decision("skip", "no new objects", waiting={})
+    found = new_data(todo)
+    if len(todo) < threshold:
+        return Decision("skip", f"{len(todo)} new object(s), below the threshold of {threshold}",
+                        found, todo, waiting=todo)
+    if auto_retrain and not paused:
+        return Decision("run", None, found, todo, waiting={})
+    return Decision("alert", None, found, todo, waiting={},
+                    note="auto-retrain is paused with the schedule" if auto_retrain else "")
+
+
 def alert_id_for(fp: str) -> str:
     return "nd-" + fp.removeprefix("sha256:")[:16]
 
@@ -55,7 +85,7 @@ class DataWatch:
         self.settings = settings
         self.state = state
         self.service = service
-        self.notifier = notifier
+        self.notifier = SafeNotifier(notifier)
         self.clock = clock
         self.watcher = watcher or BucketWatcher(
             state, store, settings.data_prefix, clock=clock,
@@ -73,61 +103,55 @@ class DataWatch:
 
     def _tick(self, sweep: bool | None) -> TickResult:
         scan = self.watcher.scan(sweep)
+        d = decide(scan, prefix=self.watcher.prefix,
+                   threshold=max(1, int(self.settings.new_data_threshold)),
+                   auto_retrain=self.settings.auto_retrain and self.service is not None,
+                   paused=self.state.schedule_paused())
+        return self.apply(scan, d)
+
+    def apply(self, scan: Scan, d: Decision) -> TickResult:
+        """Carry out a decision: the run or alert is recorded before the cursor moves."""
         base = dict(mode=scan.mode, listed=scan.listed)
-        if scan.mode == "baseline":
-            self.watcher.commit(scan, waiting={})
-            return TickResult(False, f"first tick: the {scan.listed} object(s) already under "
-                              f"`{self.watcher.prefix}` count as seen", None, scan.cursor,
-                              action="baseline", **base)
-        todo = {**scan.waiting, **scan.found}
-        if not todo:
-            self.watcher.commit(scan, waiting={})
-            return TickResult(False, "no new objects", None, scan.cursor, **base)
-        found = new_data(todo)
-        threshold = max(1, int(self.settings.new_data_threshold))
-        if len(todo) < threshold:
-            self.watcher.commit(scan, waiting=todo)
-            return TickResult(False, f"{len(todo)} new object(s), below the threshold of {threshold}",
-                              found, scan.cursor, **base)
-
-        if self.settings.auto_retrain and self.service is not None:
-            if self.state.schedule_paused():
-                note = "auto-retrain is paused with the schedule"
+        if d.action in ("baseline", "skip"):
+            self.watcher.commit(scan, waiting=d.waiting)
+            return TickResult(False, d.reason, d.found, scan.cursor, action=d.action, **base)
+        found, note = d.found, d.note
+        if d.action == "run":
+            try:
+                run = self.service.request_training(
+                    f"new data: {len(found.keys)} object(s), {human_bytes(found.total_bytes)}", {},
+                    "scheduler", trigger="new_data", dedupe_key=f"new_data:{found.fingerprint}")
+            except Conflict as e:
+                # Keep them waiting: the next tick after the active run ends retrains.
+                self.watcher.commit(scan, waiting=d.todo)
+                return TickResult(False, f"{len(d.todo)} new object(s) wait: {e}", found,
+                                  scan.cursor, **base)
+            except ServiceError as e:
+                log.warning("auto-retrain failed: %s", e)
+                note = f"auto-retrain could not start: {e}"
             else:
-                try:
-                    run = self.service.request_training(
-                        f"new data: {len(todo)} object(s), {human_bytes(found.total_bytes)}", {},
-                        "scheduler", trigger="new_data", dedupe_key=f"new_data:{found.fingerprint}")
-                except Conflict as e:
-                    # Keep them waiting: the next tick after the active run ends retrains.
-                    self.watcher.commit(scan, waiting=todo)
-                    return TickResult(False, f"{len(todo)} new object(s) wait: {e}", found,
-                                      scan.cursor, **base)
-                except ServiceError as e:
-                    log.warning("auto-retrain failed: %s", e)
-                    note = f"auto-retrain could not start: {e}"
-                else:
-                    self.watcher.commit(scan, waiting={})
-                    return TickResult(True, None, found, scan.cursor, action="run",
-                                      run_id=run.run_id, **base)
-            self._say(f"New data: {note}.")
+                self.watcher.commit(scan, waiting={})
+                return TickResult(True, None, found, scan.cursor, action="run",
+                                  run_id=run.run_id, **base)
+        if note:
+            self.notifier.say(f"New data: {note}.")
+        alert_id = self._alert(found)
+        self.watcher.commit(scan, waiting={})
+        return TickResult(False, None, found, scan.cursor, action="alert", alert_id=alert_id, **base)
 
+    def _alert(self, found: NewData) -> str:
+        """Post the alert once per data fingerprint; a failed post is retried next tick."""
         alert_id = alert_id_for(found.fingerprint)
         summary = json.dumps({"objects": len(found.keys), "bytes": found.total_bytes,
                               "fingerprint": found.fingerprint, "at": self.clock()})
         if self.state.once(f"dedupe:alert:{alert_id}", ALERT_TTL, value=summary):
             self.state.audit("new_data_alert", "scheduler", alert_id=alert_id,
                              objects=len(found.keys), bytes=found.total_bytes)
-            if self.notifier is not None:
-                try:
-                    self.notifier.new_data(found, alert_id)
-                except Exception:
-                    # Un-record it so the next tick posts it again.
-                    self.state.forget(f"dedupe:alert:{alert_id}")
-                    log.exception("posting new-data alert %s failed", alert_id)
-                    raise
-        self.watcher.commit(scan, waiting={})
-        return TickResult(False, None, found, scan.cursor, action="alert", alert_id=alert_id, **base)
-
-    def _say(self, text: str) -> None:
-        say_safely(self.notifier, text)
+            try:
+                if self.notifier:   # the raw call: a failure must un-record the alert
+                    self.notifier.inner.new_data(found, alert_id)
+            except Exception:
+                self.state.forget(f"dedupe:alert:{alert_id}")
+                log.exception("posting new-data alert %s failed", alert_id)
+                raise
+        return alert_id

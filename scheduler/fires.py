@@ -3,6 +3,7 @@ the key that makes each fire happen once across replicas."""
 from __future__ import annotations
 
 import re
+import time
 from datetime import datetime, timedelta
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -60,3 +61,19 @@ def fire_key(fire: datetime, days_spec: str) -> str:
     if "," in days_spec or "-" in days_spec:
         key += "-" + DAYS[fire.weekday()]
     return key
+
+
+class WeeklySchedule:
+    """The weekly retrain as configured: validated at construction, shared by the
+    scheduler's jobs and (as ``next_fire``) by the service's status answers."""
+
+    def __init__(self, settings, clock=time.time):
+        self.trigger = weekly_trigger(settings)   # validates day names, time and zone up front
+        self.days = check_days(settings.retrain_day)
+        self.clock = clock
+
+    def now(self) -> datetime:
+        return datetime.fromtimestamp(self.clock(), tz=self.trigger.timezone)
+
+    def next_fire(self) -> datetime | None:
+        return self.trigger.get_next_fire_time(None, self.now())

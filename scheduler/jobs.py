@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from core.errors import Conflict, ServiceError
+from core.notify import SafeNotifier
 from core.types import RunRecord
-from scheduler.fires import check_days, fire_key, previous_fire, weekly_trigger
-from scheduler.notify import say_safely
+from scheduler.fires import WeeklySchedule, fire_key, previous_fire
 
 log = logging.getLogger("ctbot.scheduler")
 
@@ -32,21 +32,22 @@ class Fire:
 
 
 class Jobs:
-    def __init__(self, settings, state, service, data_watch=None, notifier=None, *, clock=time.time):
+    def __init__(self, settings, state, service, data_watch=None, notifier=None, *,
+                 schedule: WeeklySchedule | None = None, clock=time.time):
         self.settings = settings
         self.state = state
         self.service = service
         self.data_watcher = data_watch
-        self.notifier = notifier
+        self.notifier = SafeNotifier(notifier)
         self.clock = clock
-        self.trigger = weekly_trigger(settings)  # validates day names, time and zone up front
-        self.days = check_days(settings.retrain_day)
+        self.schedule = schedule or WeeklySchedule(settings, clock)
+        self.trigger, self.days = self.schedule.trigger, self.schedule.days
 
     def now(self) -> datetime:
-        return datetime.fromtimestamp(self.clock(), tz=self.trigger.timezone)
+        return self.schedule.now()
 
     def next_retrain(self) -> datetime | None:
-        return self.trigger.get_next_fire_time(None, self.now())
+        return self.schedule.next_fire()
 
     # ---- weekly retrain ------------------------------------------------------------------
 
@@ -116,4 +117,4 @@ class Jobs:
         return out
 
     def _say(self, text: str) -> None:
-        say_safely(self.notifier, text)
+        self.notifier.say(text)

@@ -33,7 +33,7 @@ import hashlib
 import json
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 from core.state import StateStore
 from core.types import NewData
@@ -80,7 +80,7 @@ def class_counts(keys) -> dict:
 
 def entry(o: ObjectInfo) -> dict:
     return {"tag": tag(o), "size": o.size,
-            "last_modified": o.last_modified.astimezone(timezone.utc).isoformat()}
+            "last_modified": o.last_modified.astimezone(UTC).isoformat()}
 
 
 def new_data(entries: dict) -> NewData:
@@ -183,7 +183,7 @@ class BucketWatcher:
     @staticmethod
     def _cursor(key: str | None, wm: datetime | None, swept_at: float) -> dict:
         return {"version": CURSOR_VERSION, "key": key,
-                "last_modified": wm.astimezone(timezone.utc).isoformat() if wm else None,
+                "last_modified": wm.astimezone(UTC).isoformat() if wm else None,
                 "swept_at": swept_at}
 
 

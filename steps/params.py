@@ -10,6 +10,13 @@ from __future__ import annotations
 import math
 from dataclasses import MISSING, asdict, dataclass, field, fields
 
+# Named parameter sets, applied under any explicit key=value. ``v0`` is the recipe the
+# first release shipped with, kept so anyone can rerun the comparison against it.
+PRESETS: dict[str, dict] = {
+    "v0": {"epochs": 8, "batch_size": 256, "lr": 4e-3, "lr_schedule": "onecycle",
+           "margin": 0.5, "scale": 30.0, "augment_shift": 2},
+}
+
 # name -> (min, max) inclusive; for str fields: the allowed values.
 _RANGES: dict[str, tuple] = {
     "epochs": (1, 200),
@@ -57,9 +64,28 @@ class TrainParams:
         return [f.name for f in fields(cls)]
 
     @classmethod
-    def from_dict(cls, d: dict | None) -> "TrainParams":
+    def parse_tokens(cls, tokens: list[str] | None) -> dict:
+        """["epochs=3", "preset=v0"] -> the typed, range-checked keys the user gave.
+
+        The one key=value parser: Slack, ``ctbot pipeline --set`` and ``python -m
+        steps.train`` all come through here. A ``preset`` expands into its keys first,
+        so explicit keys win over it. Raises ValueError with a message a user can act on.
+        """
+        raw: dict = {}
+        for tok in tokens or []:
+            key, sep, value = tok.partition("=")
+            if not sep or not key.strip():
+                raise ValueError(f"expected key=value, got {tok!r}; "
+                                 f"valid keys: preset, {', '.join(cls.valid_keys())}")
+            raw[key.strip().lower()] = value.strip()
+        raw = expand_preset(raw)
+        checked = cls.from_dict(raw)
+        return {k: getattr(checked, k) for k in raw}
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> TrainParams:
         """Build from loosely typed input; ``None`` values mean 'use the default'."""
-        d = dict(d or {})
+        d = expand_preset(dict(d or {}))
         unknown = sorted(k for k in d if k not in cls.valid_keys())
         if unknown:
             raise ValueError(f"unknown training parameter(s): {', '.join(unknown)}; "
@@ -101,6 +127,17 @@ class TrainParams:
                 "help": f.metadata.get("help", ""),
             }
         return out
+
+
+def expand_preset(d: dict) -> dict:
+    """{"preset": "v0", "epochs": 3} -> v0's keys with epochs=3 on top."""
+    if "preset" not in d:
+        return d
+    d = dict(d)
+    name = str(d.pop("preset")).strip().lower()
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; presets: {', '.join(sorted(PRESETS))}")
+    return {**PRESETS[name], **d}
 
 
 def _coerce(name: str, kind: type, value):

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Iterator
 
 
 @dataclass(frozen=True)
@@ -181,7 +181,7 @@ class LocalStore(Store):
             if key.startswith(prefix) and (start_after is None or key > start_after):
                 st = self._p(key).stat()
                 yield ObjectInfo(key, st.st_size,
-                                 datetime.fromtimestamp(st.st_mtime, tz=timezone.utc))
+                                 datetime.fromtimestamp(st.st_mtime, tz=UTC))
 
     def uri(self, key):
         return str(self._p(key))
@@ -220,5 +220,5 @@ def list_uri(uri: str) -> list[ObjectInfo]:
     p = Path(uri.removeprefix("file://"))
     if p.is_file():
         st = p.stat()
-        return [ObjectInfo(str(p), st.st_size, datetime.fromtimestamp(st.st_mtime, tz=timezone.utc))]
+        return [ObjectInfo(str(p), st.st_size, datetime.fromtimestamp(st.st_mtime, tz=UTC))]
     return [ObjectInfo(str(p / o.key), o.size, o.last_modified) for o in LocalStore(p).list()]

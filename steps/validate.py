@@ -24,7 +24,6 @@ import numpy as np
 
 from steps.ingest import counts, fingerprint, image_hashes
 
-
 MISSING = ("object not found", "no objects under this prefix")  # ingest's wording
 
 

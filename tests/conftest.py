@@ -6,7 +6,7 @@ import uuid
 
 import pytest
 
-from core.localservices import free_port, start_redis, start_s3  # noqa: F401  (free_port: for tests)
+from devkit.localservices import free_port, start_redis, start_s3  # noqa: F401  (free_port: for tests)
 
 os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
 os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")

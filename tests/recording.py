@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 
-from pipelines import layout
+from steps import layout
 
 
 class RecordingRunner:
@@ -105,5 +105,6 @@ def finish_run(store, runner: RecordingRunner, run_id: str, *, decision="deploy"
 
 
 def make_service(settings, state, store, runner=None, notifier=None, **kw):
-    from core.service import TrainingService
-    return TrainingService(settings, state, store, runner or RecordingRunner(), notifier, **kw)
+    from ctbot.wiring import build_deps
+    return build_deps(settings, state=state, store=store, runner=runner or RecordingRunner(),
+                      notifier=notifier, **kw).service

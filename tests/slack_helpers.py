@@ -152,16 +152,11 @@ def start_bot(tmp_path: Path, redis_url: str, *, store=None, runner=None, min_up
     """The real app behind the real HTTP server, with real Redis, a real store and the
     Slack stand-in. The runner is the service tests' RecordingRunner unless one is given:
     a test finishes a run by writing what a pipeline writes into the store."""
-    from slack_sdk import WebClient
-
     from bot.app import create_app
-    from bot.notifier import SlackNotifier
     from bot.server import serve_http
-    from bot.standin import SlackStandin
     from core.config import Settings
-    from core.service import TrainingService
-    from core.state import StateStore
-    from steps.storage import open_store
+    from ctbot.wiring import build_deps
+    from devkit.standin import SlackStandin
     from tests.recording import RecordingRunner
 
     standin = SlackStandin(bot_token=BOT_TOKEN, signing_secret=SIGNING_SECRET,
@@ -169,13 +164,10 @@ def start_bot(tmp_path: Path, redis_url: str, *, store=None, runner=None, min_up
     settings = Settings(slack_bot_token=BOT_TOKEN, slack_signing_secret=SIGNING_SECRET,
                         slack_api_url=standin.api_url, slack_channel="#ct", redis_url=redis_url,
                         store=str(tmp_path / "store"), run_workdir=str(tmp_path / "runs"),
-                        **settings_overrides)
-    store = store if store is not None else open_store(settings.store)
-    state = StateStore.from_url(redis_url)
+                        slack_min_update_seconds=min_update_seconds, **settings_overrides)
     runner = runner if runner is not None else RecordingRunner()
-    client = WebClient(token=BOT_TOKEN, base_url=standin.api_url)
-    notifier = SlackNotifier(client, settings.slack_channel, settings, min_update_seconds=min_update_seconds)
-    service = TrainingService(settings, state, store, runner, notifier)
+    deps = build_deps(settings, store=store, runner=runner)
+    store, state, client, notifier, service = deps.store, deps.state, deps.client, deps.notifier.inner, deps.service
     app = create_app(settings, service, client)
     server = serve_http(app, "127.0.0.1", 0)
     return Bot(standin, server, service, state, store, settings, client, notifier, runner,

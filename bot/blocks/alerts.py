@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import copy
 
-from core.types import NewData
 from bot import ids
 from bot.blocks.common import actions, button, context, esc, fields, header, msg, section, size
+from core.types import NewData
 
 
 def new_data_alert(found: NewData, alert_id: str, *, auto_retrain: bool = False) -> dict:

@@ -5,11 +5,18 @@ Everything here is pure: no I/O, no clock unless one is passed in.
 from __future__ import annotations
 
 import re
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from slack_sdk.models.blocks import (
-    ActionsBlock, ButtonElement, ConfirmObject, ContextBlock, DividerBlock, HeaderBlock,
-    MarkdownTextObject, PlainTextObject, SectionBlock,
+    ActionsBlock,
+    ButtonElement,
+    ConfirmObject,
+    ContextBlock,
+    DividerBlock,
+    HeaderBlock,
+    MarkdownTextObject,
+    PlainTextObject,
+    SectionBlock,
 )
 
 from bot.blocks.limits import MAX_FIELD_TEXT, MAX_HEADER, MAX_SECTION_TEXT, clip
@@ -75,15 +82,15 @@ def when(ts) -> str:
     if ts is None or ts == "":
         return "–"
     if isinstance(ts, (int, float)):
-        dt = datetime.fromtimestamp(float(ts), tz=timezone.utc)
+        dt = datetime.fromtimestamp(float(ts), tz=UTC)
     elif isinstance(ts, datetime):
-        dt = ts if ts.tzinfo else ts.replace(tzinfo=timezone.utc)
+        dt = ts if ts.tzinfo else ts.replace(tzinfo=UTC)
     else:
         try:
             dt = datetime.fromisoformat(str(ts).replace("Z", "+00:00"))
         except ValueError:
             return esc(ts)
-    return dt.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return dt.astimezone(UTC).strftime("%Y-%m-%d %H:%M UTC")
 
 
 def size(n) -> str:

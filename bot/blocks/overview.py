@@ -1,10 +1,22 @@
 """Read-only overviews: /ct status, /ct runs, /ct data, /ct schedule."""
 from __future__ import annotations
 
-from core.types import RunRecord
-from bot.blocks.common import (STATE_ICON, context, divider, duration, esc, fields, header,
-                               msg, pct, section, size, user, when)
+from bot.blocks.common import (
+    STATE_ICON,
+    context,
+    duration,
+    esc,
+    fields,
+    header,
+    msg,
+    pct,
+    section,
+    size,
+    user,
+    when,
+)
 from bot.blocks.limits import MAX_SECTION_TEXT
+from core.types import RunRecord
 
 
 def as_run(x) -> RunRecord | None:

@@ -1,13 +1,30 @@
 """A run's one message (progress, then the final report) and the details in its thread."""
 from __future__ import annotations
 
-from core.types import RunRecord
-from pipelines.layout import STEPS
 from bot import ids
-from bot.blocks.common import (STATE_ICON, actions, bullets, button, code_table, confirm, context,
-                               duration, esc, fields, header, msg, pct, pp, section, user, when)
+from bot.blocks.common import (
+    STATE_ICON,
+    actions,
+    bullets,
+    button,
+    code_table,
+    confirm,
+    context,
+    duration,
+    esc,
+    fields,
+    header,
+    msg,
+    pct,
+    pp,
+    section,
+    user,
+    when,
+)
 from bot.blocks.limits import clip
 from bot.blocks.overview import as_run, elapsed
+from core.types import RunRecord
+from steps.layout import STEPS
 
 MAX_WARNINGS_SHOWN = 15
 
@@ -67,7 +84,7 @@ def _worst(per_class: dict, k: int = 3) -> str:
 
 def _params_text(params: dict) -> str:
     """The parameters that differ from TrainParams' defaults; the rest is noise."""
-    from steps.params import TrainParams   # pure dataclass, no torch
+    from steps.params import TrainParams  # pure dataclass, no torch
     defaults = {k: d["default"] for k, d in TrainParams.describe().items()}
     changed = {k: v for k, v in (params or {}).items() if k not in defaults or defaults[k] != v}
     if not changed:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import time
 
-from core.errors import Conflict
 from bot import blocks, ids
 from bot.blocks.common import esc
 from bot.listeners.guard import replying_on_error
@@ -62,7 +61,7 @@ def retrain_new_data(ctx, body: dict) -> None:
 def dismiss_alert(ctx, body: dict) -> None:
     c = Click(body)
     with _private(ctx, c):
-        ctx.service.state.audit("alert_dismissed", c.user, alert_id=c.value)
+        ctx.service.dismiss_alert(c.value, by=c.user)
         _update(ctx, c, f":wave: Dismissed by <@{c.user}>; the data stays pending for the next run.", None)
 
 
@@ -76,13 +75,8 @@ def promote(ctx, body: dict) -> None:
 def rollback(ctx, body: dict) -> None:
     c = Click(body)
     with _private(ctx, c):
-        shown = int(c.value) if c.value.isdigit() else None
-        prod = ctx.service.status().get("production") or {}
-        if shown is not None and prod.get("version") != shown:
-            # The report is old news: rolling back now would undo a different version.
-            raise Conflict(f"Production is now v{prod.get('version')}, not v{shown}; nothing rolled back. "
-                           f"Use `{ctx.settings.slash_command} rollback [version]` to choose explicitly.")
-        moved = ctx.service.rollback(None, by=c.user)
+        shown = int(c.value) if c.value.isascii() and c.value.isdigit() else None
+        moved = ctx.service.rollback(None, by=c.user, expect_production=shown)
         _update(ctx, c, f":rewind: <@{c.user}> rolled production back from v{moved.get('from')} "
                         f"to v{moved.get('to')}.", (ids.ROLLBACK,))
 

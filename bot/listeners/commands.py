@@ -10,11 +10,11 @@ from __future__ import annotations
 import functools
 import logging
 
-from core.errors import ParamError, ServiceError
 from bot import blocks
 from bot.blocks.common import esc
 from bot.listeners.guard import error_reply, replying_on_error
 from bot.listeners.parse import Parsed, UnknownSubcommand, UsageError, parse
+from core.errors import ParamError, ServiceError
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +26,7 @@ WORKING = {"train": "Starting a training run", "status": "Checking", "runs": "Fe
 @functools.lru_cache(maxsize=4)
 def _help(command: str) -> dict:
     """The help reply never changes within a process: build it once."""
-    from steps.params import TrainParams   # torch-free by contract
+    from steps.params import TrainParams  # torch-free by contract
     return blocks.fit_message(blocks.help_message(command, TrainParams.describe()))
 
 

@@ -5,8 +5,8 @@ import logging
 import uuid
 from contextlib import contextmanager
 
-from core.errors import ServiceError
 from bot import blocks
+from core.errors import ServiceError
 
 log = logging.getLogger("bot.listeners")
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bot.standin import SlackStandin
+from devkit.standin import SlackStandin
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
@@ -50,9 +50,9 @@ def wait(predicate, timeout: float, what: str):
 
 
 def test_new_data_to_posted_report(tmp_path, redis_url, s3_store, bucket):
-    from bot.runtime import build
     from core.config import Settings
-    from pipelines import layout
+    from ctbot.wiring import build_bot, build_deps
+    from steps import layout
 
     standin = SlackStandin(files_dir=tmp_path / "files").start()
     settings = Settings(
@@ -62,7 +62,7 @@ def test_new_data_to_posted_report(tmp_path, redis_url, s3_store, bucket):
         data_watch_minutes=60, misfire_grace_seconds=1, deploy_floor=0.5)
     x, y = digits(1200)
     s3_store.put_bytes("eval/eval.npz", npz(x[:300], y[:300]))
-    proc = build(settings).start(port=0)
+    proc = build_bot(build_deps(settings)).start(port=0)
     try:
         watcher = proc.scheduler.jobs.data_watcher
         watcher.tick()  # the baseline: what was there before the bot started is not news
@@ -114,7 +114,7 @@ def test_demo_command_ends_in_a_posted_report(tmp_path, redis_url):
            if k not in ("S3_ENDPOINT_URL", "CT_STORE", "SLACK_BOT_TOKEN")}
     env["REDIS_URL"] = redis_url
     out = tmp_path / "demo"
-    proc = subprocess.run([sys.executable, "-m", "core.cli", "demo", "--out", str(out), "--batch", "400",
+    proc = subprocess.run([sys.executable, "-m", "ctbot.cli", "demo", "--out", str(out), "--batch", "400",
                            "--eval", "200", "--epochs", "1"], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

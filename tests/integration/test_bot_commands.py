@@ -199,7 +199,7 @@ def test_schedule_show_pause_resume(bot):
 
 def test_unexpected_failure_gives_an_incident_id_not_a_trace(tmp_path, caplog):
     """Redis is down (nothing listens on the port): the user gets an incident id, the log the cause."""
-    from core.localservices import free_port
+    from devkit.localservices import free_port
     b = start_bot(tmp_path, f"redis://127.0.0.1:{free_port()}/0")
     try:
         with caplog.at_level(logging.ERROR, logger="bot.listeners"):

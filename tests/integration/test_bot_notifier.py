@@ -9,12 +9,21 @@ from slack_sdk import WebClient
 
 from bot import ids
 from bot.notifier import SlackNotifier
-from bot.standin import SlackStandin
 from core.config import Settings
 from core.types import RunRecord
-from pipelines import layout
-from tests.slack_helpers import (ALICE, BOT_TOKEN, buttons, message_text, png_bytes, put_training_data, report,
-                                 start_bot, write_step)
+from devkit.standin import SlackStandin
+from steps import layout
+from tests.slack_helpers import (
+    ALICE,
+    BOT_TOKEN,
+    buttons,
+    message_text,
+    png_bytes,
+    put_training_data,
+    report,
+    start_bot,
+    write_step,
+)
 
 
 @pytest.fixture

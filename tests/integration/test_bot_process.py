@@ -7,10 +7,9 @@ import os
 import subprocess
 import sys
 import time
+import urllib.parse
 import urllib.request
 from pathlib import Path
-
-import urllib.parse
 
 import pytest
 import yaml
@@ -18,10 +17,10 @@ from slack_sdk import WebClient
 
 from bot import ids
 from bot.blocks import new_data_alert
-from bot.standin import SlackStandin
 from core.config import Settings
 from core.state import StateStore
 from core.types import NewData
+from devkit.standin import SlackStandin
 from tests.slack_helpers import ALICE, BOT_TOKEN, SIGNING_SECRET, command_body, post
 
 ROOT = Path(__file__).resolve().parents[2]

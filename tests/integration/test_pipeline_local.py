@@ -18,9 +18,10 @@ import numpy as np
 import pytest
 
 from core.config import Settings
-from pipelines import layout
-from pipelines.results import read_confusion_png, read_report, read_steps, read_trials
-from pipelines.runners import LocalRunner, run_local
+from pipelines.local_run import run_local
+from pipelines.local_runner import LocalRunner
+from steps import layout
+from steps.results import read_confusion_png, read_report, read_steps, read_trials
 from steps.storage import open_store, s3_client
 
 pytestmark = pytest.mark.slow
@@ -66,7 +67,7 @@ def world(s3_endpoint, tmp_path_factory):
 @pytest.fixture(scope="module")
 def first_run(world):
     events = []
-    report = run_local(world["settings"], "run-1", [], PARAMS, "",
+    report = run_local(world["settings"], world["store"], "run-1", [], PARAMS, "",
                        requested_by="U-first", on_step=lambda s, d: events.append((s, d["state"])),
                        keep_workdir=True)
     return report, events
@@ -142,7 +143,7 @@ def test_first_run_logs_kfp_metrics(world, first_run):
 def test_second_run_sweeps_through_the_local_runner_and_compares_with_production(world, first_run):
     store, settings = world["store"], world["settings"]
     first, _ = first_run
-    runner = LocalRunner(settings)
+    runner = LocalRunner(settings, store)
     sweep = [{"lr": 0.004, "threads": 1}, {"lr": 0.008, "threads": 1}]
     pid, url = runner.submit("run-2", [], PARAMS, "", sweep=sweep, requested_by="U-second")
     assert pid.isdigit() and url == ""
@@ -190,7 +191,7 @@ def test_corrupt_object_fails_validate_with_its_name(world, first_run):
     bucket = world["bucket"]
     alias_before = store.get_json(layout.alias_key("mnist-arcface"))
     proc = subprocess.run(
-        [sys.executable, "-m", "core.cli", "pipeline", "run", "--runner", "local",
+        [sys.executable, "-m", "ctbot.cli", "pipeline", "run", "--runner", "local",
          "--run-id", "run-bad", "--store", settings.store, "--workdir", settings.run_workdir,
          "--data", f"s3://{bucket}/bad/", "--eval-data", f"s3://{bucket}/eval/eval.npz",
          "--set", "epochs=1"],
@@ -213,7 +214,7 @@ def test_corrupt_object_fails_validate_with_its_name(world, first_run):
 
 def test_cancel_stops_the_process_group_and_records_it(world, first_run):
     store, settings = world["store"], world["settings"]
-    runner = LocalRunner(settings)
+    runner = LocalRunner(settings, store)
     pid, _ = runner.submit("run-cancel", [], {"epochs": 20}, "")
     deadline = time.time() + 300
     while read_steps(store, "run-cancel").get("train", {}).get("state") != "running":

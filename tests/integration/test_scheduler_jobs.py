@@ -14,9 +14,7 @@ from apscheduler.triggers.cron import CronTrigger
 from core.config import Settings
 from core.state import StateStore
 from scheduler.app import CtScheduler, build
-from scheduler.data_watch import DataWatch
-from scheduler.jobs import Jobs
-from tests.recording import RecordingNotifier, RecordingRunner, finish_run, make_service
+from tests.recording import RecordingNotifier, RecordingRunner, finish_run
 
 PARIS = ZoneInfo("Europe/Paris")
 TUE_0900 = datetime(2026, 11, 24, 9, 0, tzinfo=PARIS)     # ISO week 2026-W48
@@ -52,12 +50,9 @@ def data(s3_store):
 
 def replica(settings, redis_url, store, runner, clock, notifier=None):
     """One scheduler process: its own Redis connection, service and jobs."""
-    state = StateStore.from_url(redis_url)
-    service = make_service(settings, state, store, runner, notifier)
-    jobs = Jobs(settings, state, service, DataWatch(settings, state, store, service, notifier),
-                notifier, clock=clock)
-    service.next_retrain_fn = jobs.next_retrain
-    return jobs
+    from ctbot.wiring import build_deps
+    return build_deps(settings, state=StateStore.from_url(redis_url), store=store, runner=runner,
+                      notifier=notifier, clock=clock).jobs
 
 
 def test_two_replicas_launch_each_weekly_fire_once(settings, redis_url, s3_store, runner, data):

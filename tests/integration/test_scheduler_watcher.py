@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -112,7 +112,7 @@ def test_objects_visible_late_are_caught_within_the_overlap(state, tmp_path):
     copied with their mtimes keep them). The overlap window catches what lands behind
     the watermark by less than the overlap; older ones are the documented blind spot."""
     store = open_store(str(tmp_path))
-    t0 = datetime(2026, 11, 22, 9, 0, tzinfo=timezone.utc)
+    t0 = datetime(2026, 11, 22, 9, 0, tzinfo=UTC)
 
     def put(key, when):
         store.put_bytes(key, b"data")

@@ -7,8 +7,7 @@ import pytest
 from core.config import Settings
 from core.service import Conflict, ServiceError
 from core.state import StateStore
-from pipelines import layout
-from steps import deploy
+from steps import deploy, layout
 from tests.recording import RecordingNotifier, RecordingRunner, finish_run, make_service
 
 

@@ -13,8 +13,7 @@ from core.config import Settings
 from core.service import Conflict, ParamError, ServiceError, UnknownRun
 from core.state import StateStore
 from core.types import RunRecord
-from tests.recording import (RecordingNotifier, RecordingRunner, finish_run, make_service,
-                             write_step)
+from tests.recording import RecordingNotifier, RecordingRunner, finish_run, make_service, write_step
 
 
 @pytest.fixture
@@ -310,7 +309,7 @@ def test_notifier_failures_do_not_break_runs(settings, state, s3_store, runner, 
 
 
 def test_schedule_pause_and_status(service, state, s3_store, notifier, runner):
-    service.next_retrain_fn = lambda: "2026-12-01T09:00:00+00:00"
+    service.next_retrain = lambda: "2026-12-01T09:00:00+00:00"
     service.set_schedule_paused(True, "U9")
     assert state.schedule_paused() and state.read_audit(1)[0]["action"] == "schedule_paused"
     assert "paused the weekly retrain" in notifier.named("say")[-1][0]

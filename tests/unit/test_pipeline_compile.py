@@ -15,7 +15,7 @@ import yaml
 
 from core.config import Settings
 from pipelines.compile import compile_pipeline
-from pipelines.layout import STEPS
+from steps.layout import STEPS
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 
@@ -198,11 +198,11 @@ def test_matches_saved_yaml(compiled, tmp_path):
 
 
 def test_kfp_runner_builds_the_request_without_a_server():
-    from pipelines.runners import KfpRunner
+    from pipelines.kfp_runner import KfpRunner
 
     s = Settings(runner="kfp", kfp_host="http://kfp.example:8888/", store="s3://bkt/ct",
                  kfp_experiment="ctbot-test", deploy_floor=0.9, keep_versions=3)
-    runner = KfpRunner(s)
+    runner = KfpRunner(s, store=None)
     req = runner.request("r-1", [], {"epochs": 2}, "", requested_by="U1")
     assert req["pipeline_name"] == "ctbot-mnist-arcface" and req["sweep"] is False
     assert req["experiment"] == "ctbot-test" and req["job_name"] == "r-1" and req["version_name"] == "r-1"
@@ -224,24 +224,25 @@ def test_kfp_runner_builds_the_request_without_a_server():
 
 
 def test_kfp_runner_refuses_what_a_cluster_cannot_reach():
-    from pipelines.runners import KfpRunner
+    from pipelines.kfp_runner import KfpRunner
 
     with pytest.raises(ValueError, match="CT_KFP_HOST"):
-        KfpRunner(Settings(runner="kfp"))
+        KfpRunner(Settings(runner="kfp"), store=None)
     with pytest.raises(ValueError, match="s3://"):
-        KfpRunner(Settings(runner="kfp", kfp_host="http://k", store="/tmp/x")).request("r", [], {}, "")
+        KfpRunner(Settings(runner="kfp", kfp_host="http://k", store="/tmp/x"), store=None).request("r", [], {}, "")
 
 
 def test_local_runner_command_is_a_valid_cli_call(tmp_path):
-    from core.cli import build_parser
-    from pipelines.runners import LocalRunner, get_runner
+    from ctbot.cli import build_parser
+    from ctbot.wiring import build_runner, build_store
+    from pipelines.local_runner import LocalRunner
 
     s = Settings(store=str(tmp_path / "store"), run_workdir=str(tmp_path / "runs"), deploy_floor=0.8)
-    runner = get_runner(s)
+    runner = build_runner(s, build_store(s))
     assert isinstance(runner, LocalRunner)
     cmd = runner.command("r-9", ["s3://b/data/"], {"epochs": 2, "lr": 0.01}, "s3://b/eval.npz",
                          sweep=[{"trial": 0, "params": {"lr": 0.1}}], requested_by="U7")
-    assert cmd[1:3] == ["-m", "core.cli"]
+    assert cmd[1:3] == ["-m", "ctbot.cli"]
     args = build_parser("pipeline").parse_args(cmd[3:])
     assert (args.runner, args.run_id, args.model) == ("local", "r-9", "mnist-arcface")
     assert args.store == str((tmp_path / "store").resolve())
@@ -252,7 +253,7 @@ def test_local_runner_command_is_a_valid_cli_call(tmp_path):
 
 
 def test_set_and_sweep_are_checked_against_train_params():
-    from pipelines.cli import UsageError, parse_overrides, parse_sweep
+    from ctbot.pipeline_cli import UsageError, parse_overrides, parse_sweep
 
     assert parse_overrides(["epochs=2.0", "lr=0.003", "device=CPU"]) == {
         "epochs": 2, "lr": 0.003, "device": "cpu"}
@@ -271,7 +272,7 @@ def test_set_and_sweep_are_checked_against_train_params():
 
 
 def test_cli_rejects_bad_params_with_exit_code_2(capsys):
-    from core.cli import main
+    from ctbot.cli import main
 
     assert main(["pipeline", "run", "--set", "epochz=3"]) == 2
     err = capsys.readouterr().err

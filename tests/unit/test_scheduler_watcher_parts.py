@@ -1,12 +1,12 @@
 """The watcher's pure parts: object tags, fingerprints, labels, NewData."""
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from scheduler.watcher import entry, fingerprint, is_data, label_of, new_data, tag
 from steps.storage import ObjectInfo
 
-T = datetime(2026, 11, 22, 9, 0, tzinfo=timezone.utc)
+T = datetime(2026, 11, 22, 9, 0, tzinfo=UTC)
 
 
 def test_tags():

@@ -5,8 +5,7 @@ import sys
 
 import pytest
 
-from steps.deploy import (download_package, list_versions, publish, read_alias, read_meta, rollback,
-                          upload_package)
+from steps.deploy import download_package, list_versions, publish, read_alias, read_meta, rollback, upload_package
 
 MODEL = "mnist-arcface"
 

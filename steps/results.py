@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from pipelines.layout import STEPS, confusion_png_key, report_key, run_prefix
+from steps.layout import STEPS, confusion_png_key, report_key, run_prefix
 
 TRIAL_PREFIX = "train-trial-"
 

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import secrets
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
+
+from steps.layout import data_uris_or_default, new_run_id, report_key
 
 HELP = "compile the training pipeline, or run it locally or on Kubeflow"
 
@@ -67,21 +67,12 @@ class UsageError(Exception):
 
 
 def parse_overrides(tokens: list[str]) -> dict:
-    """["epochs=2", "lr=0.003"] -> {"epochs": 2, "lr": 0.003}, checked by TrainParams."""
+    """--set tokens, through the one key=value parser."""
     from steps.params import TrainParams
-
-    raw = {}
-    for token in tokens:
-        key, sep, value = token.partition("=")
-        if not sep or not key.strip():
-            raise UsageError(f"--set expects KEY=VALUE, got {token!r}; "
-                             f"valid keys: {', '.join(TrainParams.valid_keys())}")
-        raw[key.strip()] = value.strip()
     try:
-        checked = TrainParams.from_dict(raw)
+        return TrainParams.parse_tokens(tokens)
     except ValueError as e:
         raise UsageError(f"bad --set: {e}") from None
-    return {k: getattr(checked, k) for k in raw}
 
 
 def parse_sweep(text: str | None, base: dict) -> list[dict]:
@@ -102,10 +93,6 @@ def parse_sweep(text: str | None, base: dict) -> list[dict]:
         except ValueError as e:
             raise UsageError(f"bad --sweep trial {t['trial']}: {e}") from None
     return trials
-
-
-def new_run_id() -> str:
-    return f"r-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{secrets.token_hex(2)}"
 
 
 def settings_from(args):
@@ -182,18 +169,19 @@ def run_command(args: argparse.Namespace) -> int:
         print(f"ctbot pipeline run: error: {e}", file=sys.stderr)
         return 2
     run_id = args.run_id or new_run_id()
+
     if settings.runner == "kfp":
         return _run_kfp(settings, run_id, args, params, sweep)
     return _run_local(settings, run_id, args, params, sweep)
 
 
 def _run_local(settings, run_id, args, params, sweep) -> int:
-    from pipelines.layout import report_key
-    from pipelines.runners import _open_store, default_data_uris, run_local
+    from ctbot.wiring import build_store
+    from pipelines.local_run import run_local
 
     out = sys.stdout  # kfp's output gets redirected; progress lines must not follow it
-    store = _open_store(settings)
-    data = args.data or default_data_uris(settings)
+    store = build_store(settings)
+    data = data_uris_or_default(settings.store, settings.data_prefix, args.data)
     print(f"run {run_id}: local, store {store.root}, data {' '.join(data)}", file=out, flush=True)
 
     def on_step(step, doc):
@@ -202,7 +190,7 @@ def _run_local(settings, run_id, args, params, sweep) -> int:
         out.flush()
 
     started = time.time()
-    report = run_local(settings, run_id, data, params, args.eval_data or "", sweep=sweep,
+    report = run_local(settings, store, run_id, data, params, args.eval_data or "", sweep=sweep,
                        requested_by=args.requested_by, on_step=on_step, verbose=args.verbose,
                        keep_workdir=args.keep_workdir, parallelism=args.parallelism)
     print_report(report, store.uri(report_key(run_id)), out)
@@ -211,13 +199,13 @@ def _run_local(settings, run_id, args, params, sweep) -> int:
 
 
 def _run_kfp(settings, run_id, args, params, sweep) -> int:
-    from pipelines.layout import report_key
-    from pipelines.results import read_report
-    from pipelines.runners import KfpRunner, _open_store
+    from ctbot.wiring import build_runner, build_store
+    from steps.results import read_report
 
     if args.resources:
         settings.extra["resources"] = args.resources
-    runner = KfpRunner(settings)
+    store = build_store(settings)
+    runner = build_runner(settings, store)
     external_id, url = runner.submit(run_id, args.data or [], params, args.eval_data or "",
                                      sweep=sweep, requested_by=args.requested_by)
     print(f"run {run_id}: submitted to {settings.kfp_host} as {external_id}\n  {url}", flush=True)
@@ -225,7 +213,6 @@ def _run_kfp(settings, run_id, args, params, sweep) -> int:
         return 0
     while (state := runner.poll(run_id, external_id)) == "running":
         time.sleep(10)
-    store = _open_store(settings)
     report = read_report(store, run_id) or {"status": state}
     print_report(report, store.uri(report_key(run_id)))
     return 0 if state == "succeeded" else 1

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from steps import layout
+
 STEP_ICONS = {"done": "ok", "running": "..", "failed": "FAILED", "skipped": "skipped"}
 
 
@@ -75,12 +77,12 @@ class Services:
             try:
                 stop()
             except Exception:  # keep stopping the rest; say what would not stop
-                logging.getLogger("ctbot.demo").warning("stopping %s failed", stop, exc_info=True)
+                logging.getLogger("devkit.demo").warning("stopping %s failed", stop, exc_info=True)
 
 
 def configure(services: Services, out: Path) -> tuple[dict, object]:
     """Settings overrides for the demo, starting local stand-ins for what is unset."""
-    from core.localservices import start_redis, start_s3
+    from devkit.localservices import start_redis, start_s3
 
     # A 2,000-image model lands near 97%: the demo's floor sits below that so the first
     # run deploys and the second is compared with it.
@@ -106,7 +108,7 @@ def configure(services: Services, out: Path) -> tuple[dict, object]:
         say(f"started a local S3 server at {s3.endpoint_url}, bucket s3://ctbot-demo/")
     standin = None
     if not os.environ.get("SLACK_BOT_TOKEN"):
-        from bot.standin import SlackStandin
+        from devkit.standin import SlackStandin
         standin = SlackStandin().start()
         services.stoppers.append(standin.stop)
         overrides.update(slack_bot_token=standin.bot_token, slack_signing_secret=standin.signing_secret,
@@ -173,7 +175,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         overrides, standin = configure(services, out)
         from core.config import Settings
-        from bot.runtime import build
+        from ctbot.wiring import build_bot, build_deps
         from steps.storage import open_store
 
         settings = Settings.from_env(**overrides)
@@ -181,11 +183,11 @@ def run(args: argparse.Namespace) -> int:
         n = args.eval + 2 * args.batch
         x, y, source = load_digits(n)
         say(f"{n} real MNIST digits from {source}: eval {args.eval}, two batches of {args.batch}")
-        store.put_bytes(settings.eval_key_or_uri, npz_bytes(x[:args.eval], y[:args.eval]))
+        store.put_bytes(settings.eval_uri or layout.DEFAULT_EVAL_KEY, npz_bytes(x[:args.eval], y[:args.eval]))
         batches = [(x[args.eval + i * args.batch: args.eval + (i + 1) * args.batch],
                     y[args.eval + i * args.batch: args.eval + (i + 1) * args.batch]) for i in range(2)]
 
-        proc = build(settings).start(port=0)
+        proc = build_bot(build_deps(settings)).start(port=0)
         app_url = proc.server.events_url
         say(f"bot serving {app_url}; scheduler: next weekly retrain {proc.scheduler.next_retrain():%a %Y-%m-%d %H:%M %Z}")
         channel = settings.slack_channel

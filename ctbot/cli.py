@@ -5,7 +5,10 @@ A module provides ``add_arguments(parser)`` and ``run(args) -> int`` and keeps h
 imports inside ``run``; only the module of the command being run is imported, so
 ``ctbot --help`` and unrelated commands stay fast. To add one (e.g. ``serve``)::
 
-    COMMANDS["serve"] = ("bot.cli", "run the Slack bot")
+    COMMANDS["serve"] = ("ctbot.serve", "run the Slack bot")
+
+``demo`` lives in devkit/, a development tool; it is named here as a string and loaded
+only when run, so no product module imports it.
 """
 from __future__ import annotations
 
@@ -14,15 +17,19 @@ import importlib
 import sys
 
 COMMANDS: dict[str, tuple[str, str]] = {
-    "pipeline": ("pipelines.cli", "compile the training pipeline, or run it locally or on Kubeflow"),
-    "serve": ("bot.cli", "run the Slack bot (HTTP or Socket Mode) and the scheduler in one process"),
-    "demo": ("bot.demo", "the whole CT loop offline, ending in a posted report"),
+    "pipeline": ("ctbot.pipeline_cli", "compile the training pipeline, or run it locally or on Kubeflow"),
+    "serve": ("ctbot.serve", "run the Slack bot (HTTP or Socket Mode) and the scheduler in one process"),
+    "scheduler": ("ctbot.scheduler_cmd", "run only the scheduler (weekly retrain, data watch, run watch)"),
+    "demo": ("devkit.demo", "the whole CT loop offline, ending in a posted report"),
 }
 
 
 def build_parser(load: str | None = None) -> argparse.ArgumentParser:
     """The parser; ``load`` names the one command whose arguments are added (None: all)."""
+    from ctbot import __version__
+
     ap = argparse.ArgumentParser(prog="ctbot", description="Slack-driven continuous training")
+    ap.add_argument("--version", action="version", version=f"ctbot {__version__}")
     sub = ap.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (module, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)

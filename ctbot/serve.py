@@ -1,4 +1,4 @@
-"""`ctbot serve` (or `python -m bot`): run the Slack bot, with the scheduler in-process."""
+"""`ctbot serve`: run the Slack bot, with the scheduler in-process."""
 from __future__ import annotations
 
 import argparse
@@ -12,7 +12,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", help="HTTP bind address (default: CT_HTTP_HOST or 127.0.0.1)")
     p.add_argument("--port", type=int, help="HTTP port, 0 for any free one (default: CT_HTTP_PORT or 3000)")
     p.add_argument("--no-scheduler", action="store_true",
-                   help="serve Slack only; run the scheduler elsewhere (python -m scheduler)")
+                   help="serve Slack only; run the scheduler elsewhere (ctbot scheduler)")
     p.add_argument("--job-workers", type=int, default=2,
                    help="worker processes for slow work after the ack (0: threads in the bot process)")
     p.add_argument("--log-level", default="INFO")
@@ -20,14 +20,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from core.config import Settings
-    from bot.runtime import build
+    from ctbot.wiring import build_bot, build_deps, check_bot_settings
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     # Acks are ~1 ms of CPU each; with CPython's default 5 ms GIL slice one busy thread
     # makes a burst of concurrent acks queue behind it (bench/bench_ack.py: p99 halved).
     sys.setswitchinterval(0.001)
     settings = Settings.from_env()
-    proc = build(settings, with_scheduler=not args.no_scheduler, job_workers=args.job_workers)
+    check_bot_settings(settings)
+    proc = build_bot(build_deps(settings), with_scheduler=not args.no_scheduler,
+                     job_workers=args.job_workers)
     proc.start(host=args.host, port=args.port)
     where = proc.server.events_url if proc.server else "Socket Mode"
     # One machine-readable line: tests and the bench read the chosen port from it.
@@ -38,13 +40,3 @@ def run(args: argparse.Namespace) -> int:
     stop.wait()
     proc.stop()
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bot", description=__doc__.splitlines()[0])
-    add_arguments(p)
-    return run(p.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -115,7 +115,7 @@ class SlackStandin:
         self._server: ThreadingHTTPServer | None = None
 
     # ---- lifecycle -------------------------------------------------------------------
-    def start(self) -> "SlackStandin":
+    def start(self) -> SlackStandin:
         standin = self
 
         class Handler(BaseHTTPRequestHandler):

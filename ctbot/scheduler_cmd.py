@@ -1,0 +1,28 @@
+"""`ctbot scheduler`: the scheduler without the Slack server (runs and alerts still go
+to Slack when it is configured, else to the log)."""
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import threading
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--log-level", default="INFO")
+
+
+def run(args: argparse.Namespace) -> int:
+    from core.config import Settings
+    from ctbot.wiring import build_deps
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    sched = build_deps(Settings.from_env()).scheduler
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    sched.start()
+    logging.getLogger("ctbot.scheduler").info("scheduler started; next weekly retrain %s", sched.next_retrain())
+    stop.wait()
+    sched.shutdown()
+    return 0

@@ -1,0 +1,136 @@
+"""The one place ctbot is assembled: settings, Redis, the store, the runner, the Slack
+client and notifier, the training service, the scheduler and the bot.
+
+    deps = build_deps(load_settings())             # or build_deps(settings, runner=...)
+    proc = build_bot(deps)                         # ctbot serve
+    proc.start(); ...; proc.stop()
+
+The CLI, the job workers (``init_job_worker``), the demo and the tests all build through
+here and override parts by keyword. Network clients are made here, never at import time.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from dataclasses import dataclass
+
+from core.config import Settings, reveal
+from core.notify import SafeNotifier
+
+log = logging.getLogger("ctbot.wiring")
+
+
+@dataclass
+class Deps:
+    settings: Settings
+    state: object          # core.state.StateStore
+    store: object          # steps.storage store
+    runner: object         # pipelines.runners.Runner
+    client: object | None  # slack_sdk.WebClient, None when Slack is not configured
+    notifier: SafeNotifier
+    service: object        # core.service.TrainingService
+    jobs: object           # scheduler.jobs.Jobs
+    scheduler: object      # scheduler.app.CtScheduler, not started
+
+
+def build_store(settings: Settings):
+    from steps.storage import open_store
+    return open_store(settings.store)
+
+
+def build_state(settings: Settings):
+    from core.state import StateStore
+    if not settings.redis_url:
+        raise ValueError("REDIS_URL is not set: ctbot keeps runs, locks and cursors in Redis")
+    return StateStore.from_url(settings.redis_url)
+
+
+def build_runner(settings: Settings, store):
+    if settings.runner == "local":
+        from pipelines.local_runner import LocalRunner
+        return LocalRunner(settings, store)
+    if settings.runner == "kfp":
+        from pipelines.kfp_runner import KfpRunner
+        return KfpRunner(settings, store)
+    raise ValueError(f"unknown runner {settings.runner!r}: use 'local' or 'kfp'")
+
+
+def build_slack_client(settings: Settings):
+    """The Web API client, or None when neither a token nor a stand-in URL is set."""
+    if not (reveal(settings.slack_bot_token) or settings.slack_api_url):
+        return None
+    from bot.slack_client import slack_client
+    return slack_client(reveal(settings.slack_bot_token), settings.slack_api_url)
+
+
+def build_notifier(settings: Settings, client):
+    if client is None:
+        return None
+    from bot.notifier import SlackNotifier
+    return SlackNotifier(client, settings.slack_channel, settings,
+                         min_update_seconds=settings.slack_min_update_seconds)
+
+
+def build_deps(settings: Settings, *, state=None, store=None, runner=None, client=None,
+               notifier=None, clock=time.time) -> Deps:
+    """Everything but the Bolt app; each part can be passed in instead of built."""
+    from core.service import TrainingService
+    from scheduler.app import CtScheduler
+    from scheduler.data_watch import DataWatch
+    from scheduler.fires import WeeklySchedule
+    from scheduler.jobs import Jobs
+
+    store = store if store is not None else build_store(settings)
+    state = state if state is not None else build_state(settings)
+    runner = runner if runner is not None else build_runner(settings, store)
+    client = client if client is not None else build_slack_client(settings)
+    safe = SafeNotifier(notifier if notifier is not None else build_notifier(settings, client))
+    schedule = WeeklySchedule(settings, clock)
+    service = TrainingService(settings, state, store, runner, safe, clock=clock,
+                              next_retrain=schedule.next_fire)
+    watch = DataWatch(settings, state, store, service, safe, clock=clock)
+    jobs = Jobs(settings, state, service, watch, safe, schedule=schedule, clock=clock)
+    return Deps(settings, state, store, runner, client, safe, service, jobs, CtScheduler(settings, jobs))
+
+
+def check_bot_settings(settings: Settings) -> None:
+    missing = [name for name, value in (("SLACK_BOT_TOKEN", reveal(settings.slack_bot_token)),
+                                        ("REDIS_URL", settings.redis_url)) if not value]
+    if not reveal(settings.slack_app_token) and not reveal(settings.slack_signing_secret):
+        missing.append("SLACK_SIGNING_SECRET (or SLACK_APP_TOKEN for Socket Mode)")
+    if missing:
+        raise SystemExit("ctbot serve: missing settings: " + ", ".join(missing))
+
+
+def build_bot(deps: Deps, *, with_scheduler: bool = True, job_workers: int = 2):
+    """The bot process around ``deps``. Slow work runs in ``job_workers`` niced worker
+    processes that build their own deps from the settings (0: threads in this process,
+    sharing ``deps``)."""
+    from bot.app import create_app
+    from bot.background import ProcessBackground
+    from bot.runtime import BotProcess
+
+    s = deps.settings
+    background = None
+    if job_workers:
+        background = ProcessBackground(workers=job_workers, initializer=init_job_worker,
+                                       initargs=(s, 19, logging.getLogger().getEffectiveLevel()))
+    app = create_app(s, deps.service, deps.client, background=background)
+    return BotProcess(s, deps.client, deps.notifier, deps.service, app,
+                      deps.scheduler if with_scheduler else None)
+
+
+def init_job_worker(settings: Settings, nice: int, log_level: int) -> None:
+    """Runs once in each job worker process: lower its priority, build its own deps."""
+    from bot.background import JobContext, set_worker_context
+
+    if nice:
+        os.nice(nice)
+    # Runs started here are children of this worker; let the kernel reap them when they
+    # end (the run watch in the bot process follows them through /proc and the store).
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)
+    logging.basicConfig(level=log_level, format="%(asctime)s %(name)s[worker] %(levelname)s %(message)s")
+    deps = build_deps(settings)
+    set_worker_context(JobContext(deps.service, deps.client, settings))

@@ -1,3 +1,0 @@
-from scheduler.app import main
-
-main()

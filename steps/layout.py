@@ -1,0 +1,94 @@
+"""Where every run and model artifact lives, relative to the store root.
+
+Both runners (local and Kubeflow) write here, and the bot only reads from here, so
+the bot never depends on which runner ran a pipeline. Nothing else builds these keys.
+"""
+from __future__ import annotations
+
+import secrets
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+STEPS = ("ingest", "validate", "train", "embed", "index", "evaluate", "deploy")
+
+
+def run_prefix(run_id: str) -> str:
+    return f"runs/{run_id}/"
+
+
+def step_key(run_id: str, step: str) -> str:
+    """JSON: {step, state: running|done|failed|skipped, started_at, finished_at, seconds,
+    summary: {...}, error}. Overwritten while the step runs (train writes epoch progress)."""
+    return f"runs/{run_id}/steps/{step}.json"
+
+
+def report_key(run_id: str) -> str:
+    return f"runs/{run_id}/report.json"
+
+
+def confusion_png_key(run_id: str) -> str:
+    return f"runs/{run_id}/confusion.png"
+
+
+def confusion_csv_key(run_id: str) -> str:
+    return f"runs/{run_id}/confusion.csv"
+
+
+def data_card_key(run_id: str) -> str:
+    return f"runs/{run_id}/data_card.json"
+
+
+def candidate_prefix(run_id: str) -> str:
+    """The run's model package, kept whether deployed or held, so 'Promote anyway' works."""
+    return f"runs/{run_id}/candidate/"
+
+
+def model_prefix(model: str) -> str:
+    return f"models/{model}/"
+
+
+def version_prefix(model: str, version: int) -> str:
+    return f"models/{model}/v{version}/"
+
+
+def alias_key(model: str, alias: str = "production") -> str:
+    """JSON: {version, updated_at, history: [{version, action, by, at, run_id}]}.
+    One PUT replaces it whole, so moving the alias is atomic."""
+    return f"models/{model}/{alias}.json"
+
+
+# ---- URIs and run ids: stated once, used by the service, the runners and the CLIs ----
+
+DEFAULT_EVAL_KEY = "eval/eval.npz"
+
+
+def store_root(root: str) -> str:
+    """The store as a pipeline's tasks see it: local paths made absolute, since task
+    processes may not share the caller's working directory."""
+    if root.startswith("s3://"):
+        return root
+    return str(Path(root.removeprefix("file://")).expanduser().resolve())
+
+
+def uri(root: str, key_or_uri: str) -> str:
+    """A full URI or absolute path as given; anything else is a key in the store."""
+    if "://" in key_or_uri or key_or_uri.startswith("/"):
+        return key_or_uri
+    return store_root(root).rstrip("/") + "/" + key_or_uri
+
+
+def resolve_eval_uri(root: str, eval_uri: str = "") -> str:
+    """The fixed eval set: the configured URI or key, else eval/eval.npz in the store."""
+    return uri(root, eval_uri or DEFAULT_EVAL_KEY)
+
+
+def data_uris_or_default(root: str, data_prefix: str, given: list[str] | None = None) -> list[str]:
+    return list(given) if given else [uri(root, data_prefix)]
+
+
+def new_run_id(ts: float | None = None) -> str:
+    """Readable and unique: r-20261122-0912-ab12 (UTC minute + 16 random bits; a
+    collision is caught by the SET NX that creates the run record)."""
+    stamp = datetime.fromtimestamp(time.time() if ts is None else ts, tz=UTC)
+    return f"r-{stamp:%Y%m%d-%H%M}-{secrets.token_hex(2)}"
