@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One entry point that sets itself up: venv, dependencies, redis-server.
+# One entry point that sets itself up: venv, dependencies, redis-server, chromium.
 #   ./dev.sh demo    the whole CT loop offline, ending in a posted report
 #   ./dev.sh test    the test suite (what CI runs)
 #   ./dev.sh setup   only the set-up
@@ -46,6 +46,12 @@ setup() {
     echo "$want" > "$stamp"
   fi
   if [ -z "${REDIS_URL:-}" ]; then ensure_apt redis-server redis-server; fi
+  ensure_apt chromium chromium  # headless, for the test that renders the Slack page
+  # Without a colour emoji font the page's ✅ and 🚀 render as empty boxes.
+  if ! fc-list 2>/dev/null | grep -qi 'color emoji'; then
+    echo "dev.sh: installing fonts-noto-color-emoji (apt-get)" >&2
+    DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq fonts-noto-color-emoji >/dev/null
+  fi
 }
 
 cmd=${1:-help}; shift || true

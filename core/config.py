@@ -1,77 +1,333 @@
-"""Settings from the environment. Secrets are read here and nowhere else, and never printed."""
+"""Settings: one validated configuration from defaults, a YAML file and the environment.
+
+    settings = load_settings("ctbot.yaml")        # defaults < file < environment < keywords
+    settings = Settings(store="/tmp/s", deploy_floor=0.5)   # exactly these over the defaults
+
+A field ``x`` is ``x:`` in the file and ``CT_X`` in the environment; key ``k`` of a nested
+section ``sec`` is ``sec: {k: ...}`` and ``CT_SEC__K``. Adding a section is one
+``Section`` subclass plus one field of that type on Settings; loading, unknown-key checks
+and ``ctbot config show`` walk the fields and need no change. Unknown keys and unknown
+``CT_*`` variables are errors. The Slack secrets are SecretStr, masked in repr: hand them
+to a client with ``reveal``. See ctbot.example.yaml for every key.
+"""
 from __future__ import annotations
 
+import difflib
+import json
 import os
-from dataclasses import dataclass, field, fields
+import re
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any, Literal, get_origin
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ENV_PREFIX = "CT_"
+NESTED_DELIMITER = "__"
 SECRET_FIELDS = {"slack_bot_token", "slack_signing_secret", "slack_app_token"}
+# Names older than the CT_ prefix (Slack's and Redis's usual ones); they win over CT_<FIELD>.
+PLAIN_ENV = {"SLACK_BOT_TOKEN": "slack_bot_token", "SLACK_SIGNING_SECRET": "slack_signing_secret",
+             "SLACK_APP_TOKEN": "slack_app_token", "REDIS_URL": "redis_url", "SLACK_API_URL": "slack_api_url"}
+# CT_ names that are not settings but are read elsewhere; the unknown-name check lets them by.
+OTHER_CT_ENV = {
+    "CT_CONFIG": "the config file",
+    "CT_IMAGE": "component image, read when the pipeline is compiled (pipelines/pipeline.py)",
+    "CT_VENV": "dev.sh's virtualenv",
+    "CT_UPDATE_FIXTURES": "regenerates test fixtures",
+}
+DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 
 
-def _bool(v: str) -> bool:
-    return v.strip().lower() in {"1", "true", "yes", "on"}
+class ConfigError(Exception):
+    """Bad configuration; ``problems`` holds one line per problem, all of them at once."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = list(problems)
+        super().__init__("; ".join(self.problems))
 
 
-@dataclass
-class Settings:
+class Section(BaseModel):
+    """Base of a nested section (``access:``, ``deploy:``, ...): unknown keys are errors."""
+    model_config = ConfigDict(extra="forbid")
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_nested_delimiter=NESTED_DELIMITER,
+                                      extra="forbid", validate_default=True, protected_namespaces=())
+
     # Slack
-    slack_bot_token: str = ""
-    slack_signing_secret: str = ""
-    slack_app_token: str = ""           # set => Socket Mode
+    slack_bot_token: SecretStr = SecretStr("")
+    slack_signing_secret: SecretStr = SecretStr("")
+    slack_app_token: SecretStr = SecretStr("")    # set => Socket Mode
     slack_api_url: str = ""             # e.g. a local stand-in: http://127.0.0.1:PORT/api/
-    slack_channel: str = "#ct"
-    slash_command: str = "/ct"
+    slack_channel: str = Field("#ct", min_length=1)
+    slash_command: str = Field("/ct", pattern=r"^/\S+$")
     http_host: str = "127.0.0.1"
-    http_port: int = 3000
-    slack_min_update_seconds: float = 3.0   # chat.update is rate limited; progress is throttled
+    http_port: int = Field(3000, ge=0, le=65535)         # 0: any free port
+    slack_min_update_seconds: float = Field(3.0, ge=0)   # chat.update is rate limited; progress is throttled
     # State and storage
     redis_url: str = ""
-    store: str = "./.ctbot/store"       # s3://bucket/prefix or a local directory
+    store: str = Field("./.ctbot/store", min_length=1)   # s3://bucket/prefix or a local directory
     data_prefix: str = "data/"          # where new labelled data lands, relative to store
     eval_uri: str = ""                  # fixed eval set; default: <store>/eval/eval.npz
-    model_name: str = "mnist-arcface"
-    keep_versions: int = 5
+    model_name: str = Field("mnist-arcface", min_length=1)
+    keep_versions: int = Field(5, ge=1)
     # Runs
-    runner: str = "local"               # local | kfp
+    runner: Literal["local", "kfp"] = "local"
     kfp_host: str = ""
     kfp_experiment: str = "ctbot"
+    resources: str = ""                 # kfp: per-step resources file (see pipelines/resources.py)
     run_workdir: str = "./.ctbot/runs"  # local runner's scratch (pipeline_root, logs)
-    deploy_floor: float = 0.97          # absolute minimum kNN top-1 to deploy
-    deploy_tolerance: float = 0.002     # allowed regression against production
+    deploy_floor: float = Field(0.97, ge=0, le=1)        # absolute minimum kNN top-1 to deploy
+    deploy_tolerance: float = Field(0.002, ge=0, le=1)   # allowed regression against production
     # Schedule
     timezone: str = "UTC"
     retrain_day: str = "tue"            # cron day names; never numbers (APScheduler's Monday is 0)
     retrain_time: str = "09:00"
-    data_watch_minutes: float = 10.0
-    data_sweep_minutes: float = 60.0    # full listing that catches rewrites (see scheduler/watcher.py)
-    run_watch_seconds: float = 5.0
-    new_data_threshold: int = 1         # new objects needed before alerting
+    data_watch_minutes: float = Field(10.0, gt=0)
+    data_sweep_minutes: float = Field(60.0, gt=0)        # full listing that catches rewrites (scheduler/watcher.py)
+    run_watch_seconds: float = Field(5.0, gt=0)
+    new_data_threshold: int = Field(1, ge=1)             # new objects needed before alerting
     auto_retrain: bool = False
-    misfire_grace_seconds: int = 6 * 3600
-    extra: dict = field(default_factory=dict)
+    misfire_grace_seconds: int = Field(6 * 3600, ge=1)
+
+    _origins: dict[str, str] = PrivateAttr(default_factory=dict)
 
     @classmethod
-    def from_env(cls, env: dict | None = None, **overrides) -> Settings:
-        env = os.environ if env is None else env
-        values = {}
-        for f in fields(cls):
-            if f.name == "extra":
-                continue
-            raw = env.get(f"CT_{f.name.upper()}")
-            if f.name in SECRET_FIELDS or f.name in {"redis_url", "slack_api_url"}:
-                raw = env.get(f.name.upper(), raw)  # SLACK_BOT_TOKEN, REDIS_URL, ...
-            if raw is None or raw == "":
-                continue
-            kind = type(f.default)
-            values[f.name] = _bool(raw) if kind is bool else kind(raw)
-        values.update(overrides)
-        return cls(**values)
+    def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings,
+                                   file_secret_settings):
+        # Settings(...) is exactly its arguments (tests build it so). load() layers the file
+        # and the environment itself, to check unknown names and record where values came from.
+        return (init_settings,)
 
-    def __repr__(self) -> str:  # keep secrets out of logs and tracebacks
-        shown = {f.name: ("***" if f.name in SECRET_FIELDS and getattr(self, f.name) else getattr(self, f.name))
-                 for f in fields(self)}
-        return f"Settings({shown})"
+    # The schedule is checked here, not by importing scheduler/ (core sits below it).
+    @field_validator("retrain_day")
+    @classmethod
+    def _days(cls, v: str) -> str:
+        spec = v.strip().lower()
+        tokens = [t.strip() for part in spec.split(",") for t in part.split("-")]
+        if not spec or any(t not in DAYS for t in tokens):
+            raise ValueError(f"use day names ({', '.join(DAYS)}), e.g. 'tue' or 'mon,thu'; numbers are "
+                             "ambiguous (APScheduler's Monday is 0)")
+        return spec
+
+    @field_validator("retrain_time", mode="before")
+    @classmethod
+    def _time(cls, v: Any) -> Any:
+        if isinstance(v, int) and not isinstance(v, bool):
+            # YAML 1.1 reads an unquoted 9:30 as the base-60 number 570.
+            h, m = divmod(v, 60)
+            raise ValueError(f"YAML read an unquoted time as the number {v}: quote it, e.g. \"{h:02d}:{m:02d}\"")
+        m = re.fullmatch(r"\s*(\d{1,2}):(\d{2})\s*", v) if isinstance(v, str) else None
+        if not m or int(m[1]) > 23 or int(m[2]) > 59:
+            raise ValueError("use HH:MM, 24-hour clock, e.g. 09:00")
+        return v.strip()
+
+    @field_validator("timezone")
+    @classmethod
+    def _zone(cls, v: str) -> str:
+        try:
+            ZoneInfo(v)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError("not an IANA zone name such as 'Europe/Paris'") from None
+        return v
+
+    # ------------------------------------------------------------------ loading
+
+    @classmethod
+    def load(cls, config_file: str | os.PathLike | None = None, env: Mapping[str, str] | None = None,
+             **overrides) -> Settings:
+        """Defaults < ``config_file`` (or $CT_CONFIG) < ``env`` (default os.environ) <
+        ``overrides``. Raises ConfigError naming every problem, and where each came from."""
+        env = os.environ if env is None else env
+        config_file = config_file or env.get("CT_CONFIG") or None
+        problems: list[str] = []
+        origins: dict[str, str] = {}
+        file_values = _read_file(cls, Path(config_file), origins, problems) if config_file else {}
+        env_values = _read_env(cls, env, origins, problems)
+        for key in overrides:
+            if key not in cls.model_fields:
+                problems.append(f"{key}: unknown setting{_did_you_mean(key, cls.model_fields)}")
+            else:
+                origins[key] = "argument"
+        overrides = {k: v for k, v in overrides.items() if k in cls.model_fields}
+        values = _merge(_merge(file_values, env_values), overrides)
+        try:
+            settings = cls(**values)
+        except ValidationError as e:
+            problems += [_describe(err, origins) for err in e.errors()]
+            settings = None
+        if problems:
+            raise ConfigError(problems)
+        settings._origins = origins
+        return settings
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides) -> Settings:
+        """The environment (and $CT_CONFIG when set) over the defaults, then ``overrides``."""
+        return cls.load(None, env, **overrides)
+
+    def origin(self, key: str) -> str:
+        """Where a (dotted) key's value came from: default, file PATH, env NAME or argument."""
+        parts = key.split(".")
+        for i in range(len(parts), 0, -1):
+            if (found := self._origins.get(".".join(parts[:i]))) is not None:
+                return found
+        return "default"
+
+    def leaves(self) -> Iterator[tuple[str, Any]]:
+        """Every leaf setting as (dotted key, value), nested sections flattened."""
+        yield from _leaves(self)
+
+
+def load_settings(config_file: str | os.PathLike | None = None, env: Mapping[str, str] | None = None,
+                  **overrides) -> Settings:
+    return Settings.load(config_file, env, **overrides)
 
 
 def reveal(secret) -> str:
     """A secret's value, for the one place that hands it to a client."""
     return secret.get_secret_value() if hasattr(secret, "get_secret_value") else (secret or "")
+
+
+def masked(key: str, value: Any) -> Any:
+    """A value fit to print: secrets become *** (or empty when unset)."""
+    if isinstance(value, SecretStr) or key.rsplit(".", 1)[-1] in SECRET_FIELDS:
+        return "***" if reveal(value) else ""
+    return value
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def _section(annotation) -> type[BaseModel] | None:
+    return annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+
+
+def _leaves(model: BaseModel, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    for name in type(model).model_fields:
+        value = getattr(model, name)
+        if isinstance(value, BaseModel):
+            yield from _leaves(value, f"{prefix}{name}.")
+        else:
+            yield f"{prefix}{name}", value
+
+
+def _did_you_mean(name: str, valid, fmt=str) -> str:
+    close = difflib.get_close_matches(name, list(valid), n=1, cutoff=0.6)
+    return f"; did you mean {fmt(close[0])}?" if close else ""
+
+
+def _merge(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _read_file(cls: type[BaseModel], path: Path, origins: dict, problems: list) -> dict:
+    where = f"file {path}"
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        problems.append(f"config file {path}: not found")
+        return {}
+    except OSError as e:
+        problems.append(f"config file {path}: {e.strerror or e}")
+        return {}
+    except yaml.YAMLError as e:
+        problems.append(f"config file {path}: not valid YAML: {' '.join(str(e).split())}")
+        return {}
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        problems.append(f"config file {path}: expected a mapping of settings, got a {type(data).__name__}")
+        return {}
+    return _check_keys(cls, data, "", where, origins, problems)
+
+
+def _check_keys(cls: type[BaseModel], data: dict, prefix: str, where: str, origins: dict, problems: list) -> dict:
+    """``data`` without its unknown keys (each one reported), origins recorded."""
+    out = {}
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        field = cls.model_fields.get(key) if isinstance(key, str) else None
+        if field is None:
+            problems.append(f"{dotted}: unknown key in {where}{_did_you_mean(str(key), cls.model_fields)}")
+            continue
+        section = _section(field.annotation)
+        if section is not None and value is None:
+            continue  # "access:" with every key commented out: the section's defaults
+        if value is None:
+            problems.append(f"{dotted}: empty value in {where} (a YAML value starting with # is a comment: "
+                            "quote it)")
+            continue
+        origins[dotted] = where
+        out[key] = (_check_keys(section, value, f"{dotted}.", where, origins, problems)
+                    if section is not None and isinstance(value, dict) else value)
+    return out
+
+
+def _env_names(cls: type[BaseModel], prefix: str = ENV_PREFIX) -> dict[str, tuple[str, ...]]:
+    """CT_ name -> field path, for every field and section."""
+    names = {}
+    for name, field in cls.model_fields.items():
+        env_name = f"{prefix}{name.upper()}"
+        names[env_name] = (name,)
+        if (section := _section(field.annotation)) is not None:
+            for sub, path in _env_names(section, env_name + NESTED_DELIMITER).items():
+                names[sub] = (name, *path)
+    return names
+
+
+def _env_value(annotation, raw: str) -> Any:
+    """Environment strings for lists, dicts and sections: JSON, or a comma list."""
+    if _section(annotation) is not None or get_origin(annotation) is dict or annotation is dict:
+        return json.loads(raw)
+    if get_origin(annotation) in (list, set, tuple, frozenset) or annotation in (list, set, tuple):
+        return json.loads(raw) if raw.lstrip().startswith("[") else [t.strip() for t in raw.split(",") if t.strip()]
+    return raw
+
+
+def _read_env(cls: type[BaseModel], env: Mapping[str, str], origins: dict, problems: list) -> dict:
+    names = _env_names(cls)
+    plain = {name: (field,) for name, field in PLAIN_ENV.items() if field in cls.model_fields}
+    out: dict = {}
+    # CT_ names first so the plain names, applied after, win.
+    for name in sorted(k for k in env if k.startswith(ENV_PREFIX)) + [k for k in plain if k in env]:
+        raw = env[name]
+        path = names.get(name) or plain.get(name)
+        if path is None:
+            if name not in OTHER_CT_ENV:
+                problems.append(f"unknown environment variable {name}"
+                                f"{_did_you_mean(name, [*names, *OTHER_CT_ENV])}")
+            continue
+        if raw == "":
+            continue  # an empty variable means unset, as in a k8s env list
+        model, target = cls, out
+        for part in path[:-1]:
+            model = _section(model.model_fields[part].annotation)
+            target = target.setdefault(part, {})
+        try:
+            target[path[-1]] = _env_value(model.model_fields[path[-1]].annotation, raw)
+        except ValueError as e:
+            problems.append(f"{'.'.join(path)}: {name} is not valid JSON: {e} (from env {name})")
+            continue
+        origins[".".join(path)] = f"env {name}"
+    return out
+
+
+def _describe(err: dict, origins: dict) -> str:
+    loc = [str(p) for p in err.get("loc", ())]
+    key = ".".join(loc) or "settings"
+    msg = err.get("msg", "invalid").removeprefix("Value error, ")
+    got = ""
+    if "input" in err and not (loc and loc[0] in SECRET_FIELDS) and err.get("type") != "extra_forbidden":
+        shown = repr(err["input"])
+        got = f", got {shown if len(shown) <= 60 else shown[:57] + '...'}"
+    source = next((origins[".".join(loc[:i])] for i in range(len(loc), 0, -1) if ".".join(loc[:i]) in origins),
+                  "default")
+    return f"{key}: {msg}{got} (from {source})"

@@ -78,7 +78,7 @@ class RunQueries:
             "production": None if prod is None else {
                 "version": prod["version"],
                 "data_card": self.store.get_json(
-                    layout.version_prefix(self.model, prod["version"]) + "data_card.json")},
+                    layout.package_key(self.model, prod["version"], layout.DATA_CARD_JSON))},
         }
 
     def production(self) -> dict | None:
@@ -88,7 +88,7 @@ class RunQueries:
         version = int(alias["version"])
         top1 = alias.get("top1")
         if top1 is None:
-            metrics = self.store.get_json(layout.version_prefix(self.model, version) + "metrics.json")
+            metrics = self.store.get_json(layout.package_key(self.model, version, layout.METRICS_JSON))
             top1 = (metrics or {}).get("top1")
         return {"version": version, "top1": top1, "updated_at": alias.get("updated_at")}
 

@@ -20,7 +20,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "pipeline": ("ctbot.pipeline_cli", "compile the training pipeline, or run it locally or on Kubeflow"),
     "serve": ("ctbot.serve", "run the Slack bot (HTTP or Socket Mode) and the scheduler in one process"),
     "scheduler": ("ctbot.scheduler_cmd", "run only the scheduler (weekly retrain, data watch, run watch)"),
+    "serve-model": ("ctbot.serve_model", "serve the production model (KServe Open Inference Protocol v2, REST)"),
     "demo": ("devkit.demo", "the whole CT loop offline, ending in a posted report"),
+    "config": ("ctbot.config_cmd", "check a config file, or show the effective settings and their sources"),
 }
 
 
@@ -30,6 +32,8 @@ def build_parser(load: str | None = None) -> argparse.ArgumentParser:
 
     ap = argparse.ArgumentParser(prog="ctbot", description="Slack-driven continuous training")
     ap.add_argument("--version", action="version", version=f"ctbot {__version__}")
+    ap.add_argument("--config", metavar="FILE",
+                    help="YAML settings file (default: $CT_CONFIG); the environment overrides it")
     sub = ap.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (module, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
@@ -40,16 +44,35 @@ def build_parser(load: str | None = None) -> argparse.ArgumentParser:
     return ap
 
 
+def command_of(argv: list[str]) -> str | None:
+    """The subcommand's name: the first word that is neither an option nor --config's value."""
+    words = iter(argv)
+    for a in words:
+        if a == "--config":
+            next(words, None)
+        elif not a.startswith("-"):
+            return a
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    command = next((a for a in argv if not a.startswith("-")), None)
+    command = command_of(argv)
     parser = build_parser(command if command in COMMANDS else "")  # "": load no module
     args = parser.parse_args(argv)
     handler = getattr(args, "_handler", None)
     if handler is None:
         parser.parse_args([args.command, "--help"])
         return 2
-    return int(handler(args) or 0)
+    try:
+        return int(handler(args) or 0)
+    except Exception as e:
+        # Imported here, not at the top, so `ctbot --help` does not load pydantic.
+        from core.config import ConfigError
+        if not isinstance(e, ConfigError):
+            raise
+        print(f"ctbot: config error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

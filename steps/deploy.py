@@ -3,48 +3,62 @@
     python -m steps.deploy --store ROOT --model NAME publish --package-prefix runs/R/candidate/ --run-id R
     python -m steps.deploy --store ROOT --model NAME rollback [--to N]
     python -m steps.deploy --store ROOT --model NAME show
+    python -m steps.deploy --store ROOT --model NAME verify [--version N]
 
-Layout: models/<model>/v<N>/ holds a package (model.pt, model_export.pt, index.faiss,
-labels.npy, metrics.json, ...) plus meta.json; models/<model>/production.json is the
-alias {version, updated_at, run_id, top1, history: [...]}. The alias is replaced by one
-PUT, so readers see either the old or the new version, never a mix.
+Layout (keys from steps.layout): models/<model>/v<N>/ holds a package (model.pt,
+model_export.pt, index.faiss, labels.npy, metrics.json, ...) plus meta.json and, written
+last, manifest.json {version, run_id, created_at, files: {name: {sha256, size}}};
+models/<model>/production.json is the alias {version, updated_at, run_id, top1,
+history: [...]}. The alias is replaced by one PUT, so readers see either the old or the
+new version, never a mix; readers call verify_package (or download_version) so a package
+torn by a crash mid-copy or a prune is refused rather than served.
 
 No torch or faiss here: the bot imports this module for promote and rollback.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import re
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
+from steps import layout
 from steps.storage import Store, open_store
 
 _VERSION = re.compile(r"^v(\d+)/")
+# Registry bookkeeping, rewritten per version, never copied from a source package.
+_BOOKKEEPING = (layout.META_JSON, layout.MANIFEST_JSON)
 
 
 def _prefix(model: str) -> str:
     if not model or "/" in model or model.startswith("."):
         raise ValueError(f"bad model name {model!r}")
-    return f"models/{model}/"
+    return layout.model_prefix(model)
 
 
 def _version_prefix(model: str, version: int) -> str:
-    return f"{_prefix(model)}v{int(version)}/"
-
-
-def _alias_key(model: str) -> str:
-    return f"{_prefix(model)}production.json"
+    _prefix(model)
+    return layout.version_prefix(model, int(version))
 
 
 def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
+def _digest(data: bytes) -> dict:
+    return {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+
+
+def _json_bytes(obj) -> bytes:
+    return json.dumps(obj, indent=1, sort_keys=True, default=str).encode()
+
+
 def read_alias(store: Store, model: str) -> dict | None:
-    return store.get_json(_alias_key(model))
+    _prefix(model)
+    return store.get_json(layout.alias_key(model))
 
 
 def list_versions(store: Store, model: str) -> list[int]:
@@ -59,7 +73,8 @@ def list_versions(store: Store, model: str) -> list[int]:
 
 
 def read_meta(store: Store, model: str, version: int) -> dict | None:
-    return store.get_json(_version_prefix(model, version) + "meta.json")
+    _prefix(model)
+    return store.get_json(layout.meta_key(model, version))
 
 
 def _lineage(history: list[dict]) -> list[int]:
@@ -79,7 +94,7 @@ def _put_alias(store: Store, model: str, version: int, entry: dict, alias: dict 
     history = list((alias or {}).get("history", [])) + [entry]
     new = {"version": version, "updated_at": entry["at"], "run_id": entry.get("run_id"),
            "top1": entry.get("top1"), "history": history}
-    store.put_json(_alias_key(model), new)  # one PUT: the atomic move
+    store.put_json(layout.alias_key(model), new)  # one PUT: the atomic move
     return new
 
 
@@ -92,7 +107,7 @@ def publish(store: Store, model: str, package_prefix: str, *, run_id: str, by: s
     if keep < 1:
         raise ValueError(f"keep must be >= 1, got {keep}")
     package_prefix = package_prefix.rstrip("/") + "/"
-    objects = [o for o in store.list(package_prefix)]
+    objects = [o for o in store.list(package_prefix) if o.key[len(package_prefix):] not in _BOOKKEEPING]
     if not objects:
         raise ValueError(f"no model package under {store.uri(package_prefix)}")
     alias = read_alias(store, model)
@@ -100,19 +115,60 @@ def publish(store: Store, model: str, package_prefix: str, *, run_id: str, by: s
     used = list_versions(store, model) + [int(h["version"]) for h in (alias or {}).get("history", [])]
     version = max(used, default=0) + 1
     dst = _version_prefix(model, version)
-    store.copy_prefix(package_prefix, dst)
-    metrics = metrics if metrics is not None else store.get_json(package_prefix + "metrics.json")
+    files = {}
+    for o in objects:  # hash the bytes as copied: the manifest vouches for this version
+        name = o.key[len(package_prefix):]
+        data = store.get_bytes(o.key)
+        store.put_bytes(dst + name, data)
+        files[name] = _digest(data)
+    metrics = metrics if metrics is not None else store.get_json(package_prefix + layout.METRICS_JSON)
     top1 = (metrics or {}).get("top1")
     at = _now()
     meta = {"model": model, "version": version, "run_id": run_id, "by": by, "at": at,
             "action": action, "source": store.uri(package_prefix), "top1": top1,
             "metrics": metrics, "files": sorted(o.key[len(package_prefix):] for o in objects)}
-    store.put_json(dst + "meta.json", meta)
+    meta_bytes = _json_bytes(meta)
+    store.put_bytes(layout.meta_key(model, version), meta_bytes, "application/json")
+    files[layout.META_JSON] = _digest(meta_bytes)
+    # Last, and before the alias moves: a version without a manifest is incomplete.
+    store.put_json(layout.manifest_key(model, version),
+                   {"model": model, "version": version, "run_id": run_id, "created_at": at,
+                    "files": dict(sorted(files.items()))})
     new_alias = _put_alias(store, model, version,
                            {"version": version, "action": action, "by": by, "at": at,
                             "run_id": run_id, "top1": top1}, alias)
     prune(store, model, keep, alias=new_alias)
     return version
+
+
+def verify_package(store: Store, model: str, version: int, *, check_hashes: bool = True) -> dict:
+    """The manifest of models/<model>/v<version>/ once every file it lists is present
+    with its size and (unless check_hashes=False, which only lists) its sha256. Raises
+    ValueError naming the first missing or mismatching file, or the missing manifest."""
+    prefix = _version_prefix(model, version)
+    manifest = store.get_json(layout.manifest_key(model, version))
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
+        raise ValueError(f"{model} v{version} has no valid manifest.json under {store.uri(prefix)}: "
+                         "the package is incomplete (publish writes the manifest last) or predates manifests")
+    if manifest.get("version") is not None and int(manifest["version"]) != int(version):
+        raise ValueError(f"{model} v{version}: manifest.json is for v{manifest['version']}")
+    sizes = {o.key[len(prefix):]: o.size for o in store.list(prefix)}
+    for name, want in sorted(manifest["files"].items()):
+        if name not in sizes:
+            raise ValueError(f"{model} v{version} is torn: {name} is missing (listed in manifest.json)")
+        data = store.get_bytes(prefix + name) if check_hashes else None
+        _check_file(f"{model} v{version}", name, sizes[name], data, want)
+    return manifest
+
+
+def _check_file(what: str, name: str, size: int, data: bytes | None, want: dict) -> None:
+    if size != want.get("size"):
+        raise ValueError(f"{what} is torn: {name} has {size} bytes, manifest.json says {want.get('size')}")
+    if data is not None:
+        got = hashlib.sha256(data).hexdigest()
+        if got != want.get("sha256"):
+            raise ValueError(f"{what} is torn: {name} has sha256 {got[:12]}…, "
+                             f"manifest.json says {str(want.get('sha256'))[:12]}…")
 
 
 def prune(store: Store, model: str, keep: int, alias: dict | None = None) -> list[int]:
@@ -128,6 +184,8 @@ def prune(store: Store, model: str, keep: int, alias: dict | None = None) -> lis
     versions = list_versions(store, model)
     doomed = [v for v in versions[:-keep] if v not in protected] if keep < len(versions) else []
     for v in doomed:
+        # The manifest first: a half-deleted version then reads as incomplete.
+        store.delete(layout.manifest_key(model, v))
         for obj in list(store.list(_version_prefix(model, v))):
             store.delete(obj.key)
     return doomed
@@ -154,6 +212,8 @@ def rollback(store: Store, model: str, to_version: int | None = None, by: str = 
         if target not in available:
             listed = ", ".join(f"v{v}" for v in available) or "none"
             raise ValueError(f"{model} v{target} does not exist or was pruned; available: {listed}")
+    # Listing only (sizes): the bot must not download whole packages on a click.
+    verify_package(store, model, target, check_hashes=False)
     meta = read_meta(store, model, target) or {}
     _put_alias(store, model, target,
                {"version": target, "action": "rollback", "by": by, "at": _now(),
@@ -177,14 +237,45 @@ def upload_package(store: Store, local_dir: str, prefix: str) -> list[str]:
     return keys
 
 
-def download_package(store: Store, prefix: str, local_dir: str) -> list[Path]:
-    """Fetch a package (e.g. models/<m>/v<N>/) into local_dir; returns the local paths."""
+def download_package(store: Store, prefix: str, local_dir: str, *,
+                     require_manifest: bool = False) -> list[Path]:
+    """Fetch a package (e.g. runs/<id>/candidate/ or models/<m>/v<N>/) into local_dir;
+    returns the local paths. When the package has a manifest.json, exactly its files are
+    fetched and checked against it (ValueError on a torn package)."""
+    return _download(store, prefix, local_dir, require_manifest)[0]
+
+
+def download_version(store: Store, model: str, version: int, local_dir: str) -> dict:
+    """Fetch a published version into local_dir after checking it is whole; returns its
+    manifest. Raises ValueError for a torn or incomplete package."""
+    return _download(store, _version_prefix(model, version), local_dir, True)[1]
+
+
+def _download(store: Store, prefix: str, local_dir: str, require_manifest: bool) -> tuple[list[Path], dict | None]:
     prefix = prefix.rstrip("/") + "/"
-    paths = [store.download_file(o.key, Path(local_dir) / o.key[len(prefix):])
-             for o in list(store.list(prefix))]
-    if not paths:
-        raise FileNotFoundError(f"no package under {store.uri(prefix)}")
-    return paths
+    where = store.uri(prefix)
+    manifest = store.get_json(prefix + layout.MANIFEST_JSON)
+    if manifest is None:
+        if require_manifest:
+            raise ValueError(f"no manifest.json under {where}: the package is incomplete "
+                             "(publish writes the manifest last) or predates manifests")
+        names = [o.key[len(prefix):] for o in list(store.list(prefix))]
+        if not names:
+            raise FileNotFoundError(f"no package under {where}")
+        return [store.download_file(prefix + n, Path(local_dir) / n) for n in names], None
+    paths = []
+    # Check the bytes fetched, not a second read: a prune may race the download.
+    for name, want in sorted(manifest.get("files", {}).items()):
+        try:
+            data = store.get_bytes(prefix + name)
+        except KeyError:
+            raise ValueError(f"{where} is torn: {name} is missing (listed in manifest.json)") from None
+        _check_file(where, name, len(data), data, want)
+        path = Path(local_dir) / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+        paths.append(path)
+    return paths, manifest
 
 
 def show(store: Store, model: str) -> dict:
@@ -211,6 +302,8 @@ def main(argv=None) -> int:
     r.add_argument("--to", type=int, help="version (default: the previous one in history)")
     r.add_argument("--by", default="cli")
     sub.add_parser("show", help="production alias, versions and history")
+    v = sub.add_parser("verify", help="check a version against its manifest")
+    v.add_argument("--version", type=int, help="default: the production version")
     args = ap.parse_args(argv)
     store = open_store(args.store)
     try:
@@ -220,6 +313,12 @@ def main(argv=None) -> int:
             out = {"version": v, "model": args.model}
         elif args.cmd == "rollback":
             out = rollback(store, args.model, args.to, by=args.by)
+        elif args.cmd == "verify":
+            version = args.version if args.version is not None else (read_alias(store, args.model) or {}).get("version")
+            if version is None:
+                raise ValueError(f"{args.model} has no production version; pass --version")
+            m = verify_package(store, args.model, int(version))
+            out = {"model": args.model, "version": int(version), "ok": True, "files": len(m["files"])}
         else:
             out = show(store, args.model)
     except ValueError as e:

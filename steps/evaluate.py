@@ -2,22 +2,30 @@
 
     python -m steps.evaluate --index-dir I --eval-emb eval_emb.npz --out-dir O
                              [--production-version 3 --production-top1 0.9821] [--k 1]
+                             [--store ROOT --model NAME --eval-npz eval.npz]
 
 Writes metrics.json, confusion.csv and confusion.png (a labelled heatmap with counts).
 The decision is "deploy" when top-1 clears the floor and does not regress against the
-production model (measured on the same eval set) by more than the tolerance.
+production model (measured on the same eval set) by more than the tolerance. With
+--store and --model, production is the registry's production version, downloaded
+(refused when torn) and measured on --eval-npz.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
+from steps.layout import METRICS_JSON
+
 N_CLASSES = 10
+CONFUSION_PNG, CONFUSION_CSV = "confusion.png", "confusion.csv"
 
 
 def knn_predict(index, gallery_labels: np.ndarray, queries: np.ndarray, k: int = 1) -> np.ndarray:
@@ -112,14 +120,14 @@ def evaluate(index_dir: str, eval_emb_path: str, out_dir: str, *, production: di
     decision, reason = decide(top1, production, floor, tolerance)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    plot_confusion(cm, top1, out / "confusion.png",
+    plot_confusion(cm, top1, out / CONFUSION_PNG,
                    f"kNN top-1 {top1:.2%} (k={k}) on {len(y)} eval images")
-    write_confusion_csv(cm, out / "confusion.csv")
+    write_confusion_csv(cm, out / CONFUSION_CSV)
     result = {"top1": round(top1, 6), "per_class": per_class, "confusion": cm.tolist(),
               "n": int(len(y)), "k": int(k), "production": production, "decision": decision,
               "reason": reason, "floor": floor, "tolerance": tolerance,
               "seconds": round(time.time() - t0, 2)}
-    (out / "metrics.json").write_text(json.dumps(result, indent=1))
+    (out / METRICS_JSON).write_text(json.dumps(result, indent=1))
     return result
 
 
@@ -136,6 +144,60 @@ def evaluate_package(package_dir: str, eval_npz: str, k: int = 1) -> float:
     return float((knn_predict(index, labels, emb, k) == y).mean())
 
 
+def measure_production(store, model_name: str, eval_npz: str, k: int = 1) -> dict | None:
+    """{"version", "top1"} of the production model on eval_npz; None before the first
+    deploy. A torn production package fails the step: a comparison against it would be
+    meaningless, and deploying over it unmeasured could replace a better model."""
+    from steps import deploy as registry
+
+    alias = registry.read_alias(store, model_name)
+    if not alias or alias.get("version") is None:
+        return None
+    version = int(alias["version"])
+    with tempfile.TemporaryDirectory() as pkg:
+        try:
+            registry.download_version(store, model_name, version, pkg)
+        except ValueError as e:
+            raise ValueError(f"cannot compare with production: {e}; roll back to a whole version "
+                             "or promote a run to replace it") from None
+        return {"version": version, "top1": float(evaluate_package(pkg, eval_npz, k))}
+
+
+def evaluate_against_production(store_root: str, model_name: str, index_dir: str, eval_emb: str,
+                                eval_npz: str, out_dir: str, *, floor: float = 0.97,
+                                tolerance: float = 0.002, k: int = 1) -> dict:
+    """evaluate() with production measured on the same eval set (images in eval_npz; the
+    candidate's own embeddings of them in eval_emb)."""
+    from steps.storage import open_store
+
+    production = measure_production(open_store(store_root), model_name, eval_npz, k)
+    return evaluate(index_dir, eval_emb, out_dir, production=production, floor=floor,
+                    tolerance=tolerance, k=k)
+
+
+def upload_candidate(store_root: str, run_id: str, *, model_dir: str, index_dir: str,
+                     eval_dir: str, data_card: str) -> list[str]:
+    """Put the run's confusion matrix and its candidate package (model, index, labels,
+    metrics, data card, params) into the store, whatever the decision: a held candidate
+    is what 'Promote anyway' publishes. Returns the package keys."""
+    from steps import layout
+    from steps.deploy import upload_package
+    from steps.storage import open_store
+
+    store = open_store(store_root)
+    ev = Path(eval_dir)
+    for name, key in ((CONFUSION_PNG, layout.confusion_png_key(run_id)),
+                      (CONFUSION_CSV, layout.confusion_csv_key(run_id))):
+        if (ev / name).exists():
+            store.upload_file(ev / name, key)
+    with tempfile.TemporaryDirectory() as pkg:
+        for src in (model_dir, index_dir):
+            shutil.copytree(src, pkg, dirs_exist_ok=True)
+        shutil.copy(ev / METRICS_JSON, Path(pkg) / METRICS_JSON)
+        shutil.copy(data_card, Path(pkg) / layout.DATA_CARD_JSON)
+        return upload_package(store, pkg, layout.candidate_prefix(run_id))
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m steps.evaluate", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -147,7 +209,18 @@ def main(argv=None) -> int:
     ap.add_argument("--floor", type=float, default=0.97)
     ap.add_argument("--tolerance", type=float, default=0.002)
     ap.add_argument("--k", type=int, default=1)
+    ap.add_argument("--store", help="compare with this registry's production model")
+    ap.add_argument("--model", default="mnist-arcface")
+    ap.add_argument("--eval-npz", help="the eval images (x, y) behind --eval-emb; with --store")
     args = ap.parse_args(argv)
+    if args.store:
+        if not args.eval_npz:
+            ap.error("--store needs --eval-npz: production is measured on the eval images")
+        r = evaluate_against_production(args.store, args.model, args.index_dir, args.eval_emb,
+                                        args.eval_npz, args.out_dir, floor=args.floor,
+                                        tolerance=args.tolerance, k=args.k)
+        print(json.dumps({k: v for k, v in r.items() if k != "confusion"}))
+        return 0
     production = None
     if args.production_top1 is not None:
         production = {"version": args.production_version, "top1": args.production_top1}

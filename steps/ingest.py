@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from steps import storage
+from steps.layout import DATA_CARD_JSON
 
 DIGITS = [str(d) for d in range(10)]
 
@@ -299,7 +300,7 @@ def load_sources(uris: list[str]) -> tuple[list[Loaded], list[dict], list[dict]]
             loaded.append(decode(data, uri, len(data)))
         except BadObject as e:
             errors.append({"uri": uri, "error": str(e)})
-    for stem, parts in sorted(idx_parts.items()):
+    for _stem, parts in sorted(idx_parts.items()):
         if set(parts) != {"images", "labels"}:
             (uri, _), = parts.values()
             missing = "labels-idx1" if "images" in parts else "images-idx3"
@@ -410,7 +411,7 @@ def ingest(uris: list[str], out_dir: str, eval_uri: str | None = None) -> dict:
         card["leakage"] = leakage
     if card_eval is not None:
         card["eval"] = card_eval
-    (out / "data_card.json").write_text(json.dumps(card, indent=1))
+    (out / DATA_CARD_JSON).write_text(json.dumps(card, indent=1))
     return card
 
 

@@ -58,6 +58,33 @@ def alias_key(model: str, alias: str = "production") -> str:
     return f"models/{model}/{alias}.json"
 
 
+# ---- files inside a model package (a run's candidate or a published version) ----
+
+METRICS_JSON = "metrics.json"
+PARAMS_JSON = "params.json"
+DATA_CARD_JSON = "data_card.json"
+META_JSON = "meta.json"
+# Written last by publish: a version without it is incomplete (see steps.deploy.verify_package).
+MANIFEST_JSON = "manifest.json"
+
+
+def candidate_key(run_id: str, name: str) -> str:
+    return candidate_prefix(run_id) + name
+
+
+def package_key(model: str, version: int, name: str) -> str:
+    return version_prefix(model, int(version)) + name
+
+
+def meta_key(model: str, version: int) -> str:
+    return package_key(model, version, META_JSON)
+
+
+def manifest_key(model: str, version: int) -> str:
+    """JSON: {version, run_id, created_at, files: {name: {sha256, size}}}."""
+    return package_key(model, version, MANIFEST_JSON)
+
+
 # ---- URIs and run ids: stated once, used by the service, the runners and the CLIs ----
 
 DEFAULT_EVAL_KEY = "eval/eval.npz"

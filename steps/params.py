@@ -75,7 +75,7 @@ class TrainParams:
         for tok in tokens or []:
             key, sep, value = tok.partition("=")
             if not sep or not key.strip():
-                raise ValueError(f"expected key=value, got {tok!r}; "
+                raise ValueError(f"expected key=value, got `{tok}`; "
                                  f"valid keys: preset, {', '.join(cls.valid_keys())}")
             raw[key.strip().lower()] = value.strip()
         raw = expand_preset(raw)
@@ -162,4 +162,5 @@ def _coerce(name: str, kind: type, value):
             return str(value).strip().lower()
     except (TypeError, ValueError):
         pass
-    raise ValueError(f"{name}={value!r} is not a valid {kind.__name__}")
+    article = "an" if kind.__name__[0] in "aeiou" else "a"
+    raise ValueError(f"`{name}` must be {article} {kind.__name__}, got `{value}`")

@@ -4,6 +4,8 @@
 
 Fatal problems raise ValidationError with a message that names the offending objects;
 milder ones come back as warnings. The verdict is also written to data_dir/validation.json.
+The checks are small functions run in the order of CHECKS; each returns (fatal problems,
+warnings), and the first one with a fatal problem stops the run.
 
 Fatal: unreadable objects, wrong image shapes, labels outside 0-9, pixel values outside
 0..255, an empty or malformed array file, a class below min_per_class, imbalance above
@@ -18,11 +20,14 @@ import argparse
 import json
 import math
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from steps.ingest import counts, fingerprint, image_hashes
+from steps.layout import DATA_CARD_JSON
 
 MISSING = ("object not found", "no objects under this prefix")  # ingest's wording
 
@@ -94,6 +99,185 @@ def _label_problem(y, src, sources, where="") -> str | None:
     return f"labels out of range 0-9{where} in " + "; ".join(parts)
 
 
+@dataclass
+class Limits:
+    min_per_class: int = 10
+    max_imbalance: float = 10.0
+    max_duplicate_fraction: float = 0.05
+    max_leak_fraction: float = 0.05
+
+
+@dataclass
+class DataSet:
+    """What the checks share. Earlier checks fill in what later ones read (check_arrays
+    loads x, y, src; check_leakage may drop rows), which is why their order matters."""
+    dir: Path
+    card: dict
+    limits: Limits
+    stats: dict = field(default_factory=dict)
+    x: np.ndarray | None = None
+    y: np.ndarray | None = None
+    src: np.ndarray | None = None
+    hashes: np.ndarray | None = None
+    eval: dict | None = None
+
+    @property
+    def sources(self) -> list[dict]:
+        return self.card.get("sources", [])
+
+
+Found = tuple[list[str], list[str]]  # (fatal problems, warnings)
+
+
+def check_ingest_errors(ds: DataSet) -> Found:
+    """Corrupt or missing objects, wrong shapes, bad labels or pixels that ingest recorded,
+    in the training data and the eval set, all reported together."""
+    fatal = _card_problems(ds.card)
+    if "eval" in ds.card:
+        fatal += _card_problems(ds.card["eval"], where=" in the eval set")
+    return fatal, []
+
+
+def check_arrays(ds: DataSet) -> Found:
+    """data.npz readable, uint8 28x28 images, one label per image."""
+    try:
+        data = _load(ds.dir / "data.npz", "training data")
+    except ValidationError as e:
+        return [str(e)], []
+    ds.x, ds.y, ds.src = data["x"], data["y"], data["src"]
+    ds.hashes = image_hashes(ds.x)
+    return [], []
+
+
+def check_labels(ds: DataSet) -> Found:
+    problem = _label_problem(ds.y, ds.src, ds.sources)
+    return ([problem] if problem else []), []
+
+
+def check_eval_set(ds: DataSet) -> Found:
+    """The eval set, when there is one: readable, labels in range, not empty; classes it
+    lacks are a warning (their accuracy goes unmeasured)."""
+    eval_path = ds.dir / "eval.npz"
+    if not eval_path.is_file():
+        return [], []
+    try:
+        ev = _load(eval_path, "eval set")
+    except ValidationError as e:
+        return [str(e)], []
+    problem = _label_problem(ev["y"], ev["src"], ds.card.get("eval", {}).get("sources", []),
+                             where=" in the eval set")
+    if problem:
+        return [problem], []
+    if len(ev["x"]) == 0:
+        return [f"the eval set {ds.card.get('eval', {}).get('uri', eval_path)} is empty"], []
+    ds.eval = ev
+    ec = np.bincount(ev["y"].astype(np.int64), minlength=10)
+    ds.stats["eval_n"] = int(len(ev["y"]))
+    missing = [str(i) for i in range(10) if ec[i] == 0]
+    return [], ([f"the eval set has no images of class {', '.join(missing)}"] if missing else [])
+
+
+def check_leakage(ds: DataSet) -> Found:
+    """Training images identical to eval images. Runs before the counts: leaked rows are
+    dropped (data.npz and the card rewritten in place), and a large leak explains an
+    empty or thin training set."""
+    if ds.eval is None:
+        return [], []
+    eval_h = set(image_hashes(ds.eval["x"]).tolist())
+    leaked = np.array([h in eval_h for h in ds.hashes.tolist()], bool)
+    card = ds.card
+    earlier = card.get("leakage", {})  # what ingest already dropped
+    n_before = earlier.get("n_before", len(ds.x))
+    total = int(leaked.sum()) + int(earlier.get("dropped", 0))
+    ds.stats["leaked"] = total
+    if not total:
+        return [], []
+    by_source = {e["uri"]: e["n"] for e in earlier.get("by_source", [])}
+    for i in np.flatnonzero(leaked):
+        s = ds.src[i]
+        uri = ds.sources[s]["uri"] if s < len(ds.sources) else f"source #{s}"
+        by_source[uri] = by_source.get(uri, 0) + 1
+    named = _list([f"{u} ({n})" for u, n in sorted(by_source.items())])
+    msg = (f"{_plural(total, 'training image')} ({total / max(n_before, 1):.1%}) identical to "
+           f"eval images, from {named}")
+    limit = ds.limits.max_leak_fraction
+    if total / max(n_before, 1) > limit:
+        return [f"{msg}: above the {limit:.0%} limit; is the eval set mixed into the training data?"], []
+    if leaked.any():  # rows ingest did not already drop
+        keep = ~leaked
+        ds.x, ds.y, ds.src, ds.hashes = ds.x[keep], ds.y[keep], ds.src[keep], ds.hashes[keep]
+        np.savez(ds.dir / "data.npz", x=ds.x, y=ds.y, src=ds.src)
+        card["n"], card["counts"], card["fingerprint"] = int(len(ds.x)), counts(ds.y), fingerprint(ds.x, ds.y)
+        card["leakage"] = {"dropped": total, "n_before": n_before,
+                           "by_source": [{"uri": u, "n": n} for u, n in sorted(by_source.items())]}
+        (ds.dir / DATA_CARD_JSON).write_text(json.dumps(card, indent=1))
+    return [], [msg + ": dropped from training"]
+
+
+def check_not_empty(ds: DataSet) -> Found:
+    if len(ds.x):
+        return [], []
+    uris = ds.card.get("uris")
+    return ["no training images: " + ("the data URIs held no readable images" if not uris
+                                      else "nothing readable under " + _list(uris))], []
+
+
+def check_skipped(ds: DataSet) -> Found:
+    return [], [f"skipped {s['uri']} ({s['reason']})" for s in ds.card.get("skipped", [])]
+
+
+def check_min_counts(ds: DataSet) -> Found:
+    c = np.bincount(ds.y.astype(np.int64), minlength=10)
+    ds.stats["n"], ds.stats["counts"] = int(len(ds.y)), {str(i): int(c[i]) for i in range(10)}
+    low = [f"{i} ({c[i]})" for i in range(10) if c[i] < ds.limits.min_per_class]
+    if low:
+        return [f"too few images for class {_list(low, 10)}: need at least "
+                f"{ds.limits.min_per_class} per class"], []
+    return [], []
+
+
+def check_balance(ds: DataSet) -> Found:
+    """Fatal above max_imbalance, a warning above its square root."""
+    c = np.bincount(ds.y.astype(np.int64), minlength=10)
+    limit = ds.limits.max_imbalance
+    ratio = float(c.max() / c.min()) if c.min() else math.inf
+    ds.stats["imbalance"] = round(ratio, 3)
+    big, small = int(c.argmax()), int(c.argmin())
+    imbalance = f"class imbalance {ratio:.1f}x (class {big}: {c[big]} images, class {small}: {c[small]})"
+    if ratio > limit:
+        return [f"{imbalance} exceeds the {limit:g}x limit"], []
+    return [], ([imbalance] if ratio > math.sqrt(limit) else [])
+
+
+def check_duplicates(ds: DataSet) -> Found:
+    """Exact duplicates: a warning (naming conflicting labels), fatal above the limit."""
+    x, y, src, n = ds.x, ds.y, ds.src, len(ds.x)
+    _, first, inverse = np.unique(ds.hashes, return_index=True, return_inverse=True)
+    n_dup = int(n - len(first))
+    ds.stats["duplicates"] = n_dup
+    ds.stats["duplicate_fraction"] = round(n_dup / n, 5)
+    if not n_dup:
+        return [], []
+    # groups of identical images carrying more than one label
+    pairs = np.unique(np.stack([inverse.reshape(-1), y.astype(np.int64)], 1), axis=0)
+    conflicting = int((np.bincount(pairs[:, 0]) > 1).sum())
+    ds.stats["conflicting_duplicates"] = conflicting
+    repeats = np.setdiff1d(np.arange(len(x)), first)
+    sources = ds.sources
+    dup_src = sorted({sources[s]["uri"] for s in np.unique(src[repeats]) if s < len(sources)})
+    msg = f"{_plural(n_dup, 'exact duplicate image')} ({n_dup / n:.1%}) in " + _list(dup_src)
+    if n_dup / n > ds.limits.max_duplicate_fraction:
+        return [f"{msg}: above the {ds.limits.max_duplicate_fraction:.0%} limit"], []
+    return [], [msg + (f"; {conflicting} of them with conflicting labels" if conflicting else "")]
+
+
+# Run in this order; the first check with a fatal problem stops the run.
+CHECKS: tuple[Callable[[DataSet], Found], ...] = (
+    check_ingest_errors, check_arrays, check_labels, check_eval_set, check_leakage,
+    check_not_empty, check_skipped, check_min_counts, check_balance, check_duplicates,
+)
+
+
 def validate(data_dir: str, *, min_per_class: int = 10, max_imbalance: float = 10.0,
              max_duplicate_fraction: float = 0.05, max_leak_fraction: float = 0.05) -> dict:
     """Returns {"ok": True, "warnings": [...], "stats": {...}} or raises ValidationError.
@@ -104,121 +288,22 @@ def validate(data_dir: str, *, min_per_class: int = 10, max_imbalance: float = 1
     then the eval set and the training data are most likely mixed up.
     """
     d = Path(data_dir)
-    card_path = d / "data_card.json"
+    card_path = d / DATA_CARD_JSON
     card = json.loads(card_path.read_text()) if card_path.is_file() else {}
+    ds = DataSet(d, card, Limits(min_per_class, max_imbalance, max_duplicate_fraction, max_leak_fraction))
     warnings: list[str] = []
-    stats: dict = {}
-    try:
-        fatal = _card_problems(card)
-        if "eval" in card:
-            fatal += _card_problems(card["eval"], where=" in the eval set")
-        if fatal:
-            raise ValidationError("; ".join(fatal))
-        data = _load(d / "data.npz", "training data")
-        x, y, src = data["x"], data["y"], data["src"]
-        sources = card.get("sources", [])
-        problem = _label_problem(y, src, sources)
-        if problem:
-            raise ValidationError(problem)
-        hashes = image_hashes(x)
-
-        eval_path = d / "eval.npz"
-        if eval_path.is_file():
-            ev = _load(eval_path, "eval set")
-            e_sources = card.get("eval", {}).get("sources", [])
-            problem = _label_problem(ev["y"], ev["src"], e_sources, where=" in the eval set")
-            if problem:
-                raise ValidationError(problem)
-            if len(ev["x"]) == 0:
-                raise ValidationError(f"the eval set {card.get('eval', {}).get('uri', eval_path)} is empty")
-            ec = np.bincount(ev["y"].astype(np.int64), minlength=10)
-            stats["eval_n"] = int(len(ev["y"]))
-            missing = [str(i) for i in range(10) if ec[i] == 0]
-            if missing:
-                warnings.append(f"the eval set has no images of class {', '.join(missing)}")
-            # before the counts: leaked rows are dropped, and a large leak explains an empty set
-            x, y, src, hashes = _check_leakage(d, card, x, y, src, hashes, ev["x"],
-                                               max_leak_fraction, warnings, stats)
-
-        if len(x) == 0:
-            raise ValidationError("no training images: " + (
-                "the data URIs held no readable images" if not card.get("uris")
-                else "nothing readable under " + _list(card["uris"])))
-        for s in card.get("skipped", []):
-            warnings.append(f"skipped {s['uri']} ({s['reason']})")
-
-        c = np.bincount(y.astype(np.int64), minlength=10)
-        stats["n"], stats["counts"] = int(len(y)), {str(i): int(c[i]) for i in range(10)}
-        low = [f"{i} ({c[i]})" for i in range(10) if c[i] < min_per_class]
-        if low:
-            raise ValidationError(f"too few images for class {_list(low, 10)}: need at least "
-                                  f"{min_per_class} per class")
-        ratio = float(c.max() / c.min()) if c.min() else math.inf
-        stats["imbalance"] = round(ratio, 3)
-        big, small = int(c.argmax()), int(c.argmin())
-        imbalance = (f"class imbalance {ratio:.1f}x (class {big}: {c[big]} images, "
-                     f"class {small}: {c[small]})")
-        if ratio > max_imbalance:
-            raise ValidationError(f"{imbalance} exceeds the {max_imbalance:g}x limit")
-        if ratio > math.sqrt(max_imbalance):
-            warnings.append(imbalance)
-
-        _, first, inverse = np.unique(hashes, return_index=True, return_inverse=True)
-        n_dup = int(len(x) - len(first))
-        stats["duplicates"] = n_dup
-        stats["duplicate_fraction"] = round(n_dup / len(x), 5)
-        if n_dup:
-            # groups of identical images carrying more than one label
-            pairs = np.unique(np.stack([inverse.reshape(-1), y.astype(np.int64)], 1), axis=0)
-            conflicting = int((np.bincount(pairs[:, 0]) > 1).sum())
-            stats["conflicting_duplicates"] = conflicting
-            repeats = np.setdiff1d(np.arange(len(x)), first)
-            dup_src = sorted({sources[s]["uri"] for s in np.unique(src[repeats]) if s < len(sources)})
-            msg = (f"{_plural(n_dup, 'exact duplicate image')} ({n_dup / len(x):.1%}) in "
-                   + _list(dup_src))
-            if n_dup / len(x) > max_duplicate_fraction:
-                raise ValidationError(f"{msg}: above the {max_duplicate_fraction:.0%} limit")
-            warnings.append(msg + (f"; {conflicting} of them with conflicting labels" if conflicting else ""))
-        stats["counts"] = counts(y)
-        stats["n"] = int(len(y))
-    except ValidationError as e:
-        _write(d, {"ok": False, "error": str(e), "warnings": warnings, "stats": stats})
-        raise
-    result = {"ok": True, "warnings": warnings, "stats": stats}
+    for check in CHECKS:
+        problems, found = check(ds)
+        warnings += found
+        if problems:
+            error = ValidationError("; ".join(problems))
+            _write(d, {"ok": False, "error": str(error), "warnings": warnings, "stats": ds.stats})
+            raise error
+    ds.stats["counts"] = counts(ds.y)
+    ds.stats["n"] = int(len(ds.y))
+    result = {"ok": True, "warnings": warnings, "stats": ds.stats}
     _write(d, result)
     return result
-
-
-def _check_leakage(d, card, x, y, src, hashes, eval_x, max_leak_fraction, warnings, stats):
-    eval_h = set(image_hashes(eval_x).tolist())
-    leaked = np.array([h in eval_h for h in hashes.tolist()], bool)
-    earlier = card.get("leakage", {})
-    n_before = earlier.get("n_before", len(x))
-    total = int(leaked.sum()) + int(earlier.get("dropped", 0))
-    stats["leaked"] = total
-    if not total:
-        return x, y, src, hashes
-    by_source = {e["uri"]: e["n"] for e in earlier.get("by_source", [])}
-    sources = card.get("sources", [])
-    for i in np.flatnonzero(leaked):
-        uri = sources[src[i]]["uri"] if src[i] < len(sources) else f"source #{src[i]}"
-        by_source[uri] = by_source.get(uri, 0) + 1
-    named = _list([f"{u} ({n})" for u, n in sorted(by_source.items())])
-    msg = (f"{_plural(total, 'training image')} ({total / max(n_before, 1):.1%}) identical to "
-           f"eval images, from {named}")
-    if total / max(n_before, 1) > max_leak_fraction:
-        raise ValidationError(f"{msg}: above the {max_leak_fraction:.0%} limit; is the eval set "
-                              f"mixed into the training data?")
-    warnings.append(msg + ": dropped from training")
-    if leaked.any():  # rows ingest did not already drop
-        keep = ~leaked
-        x, y, src, hashes = x[keep], y[keep], src[keep], hashes[keep]
-        np.savez(d / "data.npz", x=x, y=y, src=src)
-        card["n"], card["counts"], card["fingerprint"] = int(len(x)), counts(y), fingerprint(x, y)
-        card["leakage"] = {"dropped": total, "n_before": n_before,
-                           "by_source": [{"uri": u, "n": n} for u, n in sorted(by_source.items())]}
-        (d / "data_card.json").write_text(json.dumps(card, indent=1))
-    return x, y, src, hashes
 
 
 def _write(d: Path, result: dict) -> None:

@@ -1,6 +1,8 @@
 """A run's one message (progress, then the final report) and the details in its thread."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from bot import ids
 from bot.blocks.common import (
     STATE_ICON,
@@ -93,67 +95,116 @@ def _params_text(params: dict) -> str:
     return " ".join(f"`{esc(k)}={esc(v)}`" for k, v in changed.items()) + rest
 
 
+@dataclass(frozen=True)
+class _Final:
+    """What every outcome's builder reads: the report, falling back to the run record."""
+    run: RunRecord
+    report: dict
+    status: str
+    metrics: dict
+    top1: float | None
+    prod: dict | None
+    decision: str | None
+    reason: str | None
+    version: int | None
+    data: dict
+    counts: dict
+
+    @classmethod
+    def of(cls, run: RunRecord, report: dict) -> _Final:
+        data = report.get("data") or {}
+        metrics = report.get("metrics") or {}
+        return cls(run=run, report=report, status=report.get("status") or run.state,
+                   metrics=metrics, top1=metrics.get("top1", run.top1),
+                   prod=report.get("production") or None,
+                   decision=report.get("decision") or run.decision,
+                   reason=report.get("reason") or run.decision_reason,
+                   version=report.get("model_version", run.model_version),
+                   data=data, counts=data.get("counts") or {})
+
+
+def _outcome(f: _Final) -> str:
+    if f.status == "succeeded":
+        return "deployed" if f.decision == "deploy" else "held"
+    return "canceled" if f.status == "canceled" else "failed"
+
+
 def final_report(run: RunRecord, report: dict) -> dict:
     """The run's message once it finished: results, decision and what to do next."""
-    run = as_run(run)
-    report = report or {}
-    status = report.get("status") or run.state
-    metrics = report.get("metrics") or {}
-    top1 = metrics.get("top1", run.top1)
-    prod = report.get("production") or None
-    decision = report.get("decision") or run.decision
-    reason = report.get("reason") or run.decision_reason
-    version = report.get("model_version", run.model_version)
-    data = report.get("data") or {}
-    counts = data.get("counts") or {}
+    f = _Final.of(as_run(run), report or {})
+    return _BUILDERS[_outcome(f)](f)
 
-    if status == "succeeded":
-        verdict = ("🚀 deployed" + (f" as v{version}" if version else "")) if decision == "deploy" else "✋ held"
-        title = f"✅ Run {run.run_id}: {verdict}"
-    else:
-        title = f"{STATE_ICON.get(status, '❌')} Run {run.run_id}: {status}"
-    blocks = [header(title), context(_trigger(run), f"finished {when(run.finished_at)}", _links(run))]
 
-    if status == "succeeded":
-        delta = (top1 - prod["top1"]) if (prod and prod.get("top1") is not None and top1 is not None) else None
-        vs = f" ({pp(delta)} vs production v{prod.get('version')})" if delta is not None else \
-            " (no production model to compare)"
-        # evaluate's reasons already open with the decision ("hold: top-1 ...").
-        why = (reason or "").removeprefix(f"{decision}:").strip()
-        blocks.append(section(f"*kNN top-1* {pct(top1)}{vs}\n*Decision*: {esc(decision or '–')} — {esc(why)}"))
-        blocks += fields([
-            ("Worst classes", _worst(metrics.get("per_class") or {})),
-            ("Model version", f"v{version}" if version else "not published"),
-            ("Data", f"{data.get('n', sum(counts.values()) if counts else '–')} images from "
-                     f"{len(data.get('sources') or run.data_uris or [])} object(s)"),
-            ("Duration", duration(report.get("total_seconds"))),
-        ])
-    else:
-        failed = report.get("failed_step") or run.failed_step
-        err = report.get("error") or run.error or "no error message"
-        blocks.append(section(f"*Failed step*: {esc(failed or '–')}\n```{esc(err)[:2500]}```"))
-        blocks += fields([("Duration", duration(report.get("total_seconds")))])
-    if counts:
-        blocks.append(context("per class: " + " ".join(f"`{esc(k)}`:{v}" for k, v in
-                                                       sorted(counts.items(), key=lambda kv: str(kv[0])))))
-    blocks.append(context("params: " + _params_text(report.get("params") or run.params)))
+def _deployed(f: _Final) -> dict:
+    title = "🚀 deployed" + (f" as v{f.version}" if f.version else "")
+    rollback = []
+    if f.version:
+        rollback.append(button("Roll back", ids.ROLLBACK, str(f.version), style="danger",
+                               confirm_with=confirm("Roll back production?",
+                                                    f"Production moves from v{f.version} back to the previous version.",
+                                                    "Roll back")))
+    return _finished(f, f"✅ Run {f.run.run_id}: {title}", _results(f), rollback)
 
-    buttons = []
-    if status == "succeeded" and decision == "hold":
-        buttons.append(button("Promote anyway", ids.PROMOTE, run.run_id, style="primary",
+
+def _held(f: _Final) -> dict:
+    promote = []
+    if f.decision == "hold":  # a run that never decided has nothing to promote
+        promote.append(button("Promote anyway", ids.PROMOTE, f.run.run_id, style="primary",
                               confirm_with=confirm("Promote a held model?",
-                                                   f"Run `{run.run_id}` was held: {esc(reason or '')}. "
+                                                   f"Run `{f.run.run_id}` was held: {esc(f.reason or '')}. "
                                                    "Publish it to production anyway?", "Promote")))
-    if status == "succeeded" and decision == "deploy" and version:
-        buttons.append(button("Roll back", ids.ROLLBACK, str(version), style="danger",
-                              confirm_with=confirm("Roll back production?",
-                                                   f"Production moves from v{version} back to the previous version.",
-                                                   "Roll back")))
-    buttons.append(button("View run", ids.VIEW_RUN, run.run_id))
-    buttons.append(button("Retrain", ids.RETRAIN, run.run_id))
-    blocks.append(actions(*buttons, block_id=f"report:{run.run_id}"[:255]))
+    return _finished(f, f"✅ Run {f.run.run_id}: ✋ held", _results(f), promote)
 
-    text = f"Run {run.run_id} {status}" + (f": top-1 {pct(top1)}, {decision}" if status == "succeeded" else "")
+
+def _failed(f: _Final) -> dict:
+    return _finished(f, f"{STATE_ICON.get(f.status, '❌')} Run {f.run.run_id}: {f.status}", _failure(f), [])
+
+
+def _canceled(f: _Final) -> dict:
+    # Shown like a failure: the step it stopped in and the report's "canceled by ..." error.
+    return _failed(f)
+
+
+_BUILDERS = {"deployed": _deployed, "held": _held, "failed": _failed, "canceled": _canceled}
+
+
+def _results(f: _Final) -> list:
+    """Metrics, decision and facts of a run that finished evaluating."""
+    prod, top1 = f.prod, f.top1
+    delta = (top1 - prod["top1"]) if (prod and prod.get("top1") is not None and top1 is not None) else None
+    vs = f" ({pp(delta)} vs production v{prod.get('version')})" if delta is not None else \
+        " (no production model to compare)"
+    # evaluate's reasons already open with the decision ("hold: top-1 ...").
+    why = (f.reason or "").removeprefix(f"{f.decision}:").strip()
+    return [section(f"*kNN top-1* {pct(top1)}{vs}\n*Decision*: {esc(f.decision or '–')} — {esc(why)}"),
+            *fields([
+                ("Worst classes", _worst(f.metrics.get("per_class") or {})),
+                ("Model version", f"v{f.version}" if f.version else "not published"),
+                ("Data", f"{f.data.get('n', sum(f.counts.values()) if f.counts else '–')} images from "
+                         f"{len(f.data.get('sources') or f.run.data_uris or [])} object(s)"),
+                ("Duration", duration(f.report.get("total_seconds"))),
+            ])]
+
+
+def _failure(f: _Final) -> list:
+    failed = f.report.get("failed_step") or f.run.failed_step
+    err = f.report.get("error") or f.run.error or "no error message"
+    return [section(f"*Failed step*: {esc(failed or '–')}\n```{esc(err)[:2500]}```"),
+            *fields([("Duration", duration(f.report.get("total_seconds")))])]
+
+
+def _finished(f: _Final, title: str, body: list, buttons: list) -> dict:
+    """The frame all outcomes share: title, trigger, body, data and params, buttons."""
+    run = f.run
+    blocks = [header(title), context(_trigger(run), f"finished {when(run.finished_at)}", _links(run)), *body]
+    if f.counts:
+        blocks.append(context("per class: " + " ".join(f"`{esc(k)}`:{v}" for k, v in
+                                                       sorted(f.counts.items(), key=lambda kv: str(kv[0])))))
+    blocks.append(context("params: " + _params_text(f.report.get("params") or run.params)))
+    blocks.append(actions(*buttons, button("View run", ids.VIEW_RUN, run.run_id),
+                          button("Retrain", ids.RETRAIN, run.run_id), block_id=f"report:{run.run_id}"[:255]))
+    text = f"Run {run.run_id} {f.status}" + (
+        f": top-1 {pct(f.top1)}, {f.decision}" if f.status == "succeeded" else "")
     return msg(text, blocks)
 
 

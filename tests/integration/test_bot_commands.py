@@ -188,7 +188,7 @@ def test_deploy_a_held_run_then_roll_back(bot):
 
 
 def test_schedule_show_pause_resume(bot):
-    assert "weekly retrain on" in final_text(bot, bot.slash("schedule"))
+    assert "next weekly retrain" in final_text(bot, bot.slash("schedule"))
     assert "Weekly retrain paused" in final_text(bot, bot.slash("schedule pause"))
     assert bot.state.schedule_paused()
     assert "*paused*" in final_text(bot, bot.slash("schedule"))

@@ -43,7 +43,7 @@ def test_bot_process_serves_slack_without_torch(tmp_path, redis_url, scheduler):
         env = {**os.environ, "SLACK_BOT_TOKEN": BOT_TOKEN, "SLACK_SIGNING_SECRET": SIGNING_SECRET,
                "SLACK_API_URL": standin.api_url, "REDIS_URL": redis_url, "CT_STORE": str(tmp_path / "store"),
                "CT_RUN_WORKDIR": str(tmp_path / "runs"), "CT_HTTP_PORT": "0", "PYTHONUNBUFFERED": "1"}
-        args = [sys.executable, "-m", "bot"] + ([] if scheduler else ["--no-scheduler"])
+        args = [sys.executable, "-m", "ctbot.cli", "serve"] + ([] if scheduler else ["--no-scheduler"])
         proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         try:
             line = wait_for_line(proc, "ctbot serve: serving ")
@@ -84,7 +84,7 @@ def test_bot_process_serves_slack_without_torch(tmp_path, redis_url, scheduler):
 
 def test_bot_refuses_to_start_without_its_settings(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLACK_", "CT_", "REDIS_URL"))}
-    out = subprocess.run([sys.executable, "-m", "bot"], cwd=ROOT, env=env, capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-m", "ctbot.cli", "serve"], cwd=ROOT, env=env, capture_output=True, text=True,
                          timeout=60)
     assert out.returncode != 0
     assert "missing settings: SLACK_BOT_TOKEN, REDIS_URL, SLACK_SIGNING_SECRET" in out.stderr

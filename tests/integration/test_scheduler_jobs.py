@@ -13,7 +13,8 @@ from apscheduler.triggers.cron import CronTrigger
 
 from core.config import Settings
 from core.state import StateStore
-from scheduler.app import CtScheduler, build
+from ctbot.wiring import build_deps
+from scheduler.app import CtScheduler
 from tests.recording import RecordingNotifier, RecordingRunner, finish_run
 
 PARIS = ZoneInfo("Europe/Paris")
@@ -204,8 +205,9 @@ def test_apscheduler_wiring(settings, redis_url, s3_store, runner):
 def test_the_running_scheduler_follows_runs_to_the_end(bucket, redis_url, s3_store, runner, data):
     settings = Settings(store=f"s3://{bucket}/", run_watch_seconds=0.2, data_watch_minutes=60)
     notifier = RecordingNotifier()
-    service, sched = build(settings, notifier, state=StateStore.from_url(redis_url),
-                           store=s3_store, runner=runner)
+    deps = build_deps(settings, notifier=notifier, state=StateStore.from_url(redis_url),
+                      store=s3_store, runner=runner)
+    service, sched = deps.service, deps.scheduler
     run = service.request_training("manual", {}, "U1")
     finish_run(s3_store, runner, run.run_id)
     sched.start(catch_up=False)

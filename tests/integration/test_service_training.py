@@ -166,7 +166,7 @@ def test_bad_params_are_refused_with_the_valid_keys(service, runner, state):
 def test_parse_params(service):
     assert service.parse_params(["epochs=3", "lr=0.01", "device=cpu"]) == {
         "epochs": 3, "lr": 0.01, "device": "cpu"}
-    with pytest.raises(ParamError, match="Expected key=value, got `epochs`.*`lr` \\(float"):
+    with pytest.raises(ParamError, match="expected key=value, got `epochs`; valid keys: preset, epochs, batch_size, lr"):
         service.parse_params(["epochs"])
     with pytest.raises(ParamError, match="`epochs` must be an int, got `three`"):
         service.parse_params(["epochs=three"])

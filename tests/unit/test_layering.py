@@ -8,14 +8,15 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-PRODUCT = ("ctbot", "devkit", "bot", "scheduler", "pipelines", "core", "steps")
+PRODUCT = ("ctbot", "devkit", "bot", "scheduler", "pipelines", "serving", "core", "steps")
 # package -> the project packages it may import (besides itself)
 ALLOWED = {
-    "ctbot": {"devkit", "bot", "scheduler", "pipelines", "core", "steps"},
-    "devkit": {"ctbot", "bot", "scheduler", "pipelines", "core", "steps"},
+    "ctbot": {"devkit", "bot", "scheduler", "pipelines", "serving", "core", "steps"},
+    "devkit": {"ctbot", "bot", "scheduler", "pipelines", "serving", "core", "steps"},
     "bot": {"core", "steps"},
     "scheduler": {"core", "steps"},
     "pipelines": {"core", "steps"},
+    "serving": {"core", "steps"},
     "core": {"steps"},
     "steps": set(),
 }

@@ -259,7 +259,7 @@ def test_set_and_sweep_are_checked_against_train_params():
         "epochs": 2, "lr": 0.003, "device": "cpu"}
     with pytest.raises(UsageError, match="valid: epochs, batch_size"):
         parse_overrides(["epoch=2"])
-    with pytest.raises(UsageError, match="valid keys: epochs"):
+    with pytest.raises(UsageError, match="valid keys: preset, epochs"):
         parse_overrides(["epochs"])
     with pytest.raises(UsageError, match="out of range"):
         parse_overrides(["epochs=0"])

@@ -1,11 +1,24 @@
 """The model registry on the moto S3 server: publish, alias history, rollback, prune."""
+import hashlib
 import json
 import subprocess
 import sys
 
 import pytest
 
-from steps.deploy import download_package, list_versions, publish, read_alias, read_meta, rollback, upload_package
+from steps import layout
+from steps.deploy import (
+    download_package,
+    download_version,
+    list_versions,
+    publish,
+    read_alias,
+    read_meta,
+    rollback,
+    upload_package,
+    verify_package,
+)
+from steps.storage import LocalStore
 
 MODEL = "mnist-arcface"
 
@@ -88,6 +101,59 @@ def test_upload_and_download_package(s3_store, tmp_path):
     assert sorted(p.relative_to(tmp_path / "back").as_posix() for p in got) == ["model.pt", "sub/x.json"]
 
 
+def test_publish_writes_the_manifest_last_then_moves_the_alias(tmp_path):
+    puts = []
+
+    class Recording(LocalStore):
+        def put_bytes(self, key, data, content_type=None):
+            puts.append(key)
+            super().put_bytes(key, data, content_type)
+
+    store = Recording(tmp_path)
+    prefix = make_candidate(store, "r1", 0.98)
+    puts.clear()
+    assert publish(store, MODEL, prefix, run_id="r1", by="u") == 1
+    assert puts[-2:] == [layout.manifest_key(MODEL, 1), layout.alias_key(MODEL)]
+    manifest = verify_package(store, MODEL, 1)
+    assert manifest["version"] == 1 and manifest["run_id"] == "r1" and manifest["created_at"]
+    assert set(manifest["files"]) == {"index.faiss", "metrics.json", "model.pt", "meta.json"}
+    assert manifest["files"]["model.pt"] == {"size": len(b"weights of r1"), "sha256": hashlib.sha256(
+        b"weights of r1").hexdigest()}
+    # republishing a version copies its package, never its bookkeeping
+    assert publish(store, MODEL, layout.version_prefix(MODEL, 1), run_id="r1", by="u") == 2
+    assert read_meta(store, MODEL, 2)["files"] == ["index.faiss", "metrics.json", "model.pt"]
+    assert verify_package(store, MODEL, 2)["version"] == 2
+
+
+def test_a_torn_package_is_refused_by_name(s3_store, tmp_path):
+    publish(s3_store, MODEL, make_candidate(s3_store, "r1", 0.98), run_id="r1", by="u")
+    publish(s3_store, MODEL, make_candidate(s3_store, "r2", 0.99), run_id="r2", by="u")
+    assert download_version(s3_store, MODEL, 2, str(tmp_path / "ok"))["run_id"] == "r2"
+    assert (tmp_path / "ok" / "model.pt").read_bytes() == b"weights of r2"
+
+    s3_store.put_bytes(layout.package_key(MODEL, 2, "model.pt"), b"weights of rX")  # same size
+    with pytest.raises(ValueError, match=r"mnist-arcface v2 is torn: model.pt has sha256 .* manifest.json says"):
+        verify_package(s3_store, MODEL, 2)
+    assert verify_package(s3_store, MODEL, 2, check_hashes=False)["version"] == 2  # sizes only
+    with pytest.raises(ValueError, match=r"is torn: model.pt has sha256"):
+        download_version(s3_store, MODEL, 2, str(tmp_path / "bad"))
+    s3_store.put_bytes(layout.package_key(MODEL, 2, "index.faiss"), b"longer index")
+    with pytest.raises(ValueError, match=r"v2 is torn: index.faiss has 12 bytes, manifest.json says 5"):
+        verify_package(s3_store, MODEL, 2, check_hashes=False)
+    s3_store.delete(layout.package_key(MODEL, 1, "index.faiss"))
+    with pytest.raises(ValueError, match=r"v1 is torn: index.faiss is missing \(listed in manifest.json\)"):
+        verify_package(s3_store, MODEL, 1)
+    with pytest.raises(ValueError, match=r"v1 is torn: index.faiss is missing"):
+        rollback(s3_store, MODEL, to_version=1)  # the alias never points at a torn version
+    assert read_alias(s3_store, MODEL)["version"] == 2
+
+    s3_store.delete(layout.manifest_key(MODEL, 1))
+    with pytest.raises(ValueError, match=r"v1 has no valid manifest.json under s3://.*incomplete"):
+        verify_package(s3_store, MODEL, 1)
+    with pytest.raises(ValueError, match=r"no manifest.json under s3://.*incomplete"):
+        download_version(s3_store, MODEL, 1, str(tmp_path / "none"))
+
+
 def test_cli_publish_rollback_show(s3_store, bucket):
     make_candidate(s3_store, "r1", 0.98)
     make_candidate(s3_store, "r2", 0.99)
@@ -103,3 +169,18 @@ def test_cli_publish_rollback_show(s3_store, bucket):
     assert code == 0 and shown["production"]["version"] == 1 and shown["versions"] == [1, 2]
     code, err = cli("rollback", "--to", "7")
     assert code == 1 and "v7 does not exist" in err["error"]
+    assert cli("verify") == (0, {"model": MODEL, "version": 1, "ok": True, "files": 4})
+    s3_store.delete(f"models/{MODEL}/v2/model.pt")
+    code, err = cli("verify", "--version", "2")
+    assert code == 1 and "v2 is torn: model.pt is missing" in err["error"]
+
+
+def test_evaluate_refuses_to_compare_with_a_torn_production_package(tmp_path):
+    from steps.evaluate import measure_production
+
+    store = LocalStore(tmp_path / "store")
+    assert measure_production(store, MODEL, "unused.npz") is None  # nothing deployed yet
+    publish(store, MODEL, make_candidate(store, "r1", 0.98), run_id="r1", by="u")
+    store.delete(layout.package_key(MODEL, 1, "index.faiss"))
+    with pytest.raises(ValueError, match=r"cannot compare with production: .*index.faiss is missing"):
+        measure_production(store, MODEL, "unused.npz")

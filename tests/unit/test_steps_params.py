@@ -34,8 +34,8 @@ def test_unknown_keys_are_named_with_the_valid_ones():
     ("epochs", 0, "epochs=0 is out of range [1, 200]"),
     ("lr", 5, "lr=5.0 is out of range"),
     ("lr_schedule", "step", "must be one of onecycle, cosine, none"),
-    ("epochs", 2.5, "epochs=2.5 is not a valid int"),
-    ("batch_size", "many", "batch_size='many' is not a valid int"),
+    ("epochs", 2.5, "`epochs` must be an int, got `2.5`"),
+    ("batch_size", "many", "`batch_size` must be an int, got `many`"),
     ("device", "tpu", "device='tpu' must be one of auto, cpu, cuda"),
 ])
 def test_bad_values_say_what_is_allowed(key, value, needle):

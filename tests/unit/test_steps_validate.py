@@ -166,3 +166,19 @@ def test_eval_set_uploaded_as_training_data_is_called_out(tmp_path):
         run(tmp_path, [str(tmp_path / "copy.npz")], eval_uri=str(tmp_path / "eval.npz"))
     assert str(e.value).startswith(f"100 training images (100.0%) identical to eval images, from "
                                    f"{tmp_path / 'copy.npz'} (100): above the 5% limit")
+
+
+def test_checks_run_in_order_and_each_names_its_problem(tmp_path, good):
+    from steps.validate import CHECKS, DataSet, Limits, check_balance, check_min_counts
+
+    assert [c.__name__ for c in CHECKS] == [
+        "check_ingest_errors", "check_arrays", "check_labels", "check_eval_set", "check_leakage",
+        "check_not_empty", "check_skipped", "check_min_counts", "check_balance", "check_duplicates"]
+    # one check alone, on a set with a thin class: fatal from min counts, a warning from balance
+    y = np.repeat(np.arange(10), 20)
+    y[:15] = 1  # class 0 keeps 5 images
+    ds = DataSet(tmp_path, {}, Limits(min_per_class=10, max_imbalance=10.0))
+    ds.x, ds.y = good[0][:200], y
+    problems, warnings = check_min_counts(ds)
+    assert problems == ["too few images for class 0 (5): need at least 10 per class"] and warnings == []
+    assert check_balance(ds) == ([], ["class imbalance 7.0x (class 1: 35 images, class 0: 5)"])

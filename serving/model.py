@@ -1,0 +1,165 @@
+"""A published model package, loaded for serving: embed (torch.export program) then
+search (faiss), both in memory; nothing is read from disk after load."""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import tempfile
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from steps import deploy, layout
+
+log = logging.getLogger("serving.model")
+
+MANIFEST = "manifest.json"
+MAX_K = 100
+
+
+class PackageRefused(Exception):
+    """The package failed its checksum or failed to load; str() says which and why."""
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    version: int
+    embed: object               # callable: float32 tensor (N,1,28,28) in [0,1] -> (N,D)
+    index: object               # faiss index over L2-normalised gallery embeddings
+    labels: np.ndarray          # gallery label per index row
+    meta: dict = field(default_factory=dict)
+    verified: bool = False      # checked against a manifest
+    # The export program is a graph module: one call at a time keeps its threads from
+    # oversubscribing the cores when many requests arrive together.
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @property
+    def gallery_size(self) -> int:
+        return int(self.index.ntotal)
+
+    def predict(self, x: np.ndarray, k: int = 5) -> dict:
+        """x: float32 (N,1,28,28) in [0,1]. Returns label (N,) int64, score (N,) float32
+        (cosine similarity of the nearest neighbour with that label), neighbor_labels
+        (N,k) int64 and neighbor_distances (N,k) float32 (1 - cosine similarity)."""
+        import torch
+
+        k = max(1, min(int(k), self.gallery_size))
+        with self.lock, torch.inference_mode():
+            emb = self.embed(torch.from_numpy(x)).float().numpy()
+        emb = np.ascontiguousarray(emb, dtype=np.float32)
+        # The network normalises already; this guards inner-product search against drift
+        # (steps/embed.py does the same for the gallery).
+        emb /= np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+        sims, ids = self.index.search(emb, k)
+        return vote(sims, ids, self.labels)
+
+
+def vote(sims: np.ndarray, ids: np.ndarray, gallery_labels: np.ndarray) -> dict:
+    """Majority label of the k neighbours, ties to the larger summed similarity (as
+    steps.evaluate.knn_predict); -1 ids (approximate indexes) do not vote."""
+    n, k = ids.shape
+    valid = ids >= 0
+    nb = np.where(valid, gallery_labels[np.clip(ids, 0, None)].astype(np.int64), -1)
+    n_cls = max(10, int(nb.max(initial=0)) + 1)
+    votes = np.zeros((n, n_cls))
+    rows = np.broadcast_to(np.arange(n)[:, None], (n, k))
+    np.add.at(votes, (rows[valid], nb[valid]), 1.0 + 1e-4 * sims[valid])
+    label = votes.argmax(1).astype(np.int64)
+    best = np.where(nb == label[:, None], sims, -np.inf).max(1)
+    score = np.where(np.isfinite(best), best, 0.0).astype(np.float32)
+    dist = np.where(valid, 1.0 - sims, np.inf).astype(np.float32)
+    return {"label": label, "score": score, "neighbor_labels": nb, "neighbor_distances": dist}
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def check_manifest(pkg_dir: Path, version: int) -> dict | None:
+    """Compare the downloaded files with manifest.json. None when the package has no
+    manifest (published before manifests existed); raises PackageRefused on a mismatch."""
+    path = pkg_dir / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        manifest = json.loads(path.read_text())
+        files = manifest["files"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise PackageRefused(f"unreadable {MANIFEST}: {e}")
+    if manifest.get("version") is not None and int(manifest["version"]) != int(version):
+        raise PackageRefused(f"{MANIFEST} is for v{manifest['version']}, not v{version}")
+    for name, want in sorted(files.items()):
+        f = pkg_dir / name
+        if not f.is_file():
+            raise PackageRefused(f"{name} is in {MANIFEST} but missing")
+        if f.stat().st_size != int(want.get("size", -1)) or _sha256(f) != want.get("sha256"):
+            raise PackageRefused(f"{name} does not match its checksum in {MANIFEST}")
+    return manifest
+
+
+def fetch(store, model: str, version: int, dest: Path) -> dict | None:
+    """Download models/<model>/v<N>/ into dest, checked against its manifest; returns the
+    manifest, or None for a package published before manifests (loaded unchecked)."""
+    prefix = layout.version_prefix(model, version)
+    if not store.exists(prefix + MANIFEST):
+        deploy.download_package(store, prefix, str(dest))
+        return None
+    if hasattr(deploy, "download_version"):  # checks the bytes it fetched: one read
+        return deploy.download_version(store, model, version, str(dest))
+    if hasattr(deploy, "verify_package"):
+        deploy.verify_package(store, model, version)
+    deploy.download_package(store, prefix, str(dest))
+    return check_manifest(dest, version)
+
+
+def load_version(store, model: str, version: int, workdir: str | None = None) -> LoadedModel:
+    """Download, verify, load and warm up one package; PackageRefused on any failure."""
+    from steps.index import load_index
+    from steps.model import load_embedder
+
+    version = int(version)
+    tmp = Path(tempfile.mkdtemp(prefix=f"serve-{model}-v{version}-", dir=workdir))
+    try:
+        try:
+            manifest = fetch(store, model, version, tmp)
+        except PackageRefused:
+            raise
+        except (ValueError, KeyError, FileNotFoundError, OSError) as e:
+            raise PackageRefused(f"{type(e).__name__}: {e}")
+        try:
+            embed = load_embedder(tmp)
+            index, labels = load_index(tmp)
+            meta = json.loads((tmp / "meta.json").read_text()) if (tmp / "meta.json").is_file() else {}
+            loaded = LoadedModel(model, version, embed, index, np.asarray(labels), meta,
+                                 verified=manifest is not None)
+            if loaded.gallery_size != len(loaded.labels) or loaded.gallery_size == 0:
+                raise ValueError(f"index has {loaded.gallery_size} rows but {len(loaded.labels)} labels")
+            # Warm up: the first calls of an export program are slow; do them before the swap.
+            for n in (1, 8):
+                loaded.predict(np.zeros((n, 1, 28, 28), np.float32), k=5)
+        except Exception as e:  # a package that fails to load is refused, whatever the cause
+            raise PackageRefused(f"failed to load: {type(e).__name__}: {e}")
+        if manifest is None:
+            log.warning("%s v%d has no %s: loaded without a checksum check", model, version, MANIFEST)
+        return loaded
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def set_threads(n: int = 0) -> int:
+    """torch intra-op threads: the CPUs this process may use (cgroup quota included)."""
+    import torch
+
+    from steps.model import available_cpus
+    n = n or available_cpus()
+    torch.set_num_threads(n)
+    return n
