@@ -58,7 +58,7 @@ cmd=${1:-help}; shift || true
 case "$cmd" in
   setup) setup ;;
   demo)  setup; exec "$VENV/bin/ctbot" demo "$@" ;;
-  test)  setup; exec "$VENV/bin/python" -m pytest "$@" ;;
+  test)  setup; "$VENV/bin/ruff" check . ; exec "$VENV/bin/python" -m pytest "$@" ;;
   bench) setup; for b in bench/bench_*.py; do echo "== $b"; "$VENV/bin/python" "$b"; done ;;
   serve) setup; exec "$VENV/bin/ctbot" serve "$@" ;;
   *) sed -n '2,7p' "$0"; exit 2 ;;

@@ -154,7 +154,7 @@ def code_table(rows: list[list[str]], header_row: list[str] | None = None) -> st
     if not all_rows:
         return "```(none)```"
     widths = [max(len(str(r[i])) for r in all_rows) for i in range(len(all_rows[0]))]
-    lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in all_rows]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in all_rows]
     if header_row:
         lines.insert(1, "  ".join("-" * w for w in widths))
     return "```" + "\n".join(lines) + "```"

@@ -123,7 +123,8 @@ def test_unthrottled_progress_updates_each_time(standin):
     for epoch in (1, 2, 3):
         n.run_progress(run, {"train": {"state": "running", "summary": {"epoch": epoch, "epochs": 3}}})
     texts = [message_text(c.args) for c in standin.calls("chat.update")]
-    assert [("epoch %d/3" % e) in t for e, t in zip((1, 2, 3), texts)] == [True] * 3
+    assert len(texts) == 3
+    assert [f"epoch {e}/3" in t for e, t in zip((1, 2, 3), texts, strict=True)] == [True] * 3
 
 
 def test_rate_limited_update_is_retried_after_retry_after(standin):

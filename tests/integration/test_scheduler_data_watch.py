@@ -119,7 +119,7 @@ class CrashOnce(StateStore):
 
 def test_a_crash_before_the_cursor_commit_does_not_repeat_the_alert(redis_url, bucket, s3_store):
     base = StateStore.from_url(redis_url)
-    notifier, runner = RecordingNotifier(), RecordingRunner()
+    notifier = RecordingNotifier()
     settings = settings_for(bucket)
     DataWatch(settings, base, s3_store, None, notifier).tick()  # baseline
     s3_store.put_bytes("data/2026-11-22/q.npz", b"q")
@@ -136,7 +136,7 @@ def test_a_crash_before_the_cursor_commit_does_not_repeat_the_alert(redis_url, b
 
 def test_a_crash_before_commit_does_not_start_a_second_run(redis_url, bucket, s3_store):
     base = StateStore.from_url(redis_url)
-    notifier, runner = RecordingNotifier(), RecordingRunner()
+    runner = RecordingRunner()
     settings = settings_for(bucket, auto_retrain=True)
     s3_store.put_bytes("data/a.npz", b"a")
     DataWatch(settings, base, s3_store, make_service(settings, base, s3_store, runner)).tick()

@@ -63,7 +63,7 @@ def test_two_replicas_launch_each_weekly_fire_once(settings, redis_url, s3_store
         clock.t = TUE_0900.timestamp() + week * 7 * 86400 + 0.5
         results, barrier = [], threading.Barrier(2)
 
-        def fire(jobs):
+        def fire(jobs, barrier=barrier, results=results):
             barrier.wait()
             results.append(jobs.weekly_retrain())
 

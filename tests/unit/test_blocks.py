@@ -34,7 +34,7 @@ def test_help_lists_every_subcommand_and_parameter_with_ranges():
     text = message_text(m)
     for sub in ("train", "status", "runs", "data", "deploy", "rollback", "schedule", "cancel"):
         assert f"/ct {sub}" in text
-    for name, d in TrainParams.describe().items():
+    for name in TrainParams.describe():
         assert name in text
     assert "1…200" in text          # epochs range
     assert "onecycle|cosine|none" in text
