@@ -1,100 +1,249 @@
-"""SlackNotifier: the Notifier protocol (core/types.py) on Slack's Web API.
+"""SlackDelivery: sends what the outbox (core/outbox.py) says ctbot owes Slack.
 
-One message per run: posted when it starts, updated in place while it runs (throttled,
-chat.update is rate limited), replaced by the final report when it ends; the details
-and the confusion matrix go into that message's thread. HTTP 429 is retried after
-Retry-After by slack_sdk's RateLimitErrorRetryHandler.
+One message per run, ever: the first post is claimed in Redis and carries the run id
+as message metadata, so a post whose reply was lost (a crash, a timeout) is found in
+the channel's history instead of being posted twice. The message is then updated in
+place with the run's current state (progress is throttled across replicas; a throttled
+update is deferred, then sent with the latest state), and replaced by the final report;
+the details and the confusion matrix go into its thread once each.
+
+HTTP 429 is waited out per Retry-After, 5xx and network errors back off; the outbox
+keeps the budget (core.outbox.MAX_ATTEMPTS).
 """
 from __future__ import annotations
 
 import logging
-import threading
 import time
+import uuid
 
-from slack_sdk import WebClient
+from slack_sdk.errors import SlackApiError
 
 from bot import blocks
-from bot.slack_client import with_rate_limit_retries
-from core.config import Settings
+from core.outbox import Outbox
 from core.types import NewData, RunRecord
+from steps.results import read_confusion_png, read_report, read_steps
 
 log = logging.getLogger(__name__)
 
+METADATA_EVENT = "ctbot_run"
+POST_CLAIM_SECONDS = 60      # longer than one chat.postMessage with its retries
+DELIVERY_LOCK_SECONDS = 120
+HISTORY_LOOKBACK = 200       # messages searched for a run's lost first post
 
-class SlackNotifier:
-    def __init__(self, client: WebClient, channel: str, settings: Settings | None = None, *,
-                 min_update_seconds: float = 3.0, clock=time.monotonic, wall_clock=time.time):
-        self.client = with_rate_limit_retries(client)
-        self.channel = channel
-        self.settings = settings or Settings()
+
+class SlackDelivery:
+    def __init__(self, client, channel: str, state, store, outbox: Outbox, *,
+                 min_update_seconds: float = 3.0, auto_retrain: bool = False, wall_clock=time.time):
+        self.client, self.channel = client, channel
+        self.state, self.store, self.outbox = state, store, outbox
         self.min_update_seconds = min_update_seconds
-        self.clock, self.wall_clock = clock, wall_clock
-        self._lock = threading.Lock()
-        self._last_update: dict[str, float] = {}          # run_id -> clock() of the last chat.update
-        self._where: dict[str, tuple[str, str]] = {}      # run_id -> (channel id, ts) of its message
+        self.auto_retrain = auto_retrain
+        self.wall_clock = wall_clock
 
-    # ---- the run's message ----------------------------------------------------------
-    def run_started(self, run: RunRecord) -> tuple[str, str]:
-        out = blocks.fit_message(blocks.run_progress(run, {}, self.wall_clock()))
-        resp = self.client.chat_postMessage(channel=self.channel, **out)
-        where = (resp["channel"], resp["ts"])
-        with self._lock:
-            self._where[run.run_id] = where
-            self._last_update[run.run_id] = self.clock()
-        return where
+    # ---- the periodic drain -------------------------------------------------------------
 
-    def run_progress(self, run: RunRecord, steps: dict) -> None:
-        """Update in place, at most once per ``min_update_seconds`` while the run is
-        active; a run that has ended (e.g. canceled) is always shown."""
-        now = self.clock()
-        with self._lock:
-            last = self._last_update.get(run.run_id)
-            if run.active and last is not None and now - last < self.min_update_seconds:
+    def drain(self) -> int:
+        """Deliver everything due; returns how many runs and messages were handled."""
+        n = 0
+        for run_id in self.outbox.due_runs():
+            self.deliver_run(run_id)
+            n += 1
+        return n + self.deliver_messages()
+
+    # ---- runs -----------------------------------------------------------------------------
+
+    def deliver_run(self, run_id: str) -> None:
+        lock, token = f"outbox:deliver:{run_id}", uuid.uuid4().hex
+        if not self.state.acquire_lock(lock, token, DELIVERY_LOCK_SECONDS):
+            self.outbox.defer_run(run_id, 1.0)   # another replica is at it; look again soon
+            return
+        try:
+            self._deliver_run(run_id)
+        except SlackApiError as e:
+            self.outbox.retry_run(run_id, _describe(e), retry_after=_retry_after(e))
+        except Exception as e:  # network errors and the like: back off, try again
+            log.warning("delivering run %s failed: %s", run_id, e)
+            self.outbox.retry_run(run_id, f"{type(e).__name__}: {e}")
+        finally:
+            self.state.release_lock(lock, token)
+
+    def _deliver_run(self, run_id: str) -> None:
+        entry = self.outbox.run_entry(run_id)
+        gen = int(entry.get("gen") or 0)
+        run = self.state.get_run(run_id)
+        if run is None or int(entry.get("delivered") or 0) >= gen:   # nothing new to show
+            self.outbox.run_delivered(run_id, gen)
+            return
+        if entry.get("final") and run.active:
+            # The service is marking it finished right now (or crashed doing so and will
+            # redo it): wait for the final record rather than show progress again.
+            self.outbox.defer_run(run_id, 1.0)
+            return
+        throttle = self.state.k("slack", "throttle", run_id)
+        if run.active and run.slack_ts and self.min_update_seconds > 0:
+            # Shared by every replica: chat.update is rate limited per message.
+            if not self.state.r.set(throttle, "1", nx=True, px=int(self.min_update_seconds * 1000)):
+                wait = max(self.state.r.pttl(throttle), 50) / 1000
+                self.outbox.defer_run(run_id, wait)
                 return
-            self._last_update[run.run_id] = now
-        self._show(run, blocks.run_progress(run, steps or {}, self.wall_clock()))
+        steps = read_steps(self.store, run_id)
+        final = run.state in ("succeeded", "failed")
+        report = self._report(run) if final else None
+        view = blocks.final_report(run, report) if final else blocks.run_progress(run, steps, self.wall_clock())
+        where = self._ensure_message(run, view)
+        if where is None:
+            self.outbox.defer_run(run_id, 2.0)  # someone else's first post is in flight
+            return
+        if where != "posted":
+            self._update(run, where, view)
+        if final:
+            self._thread_parts(run, report, steps)
+        self.outbox.run_delivered(run_id, gen)
 
-    def run_finished(self, run: RunRecord, report: dict, confusion_png: bytes | None) -> None:
-        channel, ts = self._show(run, blocks.final_report(run, report))
-        with self._lock:
-            self._last_update.pop(run.run_id, None)
-        details = blocks.fit_message(blocks.thread_details(run, report))
-        self.client.chat_postMessage(channel=channel, thread_ts=ts, **details)
-        if confusion_png:
-            # files_upload_v2: files.getUploadURLExternal, POST to that URL, files.completeUploadExternal.
-            self.client.files_upload_v2(channel=channel, thread_ts=ts, content=confusion_png,
-                                        filename=f"confusion-{run.run_id}.png",
-                                        title=f"Confusion matrix, run {run.run_id}",
-                                        alt_txt="confusion matrix of kNN top-1 on the eval set")
+    def _report(self, run: RunRecord) -> dict:
+        report = read_report(self.store, run.run_id)
+        if report is None:  # the runner failed before the pipeline wrote one
+            report = {"run_id": run.run_id, "model": run.model, "status": run.state,
+                      "params": run.params, "error": run.error, "decision": "",
+                      "failed_step": run.failed_step or None}
+        return report
 
-    def _show(self, run: RunRecord, message: dict) -> tuple[str, str]:
-        """Update the run's message, or post one if it has none (or it was deleted)."""
-        message = blocks.fit_message(message)
-        where = self._message_of(run)
-        if where:
-            try:
-                self.client.chat_update(channel=where[0], ts=where[1], **message)
-                return where
-            except Exception as e:
-                if "message_not_found" not in str(e):
-                    raise
-                log.warning("message of run %s is gone; posting a new one", run.run_id)
-        resp = self.client.chat_postMessage(channel=self.channel, **message)
-        where = (resp["channel"], resp["ts"])
-        with self._lock:
-            self._where[run.run_id] = where
-        return where
-
-    def _message_of(self, run: RunRecord) -> tuple[str, str] | None:
+    def _ensure_message(self, run: RunRecord, view: dict):
+        """(channel, ts) of the run's message; "posted" when this call posted it with
+        ``view``; None when another process is posting it right now."""
         if run.slack_channel and run.slack_ts:
             return run.slack_channel, run.slack_ts
-        with self._lock:
-            return self._where.get(run.run_id)
+        claim = self.state.k("slack", "post", run.run_id)
+        if not self.state.r.set(claim, "1", nx=True, ex=POST_CLAIM_SECONDS):
+            return None
+        try:
+            where, posted = self._post_once(f"run-{run.run_id}", self.channel, None, blocks.fit_message(view))
+            self._record_where(run, where)
+            if not posted:   # an earlier try did post it: bring it up to date
+                self._update(run, where, view)
+            return "posted" if posted else where
+        finally:
+            self.state.r.delete(claim)
 
-    # ---- other posts ----------------------------------------------------------------
-    def new_data(self, found: NewData, alert_id: str) -> None:
-        alert = blocks.new_data_alert(found, alert_id, auto_retrain=self.settings.auto_retrain)
-        self.client.chat_postMessage(channel=self.channel, **blocks.fit_message(alert))
+    def _post_once(self, key: str, channel: str, thread_ts: str | None, message: dict):
+        """chat.postMessage at most once per ``key``: ((channel, ts), posted_now). A try
+        whose reply was lost is found again by the key in the message's metadata."""
+        tried = self.state.k("slack", "tried", key)
+        if self.state.r.exists(tried):
+            found = self._find(key, channel, thread_ts)
+            if found:
+                return found, False
+        self.state.r.set(tried, "1", ex=30 * 24 * 3600)
+        extra = {"thread_ts": thread_ts} if thread_ts else {}
+        resp = self.client.chat_postMessage(channel=channel, **message, **extra,
+                                            metadata={"event_type": METADATA_EVENT, "event_payload": {"key": key}})
+        self.state.r.set(self.state.k("slack", "channel_id", self.channel), resp["channel"])
+        return (resp["channel"], resp["ts"]), True
 
-    def say(self, text: str) -> None:
-        self.client.chat_postMessage(channel=self.channel, text=text)
+    def _find(self, key: str, channel: str, thread_ts: str | None) -> tuple[str, str] | None:
+        channel_id = channel if channel and channel[0] in "CDG" and channel.isalnum() else \
+            self.state.r.get(self.state.k("slack", "channel_id", self.channel))
+        if not channel_id:
+            return None
+        if thread_ts:
+            resp = self.client.conversations_replies(channel=channel_id, ts=thread_ts, limit=HISTORY_LOOKBACK,
+                                                     include_all_metadata=True)
+        else:
+            resp = self.client.conversations_history(channel=channel_id, limit=HISTORY_LOOKBACK,
+                                                     include_all_metadata=True)
+        for m in resp.get("messages") or []:
+            md = m.get("metadata") or {}
+            if md.get("event_type") == METADATA_EVENT and (md.get("event_payload") or {}).get("key") == key:
+                return channel_id, m["ts"]
+        return None
+
+    def _record_where(self, run: RunRecord, where: tuple[str, str]) -> None:
+        run.slack_channel, run.slack_ts = where
+        self.state.update_run(run.run_id, slack_channel=where[0], slack_ts=where[1])
+
+    def _update(self, run: RunRecord, where: tuple[str, str], view: dict) -> None:
+        try:
+            self.client.chat_update(channel=where[0], ts=where[1], **blocks.fit_message(view))
+        except SlackApiError as e:
+            if (e.response or {}).get("error") != "message_not_found":
+                raise
+            log.warning("message of run %s is gone; posting a new one", run.run_id)
+            run.slack_channel = run.slack_ts = ""
+            self.state.update_run(run.run_id, slack_channel="", slack_ts="")
+            self.state.r.delete(self.state.k("slack", "posted_try", run.run_id))
+            self._ensure_message(run, view)
+
+    def _thread_parts(self, run: RunRecord, report: dict, steps: dict) -> None:
+        """The details and the confusion matrix, in the run message's thread, once each."""
+        if not self.outbox.part_done(run.run_id, "details"):
+            details = blocks.fit_message(blocks.thread_details(run, report))
+            self._post_once(f"details-{run.run_id}", run.slack_channel, run.slack_ts, details)
+            self.outbox.mark_part(run.run_id, "details")
+        if not self.outbox.part_done(run.run_id, "confusion"):
+            png = read_confusion_png(self.store, run.run_id)
+            title = f"Confusion matrix, run {run.run_id}"
+            if png and not self._upload_found(run, title):
+                # files_upload_v2: files.getUploadURLExternal, POST to that URL, files.completeUploadExternal.
+                self.client.files_upload_v2(channel=run.slack_channel, thread_ts=run.slack_ts, content=png,
+                                            filename=f"confusion-{run.run_id}.png",
+                                            title=title,
+                                            alt_txt="confusion matrix of kNN top-1 on the eval set")
+            self.outbox.mark_part(run.run_id, "confusion")
+
+    def _upload_found(self, run: RunRecord, title: str) -> bool:
+        """Was the upload done by a try whose reply was lost? (files carry no metadata;
+        the title names the run.)"""
+        tried = self.state.k("slack", "tried", f"confusion-{run.run_id}")
+        if not self.state.r.set(tried, "1", nx=True, ex=30 * 24 * 3600):
+            resp = self.client.conversations_replies(channel=run.slack_channel, ts=run.slack_ts,
+                                                     limit=HISTORY_LOOKBACK)
+            return any(f.get("title") == title for m in resp.get("messages") or [] for f in m.get("files") or [])
+        return False
+
+    # ---- other messages -------------------------------------------------------------------
+
+    def deliver_messages(self) -> int:
+        n = 0
+        for msg_id, kind, payload in self.outbox.due_messages():
+            lock, token = f"outbox:deliver:{msg_id}", uuid.uuid4().hex
+            if not self.state.acquire_lock(lock, token, DELIVERY_LOCK_SECONDS):
+                continue
+            try:
+                if self.outbox.message_sent(msg_id):
+                    continue
+                self._send(msg_id, kind, payload)
+                self.outbox.message_done(msg_id)
+                n += 1
+            except SlackApiError as e:
+                self.outbox.retry_message(msg_id, _describe(e), retry_after=_retry_after(e))
+            except Exception as e:
+                log.warning("delivering %s failed: %s", msg_id, e)
+                self.outbox.retry_message(msg_id, f"{type(e).__name__}: {e}")
+            finally:
+                self.state.release_lock(lock, token)
+        return n
+
+    def _send(self, msg_id: str, kind: str, payload: dict) -> None:
+        if kind == "new_data":
+            found = NewData(**payload["found"])
+            message = blocks.new_data_alert(found, payload["alert_id"], auto_retrain=self.auto_retrain)
+        elif kind == "say":
+            message = {"text": payload["text"]}
+        else:
+            raise ValueError(f"unknown outbox message kind {kind!r}")
+        self._post_once(msg_id, self.channel, None, blocks.fit_message(message))
+
+
+def _retry_after(e: SlackApiError) -> float | None:
+    headers = getattr(e.response, "headers", None) or {}
+    value = headers.get("Retry-After") or headers.get("retry-after")
+    try:
+        return float(value) if value is not None else None
+    except (TypeError, ValueError):
+        return None
+
+
+def _describe(e: SlackApiError) -> str:
+    status = getattr(e.response, "status_code", "?")
+    error = (e.response or {}).get("error") if hasattr(e.response, "get") else ""
+    return f"Slack HTTP {status} {error or ''}".strip()

@@ -27,14 +27,13 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ENV_PREFIX = "CT_"
 NESTED_DELIMITER = "__"
-SECRET_FIELDS = {"slack_bot_token", "slack_signing_secret", "slack_app_token"}
+SECRET_FIELDS = {"slack_bot_token", "slack_signing_secret", "slack_app_token", "kfp_token"}
 # Names older than the CT_ prefix (Slack's and Redis's usual ones); they win over CT_<FIELD>.
 PLAIN_ENV = {"SLACK_BOT_TOKEN": "slack_bot_token", "SLACK_SIGNING_SECRET": "slack_signing_secret",
              "SLACK_APP_TOKEN": "slack_app_token", "REDIS_URL": "redis_url", "SLACK_API_URL": "slack_api_url"}
 # CT_ names that are not settings but are read elsewhere; the unknown-name check lets them by.
 OTHER_CT_ENV = {
     "CT_CONFIG": "the config file",
-    "CT_IMAGE": "component image, read when the pipeline is compiled (pipelines/pipeline.py)",
     "CT_VENV": "dev.sh's virtualenv",
     "CT_UPDATE_FIXTURES": "regenerates test fixtures",
 }
@@ -52,6 +51,10 @@ class ConfigError(Exception):
 class Section(BaseModel):
     """Base of a nested section (``access:``, ``deploy:``, ...): unknown keys are errors."""
     model_config = ConfigDict(extra="forbid")
+
+
+class ScheduleSection(Section):
+    catch_up: bool = True               # a weekly fire missed while no scheduler ran is run once, however late
 
 
 class Settings(BaseSettings):
@@ -79,6 +82,13 @@ class Settings(BaseSettings):
     runner: Literal["local", "kfp"] = "local"
     kfp_host: str = ""
     kfp_experiment: str = "ctbot"
+    kfp_namespace: str = ""             # multi-user Kubeflow: the profile namespace runs go into
+    kfp_ui_url: str = ""                # links posted to Slack; default kfp_host
+    kfp_token: SecretStr = SecretStr("")   # a bearer token; unset: the projected service-account token
+    kfp_token_path: str = ""            # that token's file; default $KF_PIPELINES_SA_TOKEN_PATH or kfp's path
+    kfp_timeout_seconds: float = Field(30.0, gt=0)   # per API request, so a stuck API can't hang a tick
+    kfp_retries: int = Field(4, ge=0)   # on connection errors and 5xx, with backoff
+    image: str = ""                     # the pipeline components' (trainer) image; "" = the pipeline's default
     resources: str = ""                 # kfp: per-step resources file (see pipelines/resources.py)
     run_workdir: str = "./.ctbot/runs"  # local runner's scratch (pipeline_root, logs)
     deploy_floor: float = Field(0.97, ge=0, le=1)        # absolute minimum kNN top-1 to deploy
@@ -93,6 +103,11 @@ class Settings(BaseSettings):
     new_data_threshold: int = Field(1, ge=1)             # new objects needed before alerting
     auto_retrain: bool = False
     misfire_grace_seconds: int = Field(6 * 3600, ge=1)
+    schedule: ScheduleSection = Field(default_factory=ScheduleSection)
+    outbox_drain_seconds: float = Field(2.0, gt=0)       # how often owed Slack messages are retried
+    command_resume_seconds: float = Field(10.0, gt=0)    # how often commands cut off by a crash are resumed
+    # Operations
+    log_format: Literal["text", "json"] = "text"    # json: one object per line, with the run id
 
     _origins: dict[str, str] = PrivateAttr(default_factory=dict)
 

@@ -9,7 +9,7 @@ from core.errors import UnknownRun
 from core.types import RunRecord
 from steps import layout
 from steps.deploy import read_alias
-from steps.results import read_confusion_png, read_report, read_steps
+from steps.results import read_report, read_steps
 
 log = logging.getLogger("ctbot.service")
 
@@ -113,11 +113,4 @@ class RunQueries:
             return read_report(self.store, run_id)
         except Exception:
             log.exception("reading the report of %s failed", run_id)
-            return None
-
-    def _read_confusion(self, run_id: str) -> bytes | None:
-        try:
-            return read_confusion_png(self.store, run_id)
-        except Exception:
-            log.exception("reading the confusion matrix of %s failed", run_id)
             return None

@@ -11,6 +11,7 @@ bot process should pay for that only when it actually starts a run.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import time
 
@@ -29,6 +30,11 @@ log = logging.getLogger("ctbot.service")
 LOCK_TTL = 6 * 3600          # the run watch refreshes it; the TTL only frees a lock nobody watches
 DEDUPE_TTL = 7 * 24 * 3600   # how long a repeated request/alert/fire maps to the same run
 FINISH_TTL = 30 * 24 * 3600
+FINISH_CLAIM_TTL = 300
+COMMAND_TTL = 24 * 3600       # an accepted command's record (a response_url lasts 30 min)
+COMMAND_START_GRACE = 15      # an accepted command not started within this is resumed
+COMMAND_RUN_GRACE = 300       # a started one that has not finished within this is resumed
+EFFECT_PENDING_TTL = 600      # a button claimed by a click that never finished frees up again
 SNAPSHOT_MAX_URIS = 2000     # beyond this a snapshot is folded into folders (see _snapshot)
 QUEUED_TIMEOUT = 600         # a run never submitted after this long is marked failed
 
@@ -243,14 +249,24 @@ class TrainingService(RunQueries):
             self.state.refresh_lock(run.model, run_id, LOCK_TTL)
             if progress != run.progress:
                 run = self.state.update_run(run_id, only_if_active=True, progress=progress) or run
+            # Epoch, loss and val accuracy change within a step: compare the summaries too.
+            # The deliverer throttles and always sends the latest state.
+            sig = json.dumps({k: [(v or {}).get("state"), (v or {}).get("summary")] for k, v in steps.items()},
+                             sort_keys=True, default=str)
+            if self.state.swap_marker(f"progress:{run_id}", sig, LOCK_TTL) != sig:
                 self.notifier.run_progress(run, steps)
             return run
         return self._finish(run, status, steps, progress)
 
     def _finish(self, run: RunRecord, status: str, steps: dict, progress: dict,
                 error: str = "") -> RunRecord:
-        if not self.state.once(f"dedupe:finished:{run.run_id}", FINISH_TTL):
+        claim = f"dedupe:finished:{run.run_id}"
+        # A short claim, made permanent at the end: a crash half-way lets a later refresh
+        # finish the run instead of leaving it "running" for ever.
+        if not self.state.once(claim, FINISH_CLAIM_TTL):
             return self.get_run(run.run_id)  # another replica (or a cancel) finished it
+        # Owed to Slack before the run counts as finished: the report survives a crash.
+        self.notifier.run_finished(run, None, None)
         report = None if error else self._read_report(run.run_id)
         fields = {"progress": progress, "finished_at": self.clock()}
         if error:
@@ -277,11 +293,8 @@ class TrainingService(RunQueries):
         self.state.audit("run_finished", "scheduler", run_id=run.run_id, state=run.state,
                          decision=run.decision or None, version=run.model_version,
                          error=run.error or None)
-        if report is None:
-            report = {"run_id": run.run_id, "model": run.model, "status": run.state,
-                      "params": run.params, "error": run.error, "decision": "",
-                      "failed_step": run.failed_step or None}
-        self.notifier.run_finished(run, report, self._read_confusion(run.run_id))
+        self.notifier.run_progress(run, steps)       # now final: the deliverer sends the report
+        self.state.hold(claim, FINISH_TTL)
         return run
 
     # ---- acting on runs and models ----------------------------------------------------
@@ -352,6 +365,48 @@ class TrainingService(RunQueries):
         self.notifier.say(f"{who(by)} rolled {self.model} back from v{moved.get('from')} "
                             f"to v{moved.get('to')}.")
         return moved
+
+    # ---- Slack's retries and double clicks: accepted once, done once --------------------
+
+    def accept_command(self, cmd_id: str, payload: dict) -> bool:
+        """Durable before the ack says "Starting…"; False for a repeated delivery."""
+        return self.state.accept_command(cmd_id, payload, COMMAND_TTL)
+
+    def command_started(self, cmd_id: str) -> dict:
+        """Mark a command's job as running; returns its record (with any plan from an
+        earlier, interrupted try)."""
+        record = self.state.command(cmd_id)
+        self.state.update_command(cmd_id, state="running", started_at=self.clock())
+        return record
+
+    def plan_command(self, cmd_id: str, **plan) -> None:
+        self.state.update_command(cmd_id, **plan)
+
+    def finish_command(self, cmd_id: str) -> None:
+        self.state.finish_command(cmd_id)
+
+    def interrupted_commands(self) -> list[dict]:
+        """Accepted commands whose job never ran, or died: to be resumed or answered."""
+        out = []
+        for cmd_id in self.state.open_commands(older_than=COMMAND_START_GRACE):
+            record = self.state.command(cmd_id)
+            if not record:
+                self.state.finish_command(cmd_id)
+                continue
+            started = float(record.get("started_at") or 0)
+            if record.get("state") == "accepted" or self.clock() - started > COMMAND_RUN_GRACE:
+                out.append({"id": cmd_id, **record})
+        return out
+
+    def claim_effect(self, key: str, by: str) -> dict | None:
+        """None when ``by`` may go ahead; else what the first actor did ({by, outcome})."""
+        return self.state.claim_effect(key, by, EFFECT_PENDING_TTL)
+
+    def settle_effect(self, key: str, by: str, outcome: str) -> None:
+        self.state.settle_effect(key, by, outcome, DEDUPE_TTL)
+
+    def release_effect(self, key: str) -> None:
+        self.state.release_effect(key)
 
     def dismiss_alert(self, alert_id: str, by: str) -> None:
         self.state.audit("alert_dismissed", by, alert_id=alert_id)

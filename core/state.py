@@ -154,8 +154,68 @@ class StateStore:
         """Overwrite a once() marker's value, keeping its expiry."""
         self.r.set(self.prefix + key, value, keepttl=True)
 
+    def put_marker(self, key: str, value: str, ttl: float) -> None:
+        self.r.set(self.prefix + key, value, px=int(ttl * 1000))
+
+    def hold(self, key: str, ttl: float) -> None:
+        """Keep a once() marker for ``ttl`` from now (e.g. make a short claim lasting)."""
+        self.r.pexpire(self.prefix + key, int(ttl * 1000))
+
+    def swap_marker(self, key: str, value: str, ttl: float) -> str | None:
+        """Set a marker; returns its previous value."""
+        return self.r.set(self.prefix + key, value, px=int(ttl * 1000), get=True)
+
     def forget(self, key: str) -> None:
         self.r.delete(self.prefix + key)
+
+    # ---- accepted commands and button effects ---------------------------------------
+
+    def accept_command(self, cmd_id: str, payload: dict, ttl: float) -> bool:
+        """Record a command before its ack promises anything; False when it was already
+        accepted (a retry of the same request)."""
+        key = self.k("cmd", cmd_id)
+        if not self.r.hsetnx(key, "payload", json.dumps(payload)):
+            return False
+        p = self.r.pipeline()
+        p.hset(key, mapping={"accepted_at": self.clock(), "state": "accepted"})
+        p.expire(key, int(ttl))
+        p.zadd(self.k("cmds"), {cmd_id: self.clock()})
+        p.execute()
+        return True
+
+    def command(self, cmd_id: str) -> dict:
+        h = self.r.hgetall(self.k("cmd", cmd_id))
+        if "payload" in h:
+            h["payload"] = json.loads(h["payload"])
+        return h
+
+    def update_command(self, cmd_id: str, **fields) -> None:
+        self.r.hset(self.k("cmd", cmd_id), mapping={k: json.dumps(v) if isinstance(v, dict) else v
+                                                    for k, v in fields.items()})
+
+    def finish_command(self, cmd_id: str) -> None:
+        self.r.zrem(self.k("cmds"), cmd_id)
+        self.r.hset(self.k("cmd", cmd_id), "state", "done")
+
+    def open_commands(self, older_than: float) -> list[str]:
+        """Accepted, not finished, and accepted more than ``older_than`` seconds ago."""
+        return self.r.zrangebyscore(self.k("cmds"), "-inf", self.clock() - older_than)
+
+    def claim_effect(self, key: str, who: str, ttl: float) -> dict | None:
+        """The first caller owns ``key`` (None); later callers get {by, outcome, at}."""
+        full = self.k("effect", key)
+        mine = json.dumps({"by": who, "outcome": "", "at": self.clock()})
+        if self.r.set(full, mine, nx=True, px=int(ttl * 1000)):
+            return None
+        raw = self.r.get(full)
+        return json.loads(raw) if raw else {"by": "", "outcome": "", "at": 0}
+
+    def settle_effect(self, key: str, who: str, outcome: str, ttl: float) -> None:
+        self.r.set(self.k("effect", key), json.dumps({"by": who, "outcome": outcome, "at": self.clock()}),
+                   px=int(ttl * 1000))
+
+    def release_effect(self, key: str) -> None:
+        self.r.delete(self.k("effect", key))
 
     # ---- data-watch cursor ------------------------------------------------------------
 

@@ -26,8 +26,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from core.config import load_settings
     from ctbot.wiring import build_store
-    from steps.storage import open_store
     from serving.app import start_serving
+    from steps.storage import open_store
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     settings = load_settings(getattr(args, "config", None))

@@ -30,6 +30,8 @@ class Deps:
     runner: object         # pipelines.runners.Runner
     client: object | None  # slack_sdk.WebClient, None when Slack is not configured
     notifier: SafeNotifier
+    outbox: object         # core.outbox.Outbox: what ctbot owes Slack
+    delivery: object | None  # bot.notifier.SlackDelivery, None without Slack
     service: object        # core.service.TrainingService
     jobs: object           # scheduler.jobs.Jobs
     scheduler: object      # scheduler.app.CtScheduler, not started
@@ -65,17 +67,19 @@ def build_slack_client(settings: Settings):
     return slack_client(reveal(settings.slack_bot_token), settings.slack_api_url)
 
 
-def build_notifier(settings: Settings, client):
+def build_delivery(settings: Settings, client, state, store, outbox):
     if client is None:
         return None
-    from bot.notifier import SlackNotifier
-    return SlackNotifier(client, settings.slack_channel, settings,
-                         min_update_seconds=settings.slack_min_update_seconds)
+    from bot.notifier import SlackDelivery
+    return SlackDelivery(client, settings.slack_channel, state, store, outbox,
+                         min_update_seconds=settings.slack_min_update_seconds,
+                         auto_retrain=settings.auto_retrain)
 
 
 def build_deps(settings: Settings, *, state=None, store=None, runner=None, client=None,
                notifier=None, clock=time.time) -> Deps:
     """Everything but the Bolt app; each part can be passed in instead of built."""
+    from core.outbox import Outbox, OutboxNotifier
     from core.service import TrainingService
     from scheduler.app import CtScheduler
     from scheduler.data_watch import DataWatch
@@ -86,13 +90,19 @@ def build_deps(settings: Settings, *, state=None, store=None, runner=None, clien
     state = state if state is not None else build_state(settings)
     runner = runner if runner is not None else build_runner(settings, store)
     client = client if client is not None else build_slack_client(settings)
-    safe = SafeNotifier(notifier if notifier is not None else build_notifier(settings, client))
+    outbox = Outbox(state, clock)
+    delivery = build_delivery(settings, client, state, store, outbox)
+    if notifier is None and delivery is not None:
+        notifier = OutboxNotifier(outbox, delivery)
+    safe = SafeNotifier(notifier)
     schedule = WeeklySchedule(settings, clock)
     service = TrainingService(settings, state, store, runner, safe, clock=clock,
                               next_retrain=schedule.next_fire)
     watch = DataWatch(settings, state, store, service, safe, clock=clock)
     jobs = Jobs(settings, state, service, watch, safe, schedule=schedule, clock=clock)
-    return Deps(settings, state, store, runner, client, safe, service, jobs, CtScheduler(settings, jobs))
+    drain = [("slack_outbox", delivery.drain, settings.outbox_drain_seconds)] if delivery else []
+    return Deps(settings, state, store, runner, client, safe, outbox, delivery, service, jobs,
+                CtScheduler(settings, jobs, extra_jobs=drain))
 
 
 def check_bot_settings(settings: Settings) -> None:
@@ -118,6 +128,13 @@ def build_bot(deps: Deps, *, with_scheduler: bool = True, job_workers: int = 2):
         background = ProcessBackground(workers=job_workers, initializer=init_job_worker,
                                        initargs=(s, 19, logging.getLogger().getEffectiveLevel()))
     app = create_app(s, deps.service, deps.client, background=background)
+    if with_scheduler:
+        # Commands acked just before a crash are resumed here (the first run is at start).
+        from bot.background import JobContext
+        from bot.listeners.commands import resume_interrupted
+        ctx = JobContext(deps.service, deps.client, s)
+        deps.scheduler.extra_jobs.append(("resume_commands", lambda: resume_interrupted(ctx),
+                                          s.command_resume_seconds))
     return BotProcess(s, deps.client, deps.notifier, deps.service, app,
                       deps.scheduler if with_scheduler else None)
 

@@ -93,7 +93,12 @@ def assemble(run_id: str, model: str, *, steps: dict, card: dict | None, metrics
 def finalize_run(store, run_id: str, *, model: str, params: dict | None = None,
                  pipeline_state: str = SUCCEEDED, pipeline_error: str = "",
                  write: bool = True) -> dict:
-    """Close the run's books: mark the steps that never ran, write report.json."""
+    """Close the run's books: mark the steps that never ran, write report.json. A run
+    canceled from Slack keeps its canceled report: the exit task, which may see the
+    terminated pods as FAILED, never turns it into a failure or a success."""
+    existing = store.get_json(layout.report_key(run_id)) if write else None
+    if existing and existing.get("status") == "canceled":
+        return existing
     steps = read_steps(store, run_id)
     status, failed_step, error = outcome(steps, pipeline_state, pipeline_error)
 

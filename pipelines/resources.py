@@ -34,9 +34,17 @@ STEP_KEYS = {"cpu", "cpu_limit", "memory", "memory_limit", "gpu", "gpu_type", "n
              "tolerations", "pvc", "env", "secret_env", "timeout_seconds"}
 TOP_KEYS = {"default", "image", *STEP_NAMES}
 
-# Sensible for MNIST on CPU nodes: training is the only heavy step.
+# The Secret every step reads its store endpoint and credentials from, in the namespace
+# the runs execute in (k8s/base/pipeline-resources.yaml; README "Running on a cluster").
+# An empty S3_ENDPOINT_URL means AWS.
+S3_SECRET = "ctbot-s3"
+S3_SECRET_ENV = {"AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY",
+                 "S3_ENDPOINT_URL": "S3_ENDPOINT_URL"}
+
+# Sensible for MNIST on CPU nodes: training is the only heavy step. Without the Secret a
+# pod on a cluster could not reach the store at all, so it is part of the defaults.
 DEFAULT_RESOURCES: dict = {
-    "default": {"cpu": "500m", "memory": "1Gi"},
+    "default": {"cpu": "500m", "memory": "1Gi", "secret_env": {S3_SECRET: S3_SECRET_ENV}},
     "ingest": {"memory": "2Gi"},
     "train": {"cpu": "4", "memory": "8Gi"},
     "embed": {"cpu": "2", "memory": "4Gi"},

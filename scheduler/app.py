@@ -23,9 +23,13 @@ log = logging.getLogger("ctbot.scheduler")
 
 
 class CtScheduler:
-    def __init__(self, settings, jobs: Jobs, scheduler: BackgroundScheduler | None = None):
+    def __init__(self, settings, jobs: Jobs, scheduler: BackgroundScheduler | None = None, *,
+                 extra_jobs: list | None = None):
+        """``extra_jobs``: (id, fn, seconds) run on an interval, such as the Slack outbox's
+        drain, which the composition root hands in (the scheduler knows nothing of Slack)."""
         self.settings = settings
         self.jobs = jobs
+        self.extra_jobs = list(extra_jobs or [])
         self.scheduler = scheduler or BackgroundScheduler(timezone=zone(settings.timezone))
 
     def add_jobs(self) -> None:
@@ -44,6 +48,9 @@ class CtScheduler:
         self.scheduler.add_job(self.jobs.run_watch, IntervalTrigger(seconds=s.run_watch_seconds),
                                id="run_watch", name="run watch", next_run_time=now,
                                misfire_grace_time=max(1, int(s.run_watch_seconds)), **common)
+        for job_id, fn, seconds in self.extra_jobs:
+            self.scheduler.add_job(fn, IntervalTrigger(seconds=seconds), id=job_id, name=job_id.replace("_", " "),
+                                   next_run_time=now, misfire_grace_time=max(1, int(seconds)), **common)
 
     def start(self, catch_up: bool = True) -> None:
         self.add_jobs()

@@ -12,6 +12,9 @@ import time
 from dataclasses import dataclass
 from datetime import datetime
 
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
 from core.errors import Conflict, ServiceError
 from core.notify import SafeNotifier
 from core.types import RunRecord
@@ -20,6 +23,7 @@ from scheduler.fires import WeeklySchedule, fire_key, previous_fire
 log = logging.getLogger("ctbot.scheduler")
 
 WEEKLY_FIRE_TTL = 21 * 24 * 3600
+QUEUED_WEEKLY = "queued:weekly"   # the fire key of a weekly retrain waiting for the active run
 
 
 @dataclass
@@ -42,6 +46,7 @@ class Jobs:
         self.clock = clock
         self.schedule = schedule or WeeklySchedule(settings, clock)
         self.trigger, self.days = self.schedule.trigger, self.schedule.days
+        self._down_since = 0.0
 
     def now(self) -> datetime:
         return self.schedule.now()
@@ -69,9 +74,13 @@ class Jobs:
             run = self.service.request_training(f"weekly retrain {key}", {}, "scheduler",
                                                 trigger="weekly", dedupe_key=f"weekly:{key}")
         except Conflict as e:
-            self.state.audit("weekly_skipped", "scheduler", fire=key, reason=str(e))
-            self._say(f"Weekly retrain {key} skipped: {e}")
-            return Fire(key, "conflict", detail=str(e))
+            # Queued, not lost: the run watch starts it once the active run has ended.
+            self.state.put_marker(QUEUED_WEEKLY, key, WEEKLY_FIRE_TTL)
+            blocker = getattr(e, "run", None)
+            behind = f"run `{blocker.run_id}`" if blocker else "the active run"
+            self.state.audit("weekly_queued", "scheduler", fire=key, behind=getattr(blocker, "run_id", None))
+            self._say(f"Weekly retrain {key} is queued behind {behind}; it starts when that run ends.")
+            return Fire(key, "queued", detail=str(e))
         except ServiceError as e:
             self.state.audit("weekly_failed", "scheduler", fire=key, reason=str(e))
             self._say(f"Weekly retrain {key} could not start: {e}")
@@ -80,11 +89,11 @@ class Jobs:
 
     def catch_up(self) -> Fire | None:
         """At start-up: fire the latest scheduled retrain if it was missed (no replica was
-        up) and it is at most misfire_grace_seconds old. Its fire key makes this a no-op
-        when it did fire."""
+        up), however late, unless schedule.catch_up is off. Its fire key makes this a
+        no-op when it did fire, so it happens once."""
         now = self.now()
         prev = previous_fire(self.trigger, now)
-        if prev is None or (now - prev).total_seconds() > self.settings.misfire_grace_seconds:
+        if prev is None or not self.settings.schedule.catch_up:
             return None
         fire = self.weekly_retrain(prev)
         if fire and fire.outcome == "launched":
@@ -109,12 +118,48 @@ class Jobs:
         if not self._claim_slot("run_watch", self.settings.run_watch_seconds):
             return []
         out = []
-        for run_id in self.state.active_run_ids():
-            try:
-                out.append(self.service.refresh(run_id))
-            except Exception:
-                log.exception("refreshing %s failed", run_id)
+        try:
+            for run_id in self.state.active_run_ids():
+                try:
+                    out.append(self.service.refresh(run_id))
+                except (RedisConnectionError, RedisTimeoutError):
+                    raise
+                except Exception:
+                    log.exception("refreshing %s failed", run_id)
+            self._start_queued_weekly()
+        except (RedisConnectionError, RedisTimeoutError) as e:
+            self._outage(f"{type(e).__name__}: {e}")
+            return out
+        self._outage(None)
         return out
+
+    def _outage(self, error: str | None) -> None:
+        """One log line when Redis becomes unreachable and one when it is back, not a
+        traceback every tick."""
+        if error and not self._down_since:
+            self._down_since = self.clock()
+            log.error("run watch: the state store is unreachable (%s); retrying quietly", error)
+        elif not error and self._down_since:
+            log.warning("run watch: the state store is back after %.0f s", self.clock() - self._down_since)
+            self._down_since = 0.0
+
+    def _start_queued_weekly(self) -> None:
+        key = self.state.marker(QUEUED_WEEKLY)
+        if not key or self.service.active_run() is not None:
+            return
+        if self.state.schedule_paused():
+            return   # it starts when the schedule is resumed
+        try:
+            run = self.service.request_training(f"weekly retrain {key} (queued)", {}, "scheduler",
+                                                trigger="weekly", dedupe_key=f"weekly:{key}")
+        except Conflict:
+            return   # someone started a run in between: wait for that one
+        except ServiceError as e:
+            self.state.forget(QUEUED_WEEKLY)
+            self._say(f"Queued weekly retrain {key} could not start: {e}")
+            return
+        self.state.forget(QUEUED_WEEKLY)
+        self.state.audit("weekly_dequeued", "scheduler", fire=key, run_id=run.run_id)
 
     def _say(self, text: str) -> None:
         self.notifier.say(text)

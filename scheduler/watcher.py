@@ -64,7 +64,7 @@ def fingerprint(entries: dict) -> str:
 def label_of(key: str) -> str | None:
     """The class of a PNG in a ``.../<label>/<name>.png`` folder, else None."""
     parts = key.split("/")
-    if len(parts) >= 2 and key.lower().endswith(".png") and parts[-2].isdigit():
+    if len(parts) >= 2 and key.lower().endswith(".png") and parts[-2].isascii() and parts[-2].isdigit():
         return parts[-2]
     return None
 

@@ -12,6 +12,7 @@ import time
 from bot import blocks, ids
 from bot.blocks.common import esc
 from bot.listeners.guard import replying_on_error
+from bot.listeners.parse import is_ascii_number
 
 
 class Click:
@@ -49,43 +50,48 @@ def _tell_clicker(ctx, click: Click, message: dict) -> None:
 
 # ---- jobs: job(ctx, body) ----------------------------------------------------------------
 
-def retrain_new_data(ctx, body: dict) -> None:
+def retrain_new_data(ctx, body: dict) -> str | None:
     c = Click(body)
     with _private(ctx, c):
         # The alert id is the dedupe key: two clicks (or two people) start one run.
         run = ctx.service.request_training(f"new data (alert {c.value}), retrain by <@{c.user}>", {}, c.user,
                                            trigger="new_data", dedupe_key=c.value)
         _update(ctx, c, f":rocket: <@{c.user}> started run `{esc(run.run_id)}` from this alert.", None)
+        return f"started run {run.run_id}"
 
 
-def dismiss_alert(ctx, body: dict) -> None:
+def dismiss_alert(ctx, body: dict) -> str | None:
     c = Click(body)
     with _private(ctx, c):
         ctx.service.dismiss_alert(c.value, by=c.user)
         _update(ctx, c, f":wave: Dismissed by <@{c.user}>; the data stays pending for the next run.", None)
+        return "dismissed the alert"
 
 
-def promote(ctx, body: dict) -> None:
+def promote(ctx, body: dict) -> str | None:
     c = Click(body)
     with _private(ctx, c):
         version = ctx.service.promote(c.value, by=c.user)
         _update(ctx, c, f":rocket: <@{c.user}> promoted this run to production as *v{version}*.", (ids.PROMOTE,))
+        return f"promoted it as v{version}"
 
 
-def rollback(ctx, body: dict) -> None:
+def rollback(ctx, body: dict) -> str | None:
     c = Click(body)
     with _private(ctx, c):
-        shown = int(c.value) if c.value.isascii() and c.value.isdigit() else None
+        shown = int(c.value) if is_ascii_number(c.value) else None
         moved = ctx.service.rollback(None, by=c.user, expect_production=shown)
         _update(ctx, c, f":rewind: <@{c.user}> rolled production back from v{moved.get('from')} "
                         f"to v{moved.get('to')}.", (ids.ROLLBACK,))
+        return f"rolled production back to v{moved.get('to')}"
 
 
-def cancel_run(ctx, body: dict) -> None:
+def cancel_run(ctx, body: dict) -> str | None:
     c = Click(body)
     with _private(ctx, c):
         # The service re-renders the run's message (state canceled) through the notifier.
         ctx.service.cancel(c.value, by=c.user)
+        return f"canceled run {c.value}"
 
 
 def view_run(ctx, body: dict) -> None:
@@ -96,7 +102,7 @@ def view_run(ctx, body: dict) -> None:
         _tell_clicker(ctx, c, blocks.run_details(run, steps, time.time()))
 
 
-def retrain(ctx, body: dict) -> None:
+def retrain(ctx, body: dict) -> str | None:
     c = Click(body)
     with _private(ctx, c):
         old = ctx.service.get_run(c.value)
@@ -104,10 +110,14 @@ def retrain(ctx, body: dict) -> None:
                                            trigger="manual")
         _tell_clicker(ctx, c, blocks.info(f":rocket: Started run `{esc(run.run_id)}` with the parameters of "
                                           f"`{esc(old.run_id)}`."))
+        return f"started run {run.run_id}"
 
 
 JOBS = {ids.RETRAIN_NEW_DATA: retrain_new_data, ids.DISMISS_ALERT: dismiss_alert, ids.PROMOTE: promote,
         ids.ROLLBACK: rollback, ids.CANCEL_RUN: cancel_run, ids.VIEW_RUN: view_run, ids.RETRAIN: retrain}
+# Buttons with an effect: once per message. View run only shows things, so it may repeat.
+for _action in (ids.RETRAIN_NEW_DATA, ids.DISMISS_ALERT, ids.PROMOTE, ids.ROLLBACK, ids.CANCEL_RUN, ids.RETRAIN):
+    JOBS[_action] = once_per_button(JOBS[_action])
 
 
 def register(app, service, settings) -> None:
@@ -122,3 +132,29 @@ def _acking(app, job):
         app.background.submit(job, body, what=job.__name__)
     listener.__name__ = f"on_{job.__name__}"
     return listener
+
+
+def once_per_button(job):
+    """One effect per button of a message, however many clicks, clickers or repeated
+    deliveries: the first click claims it; later ones are told what happened. A click
+    whose job fails frees the button again."""
+    def guarded(ctx, body: dict) -> None:
+        c = Click(body)
+        key = f"{c.channel}:{c.ts}:{c.action_id}:{c.value}"
+        with _private(ctx, c):
+            first = ctx.service.claim_effect(key, c.user)
+            if first is not None:
+                done = first.get("outcome") or "is still being handled"
+                _tell_clicker(ctx, c, blocks.info(f"Already done: <@{first.get('by')}> clicked this first and "
+                                                  f"{esc(done)}."))
+                return
+        outcome = None
+        try:
+            outcome = job(ctx, body)
+        finally:
+            if outcome:
+                ctx.service.settle_effect(key, c.user, outcome)
+            else:
+                ctx.service.release_effect(key)
+    guarded.__name__ = job.__name__
+    return guarded

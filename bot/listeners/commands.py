@@ -7,6 +7,7 @@ never waits on training or I/O.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 
@@ -35,22 +36,65 @@ def register(app, service, settings) -> None:
 
     def on_command(ack, body: dict):
         """Answer at once: the final text when there is nothing slow to do, else 'working
-        on it' and the rest in the background."""
+        on it' and the rest in the background. The command is recorded in Redis before
+        that promise, so a crash after the ack resumes it instead of dropping it."""
         reply, parsed = _quick(service, body.get("text", ""), command)
+        if parsed is None:
+            ack(**reply)
+            return
+        try:
+            fresh = service.accept_command(command_id(body), _durable(body))
+        except Exception as e:  # noqa: BLE001 - nothing was changed; say why, specifically
+            ack(**error_reply(e, f"`{command} {parsed.sub}`"))
+            return
         ack(**reply)
-        if parsed is not None:
+        if fresh:   # a repeated delivery (X-Slack-Retry-Num) is acked, not run twice
             app.background.submit(run_command, parsed, body, what=f"{command} {parsed.sub}")
 
     app.command(command)(on_command)
 
 
+def command_id(body: dict) -> str:
+    """Slack gives every invocation its own trigger_id, and a retry repeats it."""
+    return body.get("trigger_id") or f"{body.get('user_id')}:{body.get('response_url')}"
+
+
+def _durable(body: dict) -> dict:
+    keep = ("text", "user_id", "channel_id", "team_id", "response_url", "trigger_id", "command")
+    return {k: body.get(k, "") for k in keep}
+
+
 def run_command(ctx, parsed: Parsed, body: dict) -> None:
     """The slow part (a background job). Every answer replaces the 'working on it' reply."""
     command = ctx.settings.slash_command
+    cmd_id = command_id(body)
     respond = ctx.respond(body["response_url"])
     with replying_on_error(respond, f"`{command} {parsed.sub}`", replace_original=True):
-        out = _execute(ctx.service, ctx.client, ctx.settings, parsed, body.get("user_id", ""))
+        record = ctx.service.command_started(cmd_id)
+        out = _execute(ctx.service, ctx.client, ctx.settings, parsed, body.get("user_id", ""),
+                       cmd_id, record)
         respond(**blocks.fit_message(out), replace_original=True)
+    # Answered, with the result or a specific error: either way the command is settled.
+    with contextlib.suppress(Exception):
+        ctx.service.finish_command(cmd_id)
+
+
+def resume_interrupted(ctx) -> int:
+    """Commands accepted but never finished (the process died after the ack): run them
+    again. Their effects are idempotent per command id, so a half-done one completes
+    rather than repeats. Returns how many were resumed."""
+    n = 0
+    for record in ctx.service.interrupted_commands():
+        body = record.get("payload") or {}
+        try:
+            parsed = parse(body.get("text", ""), ctx.settings.slash_command)
+        except Exception:  # it parsed when it was accepted; if not now, just close it
+            ctx.service.finish_command(record["id"])
+            continue
+        log.warning("resuming interrupted command %s (%s)", record["id"], parsed.sub)
+        run_command(ctx, parsed, body)
+        n += 1
+    return n
 
 
 def _quick(service, text: str, command: str) -> tuple[dict, Parsed | None]:
@@ -81,7 +125,7 @@ def _classify(service, text: str, command: str) -> tuple[dict, Parsed | None]:
         return error_reply(e, f"`{command}`"), None
 
 
-def _execute(service, client, settings, p: Parsed, who: str) -> dict:
+def _execute(service, client, settings, p: Parsed, who: str, cmd_id: str = "", record: dict | None = None) -> dict:
     """Carry out a parsed command; returns the reply (with response_type for public ones)."""
     if p.sub == "status":
         return blocks.status_message(service.status())
@@ -92,7 +136,7 @@ def _execute(service, client, settings, p: Parsed, who: str) -> dict:
     if p.sub == "train":
         params = service.parse_params(p.args)
         run = service.request_training(f"{settings.slash_command} train by <@{who}>", params, who,
-                                       trigger="manual")
+                                       trigger="manual", dedupe_key=f"cmd:{cmd_id}" if cmd_id else None)
         link = _permalink(client, run.slack_channel, run.slack_ts)
         where = f" — follow it <{link}|here>" if link else ""
         shown = " ".join(f"`{k}={v}`" for k, v in params.items()) or "default parameters"
@@ -104,7 +148,14 @@ def _execute(service, client, settings, p: Parsed, who: str) -> dict:
         version = service.promote(p.run_id, by=who)
         return blocks.info(f":rocket: Promoted run `{esc(p.run_id)}` to production as *v{version}*.")
     if p.sub == "rollback":
-        moved = service.rollback(p.version, by=who)
+        # The production version this command saw, kept with it: a resumed or repeated
+        # rollback can't move production a second time.
+        seen = (record or {}).get("expect_production")
+        if seen is None:
+            seen = (service.production() or {}).get("version")
+            if cmd_id:
+                service.plan_command(cmd_id, expect_production=seen if seen is not None else "")
+        moved = service.rollback(p.version, by=who, expect_production=int(seen) if seen not in (None, "") else None)
         return blocks.info(f":rewind: Production rolled back from v{moved.get('from')} to *v{moved.get('to')}*.")
     if p.sub == "cancel":
         run = service.cancel(p.run_id, by=who)

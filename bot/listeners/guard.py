@@ -5,10 +5,16 @@ import logging
 import uuid
 from contextlib import contextmanager
 
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
 from bot import blocks
 from core.errors import ServiceError
 
 log = logging.getLogger("bot.listeners")
+STATE_ERRORS = (RedisConnectionError, RedisTimeoutError)
+
+STATE_DOWN = "ctbot can't reach its state store; nothing was changed."
 
 
 def error_reply(exc: BaseException, what: str) -> dict:
@@ -16,6 +22,9 @@ def error_reply(exc: BaseException, what: str) -> dict:
     else is logged with an id the user can quote, and they see only that id."""
     if isinstance(exc, ServiceError):
         return blocks.error(str(exc))
+    if isinstance(exc, STATE_ERRORS):
+        log.warning("%s: the state store is unreachable: %s", what, exc)
+        return blocks.error(STATE_DOWN, "It recovers by itself when Redis is back; try again in a minute.")
     incident = uuid.uuid4().hex[:8]
     log.error("%s failed [incident %s]", what, incident, exc_info=exc)
     return blocks.error(f"Something went wrong while handling {what}; it was logged as incident {incident}.",

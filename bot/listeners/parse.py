@@ -62,7 +62,7 @@ def parse(text: str, command: str = "/ct") -> Parsed:
         if len(args) > 1:
             raise UsageError(f"`{command} runs` takes at most one number.", _usage(command, sub))
         if args:
-            if not args[0].isdigit() or not 1 <= int(args[0]) <= MAX_RUNS:
+            if not is_ascii_number(args[0]) or not 1 <= int(args[0]) <= MAX_RUNS:
                 raise UsageError(f"“{args[0]}” is not a number of runs between 1 and {MAX_RUNS}.",
                                  _usage(command, sub))
             p.n = int(args[0])
@@ -77,7 +77,7 @@ def parse(text: str, command: str = "/ct") -> Parsed:
             raise UsageError(f"`{command} rollback` takes at most one version.", _usage(command, sub))
         if args:
             raw = args[0].lower().removeprefix("v")
-            if not raw.isdigit() or int(raw) < 1:
+            if not is_ascii_number(raw) or int(raw) < 1:
                 raise UsageError(f"“{args[0]}” is not a model version (like `3` or `v3`).", _usage(command, sub))
             p.version = int(raw)
     elif sub == "schedule":
@@ -92,3 +92,9 @@ def parse(text: str, command: str = "/ct") -> Parsed:
                              "Write each as `key=value` with no spaces around `=`.",
                              f"Example: `{command} train epochs=3 lr=0.01` — `{command} help` lists the keys.")
     return p
+
+
+def is_ascii_number(text: str) -> bool:
+    """Digits 0-9 only: str.isdigit() also accepts '²' and '٣', which int() then rejects
+    or reads as another number."""
+    return text.isascii() and text.isdigit() and len(text) <= 9

@@ -29,6 +29,8 @@ DEFAULTS = {
     "deploy_tolerance": 0.002, "timezone": "UTC", "retrain_day": "tue", "retrain_time": "09:00",
     "data_watch_minutes": 10.0, "data_sweep_minutes": 60.0, "run_watch_seconds": 5.0,
     "new_data_threshold": 1, "auto_retrain": False, "misfire_grace_seconds": 21600,
+    "kfp_namespace": "", "kfp_ui_url": "", "kfp_token": "", "kfp_token_path": "", "kfp_timeout_seconds": 30.0,
+    "kfp_retries": 4, "image": "", "log_format": "text",
 }
 
 
@@ -97,7 +99,8 @@ SAMPLES = {"http_port": "8080", "deploy_floor": "0.5", "auto_retrain": "true", "
            "retrain_day": "mon,thu", "retrain_time": "06:30", "timezone": "Asia/Seoul", "keep_versions": "3",
            "slack_min_update_seconds": "1.5", "data_watch_minutes": "2", "data_sweep_minutes": "30",
            "run_watch_seconds": "1", "new_data_threshold": "4", "misfire_grace_seconds": "60",
-           "deploy_tolerance": "0.01", "slack_channel": "#x", "slash_command": "/x"}
+           "deploy_tolerance": "0.01", "slack_channel": "#x", "slash_command": "/x",
+           "kfp_timeout_seconds": "5", "kfp_retries": "1", "log_format": "json"}
 
 
 @pytest.mark.parametrize("field", list(Settings.model_fields))

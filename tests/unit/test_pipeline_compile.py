@@ -21,7 +21,8 @@ FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 
 
 def load(path) -> dict:
-    return yaml.safe_load(Path(path).read_text())
+    """The pipeline spec: the first document (a second one holds kfp-kubernetes settings)."""
+    return next(yaml.safe_load_all(Path(path).read_text()))
 
 
 def dags(doc: dict) -> dict:
