@@ -146,7 +146,7 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=4, help="alternating raw/served rounds")
     ap.add_argument("--n", type=int, default=250, help="requests per client per round")
     ap.add_argument("--seconds", type=float, default=3.0, help="per batched throughput round")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1, help="torch/faiss threads per call, server and raw alike")
     args = ap.parse_args(argv)
 
     import torch

@@ -119,6 +119,9 @@ class SlackDelivery:
         try:
             where, posted = self._post_once(f"run-{run.run_id}", self.channel, None, blocks.fit_message(view))
             self._record_where(run, where)
+            if self.min_update_seconds > 0:   # the post counts as the latest update
+                self.state.r.set(self.state.k("slack", "throttle", run.run_id), "1",
+                                 px=int(self.min_update_seconds * 1000))
             if not posted:   # an earlier try did post it: bring it up to date
                 self._update(run, where, view)
             return "posted" if posted else where
@@ -137,12 +140,32 @@ class SlackDelivery:
         extra = {"thread_ts": thread_ts} if thread_ts else {}
         resp = self.client.chat_postMessage(channel=channel, **message, **extra,
                                             metadata={"event_type": METADATA_EVENT, "event_payload": {"key": key}})
-        self.state.r.set(self.state.k("slack", "channel_id", self.channel), resp["channel"])
+        if channel == self.channel:
+            self.state.r.set(self.state.k("slack", "channel_id", channel), resp["channel"])
         return (resp["channel"], resp["ts"]), True
 
+    def _channel_id(self, channel: str) -> str | None:
+        """Slack's id for a channel configured by name (history needs the id)."""
+        if channel[:1] in "CDG" and channel.isalnum():
+            return channel
+        cache = self.state.k("slack", "channel_id", channel)
+        cached = self.state.r.get(cache)
+        if cached:
+            return cached
+        name, cursor = channel.lstrip("#"), None
+        while True:
+            resp = self.client.conversations_list(types="public_channel,private_channel", limit=1000,
+                                                  exclude_archived=True, cursor=cursor)
+            for c in resp.get("channels") or []:
+                if c.get("name") == name:
+                    self.state.r.set(cache, c["id"])
+                    return c["id"]
+            cursor = (resp.get("response_metadata") or {}).get("next_cursor")
+            if not cursor:
+                return None
+
     def _find(self, key: str, channel: str, thread_ts: str | None) -> tuple[str, str] | None:
-        channel_id = channel if channel and channel[0] in "CDG" and channel.isalnum() else \
-            self.state.r.get(self.state.k("slack", "channel_id", self.channel))
+        channel_id = self._channel_id(channel)
         if not channel_id:
             return None
         if thread_ts:

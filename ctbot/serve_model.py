@@ -16,7 +16,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="how often the production alias is read (one small GET)")
     p.add_argument("--max-body-bytes", type=int, default=8 << 20, help="larger requests get 413")
     p.add_argument("--max-batch", type=int, default=256, help="most images in one request")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: the CPUs this process may use)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch/faiss threads per request (0: all CPUs); requests run in parallel")
     p.add_argument("--notice-channel", default=None,
                    help="Redis pub/sub channel whose messages trigger an alias check at once "
                         "(default: ct:alias:<model> when REDIS_URL is set; '' for none)")

@@ -62,6 +62,7 @@ class Message:
     replies: list = field(default_factory=list)
     history: list = field(default_factory=list)     # earlier (text, blocks), oldest first
     clicked: str = ""                               # for a click: the button's label
+    metadata: dict = field(default_factory=dict)    # chat.postMessage's metadata, as Slack keeps it
 
     def edit(self, text: str, blocks: list) -> None:
         self.history.append((self.text, self.blocks))
@@ -252,10 +253,13 @@ class SlackStandin:
             yield m
             yield from m.replies
 
-    def fail_next(self, method: str, *, status: int = 429, retry_after: int = 1, times: int = 1) -> None:
-        """The next ``times`` calls of ``method`` get HTTP ``status`` with Retry-After."""
+    def fail_next(self, method: str, *, status: int = 429, retry_after: int = 1, times: int = 1,
+                  after_effect: bool = False, delay: float = 0.0) -> None:
+        """The next ``times`` calls of ``method`` fail: HTTP ``status`` (429 with
+        Retry-After, 500 without), after ``delay`` seconds. With ``after_effect`` the
+        call takes effect first and only its reply is lost, as when a connection drops."""
         with self._lock:
-            self._fail.setdefault(method, []).extend([(status, retry_after)] * times)
+            self._fail.setdefault(method, []).extend([(status, retry_after, after_effect, delay)] * times)
 
     # ---- Slack -> app: signed deliveries --------------------------------------------
     def response_url(self, channel: str, user: str, message_ts: str = "") -> str:
@@ -441,11 +445,12 @@ class SlackStandin:
             call = Call(method, args, time.time())
             self._calls.append(call)
             fails = self._fail.get(method)
-            if fails:
-                status, retry_after = fails.pop(0)
-                call.status, call.error = status, "ratelimited"
-                self._lock.notify_all()
-                return status, {"ok": False, "error": "ratelimited"}, {"Retry-After": str(retry_after)}
+            fault = fails.pop(0) if fails else None
+        if fault and fault[3]:
+            time.sleep(fault[3])   # slow, outside the lock: other calls go on
+        with self._lock:
+            if fault and not fault[2]:
+                return self._fault(call, fault)
             auth = h.headers.get("Authorization", "")
             token = auth[7:] if auth.startswith("Bearer ") else args.get("token", "")
             try:
@@ -458,8 +463,18 @@ class SlackStandin:
             except SlackApiError as e:
                 call.error = e.error
                 result = {"ok": False, "error": e.error}
+            if fault:   # it happened, but the caller never hears so
+                return self._fault(call, fault)
             self._lock.notify_all()
             return 200, result, {}
+
+    def _fault(self, call: Call, fault: tuple):
+        status, retry_after = fault[0], fault[1]
+        error = "ratelimited" if status == 429 else "internal_error"
+        call.status, call.error = status, error
+        self._lock.notify_all()
+        headers = {"Retry-After": str(retry_after)} if status == 429 else {}
+        return status, {"ok": False, "error": error}, headers
 
     # Web API methods (called with the lock held) ------------------------------------
     def _m_auth_test(self, a):
@@ -480,7 +495,8 @@ class SlackStandin:
     def _m_chat_postMessage(self, a):
         cid = self.channel_id(a.get("channel", ""))
         text, blocks = self._content(a)
-        m = Message(channel=cid, ts=self._new_ts(), text=text, blocks=blocks, thread_ts=a.get("thread_ts") or "")
+        m = Message(channel=cid, ts=self._new_ts(), text=text, blocks=blocks, thread_ts=a.get("thread_ts") or "",
+                    metadata=_maybe_json(a["metadata"]) if isinstance(a.get("metadata"), str) else a.get("metadata") or {})
         if m.thread_ts:
             parent = self._by_ts.get((cid, m.thread_ts))
             if parent is None:
@@ -490,6 +506,38 @@ class SlackStandin:
         else:
             self._append(m)
         return {"channel": cid, "ts": m.ts, "message": m.to_payload()}
+
+    def _history_item(self, m: Message, metadata: bool) -> dict:
+        item = {"type": "message", "ts": m.ts, "text": m.text, "user": m.user,
+                **({"thread_ts": m.thread_ts} if m.thread_ts else {}),
+                **({"files": [{"id": f.get("id"), "name": f.get("name"), "title": f.get("title")}
+                              for f in m.files]} if m.files else {})}
+        if metadata and m.metadata:
+            item["metadata"] = m.metadata
+        return item
+
+    def _m_conversations_list(self, a):
+        return {"channels": [{"id": cid, "name": name, "is_channel": True, "is_member": True}
+                             for cid, name in self._channels.items()],
+                "response_metadata": {"next_cursor": ""}}
+
+    def _m_conversations_history(self, a):
+        """Newest first, like Slack; metadata only with include_all_metadata."""
+        cid = self.channel_id(a.get("channel", ""))
+        limit = int(a.get("limit") or 100)
+        want_md = str(a.get("include_all_metadata", "")).lower() in ("1", "true")
+        top = [m for m in self._timeline if m.channel == cid and not m.deleted and not m.ephemeral_to]
+        return {"messages": [self._history_item(m, want_md) for m in reversed(top)][:limit], "has_more": False}
+
+    def _m_conversations_replies(self, a):
+        cid = self.channel_id(a.get("channel", ""))
+        parent = self._by_ts.get((cid, a.get("ts", "")))
+        if parent is None:
+            raise SlackApiError("thread_not_found")
+        want_md = str(a.get("include_all_metadata", "")).lower() in ("1", "true")
+        limit = int(a.get("limit") or 100)
+        return {"messages": [self._history_item(m, want_md) for m in [parent, *parent.replies]][:limit],
+                "has_more": False}
 
     def _m_chat_update(self, a):
         cid = self.channel_id(a.get("channel", ""))

@@ -28,7 +28,7 @@ class Serving:
 
 def start_serving(store, model: str, *, host: str = "127.0.0.1", port: int = 8080,
                   poll_seconds: float = 2.0, max_body_bytes: int = 8 << 20, max_batch: int = 256,
-                  threads: int = 0, redis_url: str = "", notice_channel: str = "",
+                  threads: int = 1, redis_url: str = "", notice_channel: str = "",
                   workdir: str | None = None) -> Serving:
     """Load the production version (if any) before listening, so a server that answers
     is already ready; then follow the alias in the background."""

@@ -14,7 +14,8 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 # first release shipped with, kept so anyone can rerun the comparison against it.
 PRESETS: dict[str, dict] = {
     "v0": {"epochs": 8, "batch_size": 256, "lr": 4e-3, "lr_schedule": "onecycle",
-           "margin": 0.5, "scale": 30.0, "augment_shift": 2},
+           "margin": 0.5, "scale": 30.0, "augment_shift": 2, "augment_rotate": 0.0,
+           "augment_scale": 0.0, "layers": "c16,p,c32,p,c64,c128", "warmup": 0.2},
 }
 
 # name -> (min, max) inclusive; for str fields: the allowed values.
@@ -34,6 +35,10 @@ _RANGES: dict[str, tuple] = {
     "augment_scale": (0.0, 0.3),
     "val_fraction": (0.0, 0.5),
     "threads": (0, 256),
+    # Layer stacks measured in bench/bench_model.py; "c<N>" 3x3 conv, "s2" stride 2, "p" max-pool.
+    "layers": ("c16,p,c32,p,c64,c128", "c16,p,c32,p,c64,c96", "c16,p,c32,p,c64,c64",
+               "c16,p,c32,p,c64s2,c128", "c16s2,c32,p,c64,c128", "c32,p,c64,p,c128"),
+    "warmup": (0.0, 0.5),
 }
 
 
@@ -58,6 +63,8 @@ class TrainParams:
     augment_scale: float = _f(0.0, "random zoom of training images by up to this fraction (0.1 = 90-110%)")
     val_fraction: float = _f(0.05, "share of the training data held out to measure val_top1 (kNN)")
     threads: int = _f(0, "CPU threads for torch; 0 = every CPU this process may use (cgroup limit)")
+    layers: str = _f("c16,p,c32,p,c64,c128", "network: c<N> = 3x3 conv to N channels (s2: stride 2), p = 2x2 max-pool")
+    warmup: float = _f(0.2, "share of the steps spent raising the learning rate to its peak")
 
     @classmethod
     def valid_keys(cls) -> list[str]:

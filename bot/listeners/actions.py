@@ -113,13 +113,6 @@ def retrain(ctx, body: dict) -> str | None:
         return f"started run {run.run_id}"
 
 
-JOBS = {ids.RETRAIN_NEW_DATA: retrain_new_data, ids.DISMISS_ALERT: dismiss_alert, ids.PROMOTE: promote,
-        ids.ROLLBACK: rollback, ids.CANCEL_RUN: cancel_run, ids.VIEW_RUN: view_run, ids.RETRAIN: retrain}
-# Buttons with an effect: once per message. View run only shows things, so it may repeat.
-for _action in (ids.RETRAIN_NEW_DATA, ids.DISMISS_ALERT, ids.PROMOTE, ids.ROLLBACK, ids.CANCEL_RUN, ids.RETRAIN):
-    JOBS[_action] = once_per_button(JOBS[_action])
-
-
 def register(app, service, settings) -> None:
     for action_id, job in JOBS.items():
         app.action(action_id)(_acking(app, job))
@@ -158,3 +151,10 @@ def once_per_button(job):
                 ctx.service.release_effect(key)
     guarded.__name__ = job.__name__
     return guarded
+
+
+JOBS = {ids.RETRAIN_NEW_DATA: retrain_new_data, ids.DISMISS_ALERT: dismiss_alert, ids.PROMOTE: promote,
+        ids.ROLLBACK: rollback, ids.CANCEL_RUN: cancel_run, ids.VIEW_RUN: view_run, ids.RETRAIN: retrain}
+# Buttons with an effect: once per message. View run only shows things, so it may repeat.
+for _action in (ids.RETRAIN_NEW_DATA, ids.DISMISS_ALERT, ids.PROMOTE, ids.ROLLBACK, ids.CANCEL_RUN, ids.RETRAIN):
+    JOBS[_action] = once_per_button(JOBS[_action])

