@@ -154,7 +154,7 @@ def test_outputs_shapes_and_both_input_forms_agree(server, world):
     fp = (x.astype(np.float32) / 255).reshape(6, 1, 28, 28)
     status, f32 = infer(server.url, tensor(fp, "FP32", parameters={"k": 3}, outputs=[{"name": "label"}]))
     assert status == 200 and [o["name"] for o in f32["outputs"]] == ["label"]
-    assert output(f32, "label").tolist() == output(u8, "label").tolist() or True  # k differs: shape only
+    assert output(f32, "label").shape == (6,)
     status, k5 = infer(server.url, tensor(fp, "FP32"))
     assert output(k5, "label").tolist() == output(u8, "label").tolist()
     assert np.allclose(output(k5, "neighbor_distances"), nd, atol=1e-4)
@@ -362,6 +362,6 @@ def test_cli_prints_one_serving_line(world, tmp_path):
     finally:
         proc.terminate()
         proc.wait(15)
-    empty = subprocess.run([sys.executable, "-m", "ctbot.cli", "serve-model", "--help"],
-                           capture_output=True, text=True, timeout=60)
-    assert "--max-body-bytes" in empty.stdout
+    helped = subprocess.run([sys.executable, "-m", "ctbot.cli", "serve-model", "--help"],
+                            capture_output=True, text=True, timeout=60)
+    assert "--max-body-bytes" in helped.stdout
