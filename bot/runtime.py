@@ -4,13 +4,22 @@
     proc.start()        # HTTP (or Socket Mode when SLACK_APP_TOKEN is set) + the scheduler
     ...
     proc.stop()
+
+Health: ``live()`` (/livez) is the process answering at all; ``health()`` (/readyz,
+/healthz) asks Redis and the store, so an outage takes the pod out of the Service
+without restarting it. In Socket Mode the probes and /metrics are still served on
+http_port (``probes``), with no Slack route.
 """
 from __future__ import annotations
 
+import logging
 import sys
 from dataclasses import dataclass
 
+from core import metrics
 from core.config import Settings, reveal
+
+log = logging.getLogger(__name__)
 
 HEAVY_MODULES = ("torch", "faiss")
 
@@ -30,21 +39,41 @@ class BotProcess:
     scheduler: object | None = None
     server: object | None = None          # bot.server.HttpServer in HTTP mode
     socket: object | None = None          # SocketModeHandler in Socket Mode
+    probes: object | None = None          # bot.server.HttpServer of /livez, /readyz, /metrics in Socket Mode
 
     def health(self) -> dict:
-        problems = self.service.health()
+        """Readiness: Redis (the service's own check) and the store answer."""
+        problems = dict(self.service.health())
+        store = getattr(self.service, "store", None)
+        if store is not None:
+            try:
+                # one cheap listing that fails on a missing bucket or bad credentials,
+                # which a HEAD of a missing key would not
+                next(iter(store.list("readyz/", start_after="readyz/~")), None)
+            except Exception as e:   # report, don't raise: the probe must answer
+                problems["store"] = type(e).__name__
+        for dep in ("redis", "store"):
+            if dep in problems:
+                metrics.dependency_error("s3" if dep == "store" else dep)
         return {"ok": not problems, "mode": "socket" if reveal(self.settings.slack_app_token) else "http",
                 "scheduler": bool(self.scheduler), "imports": heavy_imports(), **problems}
 
     def start(self, host: str | None = None, port: int | None = None) -> BotProcess:
-        from bot.server import serve_http, serve_socket_mode
+        from bot.server import Readiness, serve_http, serve_socket_mode
         if hasattr(self.app.background, "start"):
             self.app.background.start()     # workers warm up while the server starts
+        try:
+            metrics.seed(self.service.list_runs(50))
+        except Exception as e:   # metrics must never keep the bot from starting
+            log.warning("could not seed metrics from past runs: %s", e)
+        host = host or self.settings.http_host
+        port = self.settings.http_port if port is None else port
+        ready = Readiness(self.health)
         if reveal(self.settings.slack_app_token):
+            self.probes = serve_http(None, host, port, health=ready)
             self.socket = serve_socket_mode(self.app, reveal(self.settings.slack_app_token))
         else:
-            self.server = serve_http(self.app, host or self.settings.http_host,
-                                     self.settings.http_port if port is None else port, health=self.health)
+            self.server = serve_http(self.app, host, port, health=ready)
         if self.scheduler is not None:
             self.scheduler.start()
         return self
@@ -54,6 +83,8 @@ class BotProcess:
             self.scheduler.shutdown(wait=False)
         if self.server is not None:
             self.server.shutdown()
+        if self.probes is not None:
+            self.probes.shutdown()
         if self.socket is not None:
             self.socket.close()
         self.app.background.shutdown(wait=False)

@@ -5,12 +5,18 @@ and under 20 concurrent requests it dropped connections and acked in 3-4 s, past
 Slack's 3 s limit. Here a ThreadingHTTPServer with a deep accept queue hands each
 request to ``app.dispatch`` on its own thread; the listeners ack at once and leave
 slow work to the app's background jobs (bot/background.py).
+
+Routes: POST /slack/events; GET /livez (the process serves), /readyz (Redis and the
+store answer; /healthz is its old name) and /metrics (Prometheus). In Socket Mode the
+same server runs without the Slack route, for the probes and the scrape.
 """
 from __future__ import annotations
 
 import json
 import logging
+import re
 import threading
+import time
 import urllib.parse
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -19,10 +25,68 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from slack_bolt import App
 from slack_bolt.request import BoltRequest
 
+from core import metrics
+
 log = logging.getLogger(__name__)
 
 EVENTS_PATH = "/slack/events"
+READY_PATHS = ("/readyz", "/healthz")   # /healthz: the name older manifests probe
 MAX_BODY = 1 << 20   # Slack's payloads are a few KB; refuse anything absurd
+READY_WAIT = 2.0     # a readiness check that takes longer answers with the last result
+
+
+class Readiness:
+    """Runs ``check`` off the request thread: a store or Redis that hangs must not hold
+    one of the four server threads Slack's acks need. A request waits up to READY_WAIT
+    for a fresh answer, else gets the last one (not ready if there was none)."""
+
+    def __init__(self, check: Callable[[], dict]):
+        self._check = check
+        self._lock = threading.Lock()
+        self._last: dict = {"ok": False, "error": "not checked yet"}
+        self._running: threading.Thread | None = None
+
+    def __call__(self) -> dict:
+        with self._lock:
+            if self._running is None or not self._running.is_alive():
+                self._running = threading.Thread(target=self._run, name="ctbot-readyz", daemon=True)
+                self._running.start()
+            running = self._running
+        running.join(READY_WAIT)
+        with self._lock:
+            return dict(self._last, stale=True) if running.is_alive() else dict(self._last)
+
+    def _run(self) -> None:
+        try:
+            status = self._check()
+        except Exception as e:   # health must answer, not crash the handler
+            log.warning("readiness check failed: %s", e)
+            status = {"ok": False, "error": type(e).__name__}
+        with self._lock:
+            self._last = status
+
+
+def _request_name(body: str, ctype: str) -> tuple[str, str]:
+    """(kind, name) of a Slack request, for the metrics: the subcommand of a slash
+    command, the action id of a click, the event type; bounded label values."""
+    try:
+        if "json" in ctype:
+            doc = json.loads(body or "{}")
+            return "event", str((doc.get("event") or {}).get("type") or doc.get("type") or "unknown")[:40]
+        form = urllib.parse.parse_qs(body)
+        if "payload" in form:
+            payload = json.loads(form["payload"][0])
+            action = ((payload.get("actions") or [{}])[0]).get("action_id") or payload.get("type") or ""
+            return "action", action if re.fullmatch(r"[a-z0-9_:.-]{1,40}", action) else "other"
+        if "command" in form:
+            from bot.blocks.replies import SUBCOMMANDS
+            from bot.listeners.parse import ALIASES
+            words = (form.get("text") or [""])[0].split()
+            sub = ALIASES.get(words[0].lower(), words[0].lower()) if words else "help"
+            return "command", sub if sub in SUBCOMMANDS else "unknown"
+    except (ValueError, KeyError, IndexError, AttributeError, TypeError):
+        pass
+    return "other", "unknown"
 
 
 class _Server(ThreadingHTTPServer):
@@ -83,7 +147,7 @@ class HttpServer:
         self._thread.join(5)
 
 
-def _handler(app: App, health: Callable[[], dict]):
+def _handler(app: App | None, health: Callable[[], dict]):
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
         server_version = "ctbot"
@@ -112,7 +176,13 @@ def _handler(app: App, health: Callable[[], dict]):
             self.wfile.write(data)
 
         def do_GET(self):
-            if urllib.parse.urlsplit(self.path).path != "/healthz":
+            path = urllib.parse.urlsplit(self.path).path
+            if path == "/livez":    # answering at all is the proof; no dependency is asked
+                return self._send(200, json.dumps({"ok": True}), ctype="application/json")
+            if path == "/metrics":
+                body, ctype = metrics.exposition()
+                return self._send(200, body, ctype=ctype)
+            if path not in READY_PATHS:
                 return self._send(404, "not found")
             try:
                 status = health()
@@ -123,8 +193,9 @@ def _handler(app: App, health: Callable[[], dict]):
                        ctype="application/json")
 
         def do_POST(self):
+            started = time.perf_counter()
             parsed = urllib.parse.urlsplit(self.path)
-            if parsed.path != EVENTS_PATH:
+            if app is None or parsed.path != EVENTS_PATH:
                 return self._send(404, "not found")
             n = int(self.headers.get("Content-Length") or 0)
             if n > MAX_BODY:
@@ -135,19 +206,28 @@ def _handler(app: App, health: Callable[[], dict]):
                 headers.setdefault(k.lower(), []).append(v)
             resp = app.dispatch(BoltRequest(body=body, query=parsed.query, headers=headers))
             self._send(resp.status, resp.body or "", resp.headers)
+            kind, name = _request_name(body, self.headers.get("Content-Type") or "")
+            metrics.ACK_SECONDS.labels(kind).observe(time.perf_counter() - started)
+            if kind in ("command", "action"):
+                metrics.command(name, "ok" if resp.status < 300 else
+                                "rejected" if resp.status in (401, 403) else "error")
 
     return Handler
 
 
-def serve_http(app: App, host: str = "127.0.0.1", port: int = 0,
+def serve_http(app: App | None, host: str = "127.0.0.1", port: int = 0,
                health: Callable[[], dict] | None = None) -> HttpServer:
-    """Serve ``app`` at POST /slack/events (commands, actions, events) and GET /healthz
-    on a background thread; port 0 picks a free one. Returns a handle with .url."""
+    """Serve ``app`` at POST /slack/events (commands, actions, events), and the probes
+    and /metrics, on a background thread; port 0 picks a free one. ``app`` None serves
+    only the probes and /metrics (Socket Mode). Returns a handle with .url."""
     server = _Server((host, port), _handler(app, health or (lambda: {"ok": True})))
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2},
                               name="ctbot-http", daemon=True)
     thread.start()
-    log.info("serving Slack requests at http://%s:%s%s", host, server.server_address[1], EVENTS_PATH)
+    if app is not None:
+        log.info("serving Slack requests at http://%s:%s%s", host, server.server_address[1], EVENTS_PATH)
+    else:
+        log.info("serving /livez, /readyz and /metrics at http://%s:%s", host, server.server_address[1])
     return HttpServer(server, thread)
 
 

@@ -2,16 +2,43 @@
 from __future__ import annotations
 
 from slack_sdk import WebClient
+from slack_sdk.errors import SlackApiError
 from slack_sdk.http_retry.builtin_handlers import RateLimitErrorRetryHandler
+
+from core import metrics
+
+
+class _CountedRateLimitRetries(RateLimitErrorRetryHandler):
+    """Counts each 429 it waits out (ctbot_slack_api_rate_limited_total)."""
+
+    def prepare_for_next_attempt(self, *, state, request, response=None, error=None):
+        metrics.slack_call(request.url.rsplit("/", 1)[-1], status=429)
+        super().prepare_for_next_attempt(state=state, request=request, response=response, error=error)
+
+
+class CountingWebClient(WebClient):
+    """A WebClient that counts its calls and failures per method for /metrics."""
+
+    def api_call(self, api_method: str, **kwargs):
+        try:
+            resp = super().api_call(api_method, **kwargs)
+        except SlackApiError as e:
+            metrics.slack_call(api_method, status=e.response.status_code, error=str(e.response.get("error") or "error"))
+            raise
+        except Exception as e:
+            metrics.slack_call(api_method, error=type(e).__name__)
+            raise
+        metrics.slack_call(api_method)
+        return resp
 
 
 def with_rate_limit_retries(client: WebClient, max_retry_count: int = 3) -> WebClient:
     """Make ``client`` wait out HTTP 429 (Retry-After) instead of failing; idempotent."""
     if not any(isinstance(h, RateLimitErrorRetryHandler) for h in client.retry_handlers):
-        client.retry_handlers.append(RateLimitErrorRetryHandler(max_retry_count=max_retry_count))
+        client.retry_handlers.append(_CountedRateLimitRetries(max_retry_count=max_retry_count))
     return client
 
 
 def slack_client(token: str, base_url: str = "") -> WebClient:
     kwargs = {"base_url": base_url} if base_url else {}
-    return with_rate_limit_retries(WebClient(token=token or None, **kwargs))
+    return with_rate_limit_retries(CountingWebClient(token=token or None, **kwargs))

@@ -12,8 +12,15 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable
 
-from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram, PlatformCollector,
-                               ProcessCollector, generate_latest)
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 REGISTRY = CollectorRegistry(auto_describe=True)
@@ -122,7 +129,14 @@ def _seed(run) -> None:
                 PRODUCTION_TOP1.set(run.top1)
 
 
-def data_watch_tick(oldest_new_object_age: float | None = None, now: float | None = None) -> None:
-    DATA_WATCH_LAST_TICK.set(time.time() if now is None else now)
-    if oldest_new_object_age is not None:
-        DATA_WATCH_LAG.set(max(0.0, oldest_new_object_age))
+def data_watch_tick(found: dict | None = None, now: float | None = None) -> None:
+    """A data-watch listing: ``found`` maps the new keys to entries with an ISO
+    ``last_modified`` (scheduler.watcher.entry); the lag is the oldest one's age."""
+    from datetime import datetime
+
+    now = time.time() if now is None else now
+    DATA_WATCH_LAST_TICK.set(now)
+    stamps = [datetime.fromisoformat(e["last_modified"]).timestamp()
+              for e in (found or {}).values() if e.get("last_modified")]
+    if stamps:
+        DATA_WATCH_LAG.set(max(0.0, now - min(stamps)))

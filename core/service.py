@@ -15,6 +15,7 @@ import json
 import logging
 import time
 
+from core import metrics
 from core.config import Settings
 from core.errors import Conflict, ParamError, ServiceError, UnknownRun
 from core.notify import SafeNotifier
@@ -247,6 +248,7 @@ class TrainingService(RunQueries):
         progress = {name: (st or {}).get("state", "") for name, st in steps.items()}
         if status not in FINAL_STATES:
             self.state.refresh_lock(run.model, run_id, LOCK_TTL)
+            metrics.run_started(run)
             if progress != run.progress:
                 run = self.state.update_run(run_id, only_if_active=True, progress=progress) or run
             # Epoch, loss and val accuracy change within a step: compare the summaries too.
@@ -295,6 +297,7 @@ class TrainingService(RunQueries):
                          error=run.error or None)
         self.notifier.run_progress(run, steps)       # now final: the deliverer sends the report
         self.state.hold(claim, FINISH_TTL)
+        metrics.run_finished(run)
         return run
 
     # ---- acting on runs and models ----------------------------------------------------
@@ -313,6 +316,7 @@ class TrainingService(RunQueries):
         run = self.state.update_run(run_id, state="canceled", finished_at=self.clock(),
                                     error=f"canceled by {by}")
         self.state.release_lock(run.model, run_id)
+        metrics.run_finished(run)
         self.state.audit("cancel", by, run_id=run_id)
         self.notifier.run_progress(run, self._read_steps(run_id))
         self.notifier.say(f"{who(by)} canceled run `{run_id}`.")

@@ -14,10 +14,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from core.config import load_settings
+    from core.logs import configure_logging
     from ctbot.wiring import build_deps
 
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    sched = build_deps(load_settings(getattr(args, "config", None))).scheduler
+    settings = load_settings(getattr(args, "config", None))
+    configure_logging(settings, args.log_level)
+    sched = build_deps(settings).scheduler
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import signal
 import sys
 import threading
@@ -20,13 +19,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from core.config import load_settings
+    from core.logs import configure_logging
     from ctbot.wiring import build_bot, build_deps, check_bot_settings
 
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     # Acks are ~1 ms of CPU each; with CPython's default 5 ms GIL slice one busy thread
     # makes a burst of concurrent acks queue behind it (bench/bench_ack.py: p99 halved).
     sys.setswitchinterval(0.001)
     settings = load_settings(getattr(args, "config", None))
+    configure_logging(settings, args.log_level)
     check_bot_settings(settings)
     proc = build_bot(build_deps(settings), with_scheduler=not args.no_scheduler,
                      job_workers=args.job_workers)

@@ -112,8 +112,11 @@ class KfpRunner:
         token = reveal(self.settings.kfp_token)
         if token:
             return {"existing_token": token}
-        from kfp.client import KF_PIPELINES_SA_TOKEN_ENV, KF_PIPELINES_SA_TOKEN_PATH, \
-            ServiceAccountTokenVolumeCredentials
+        from kfp.client import (
+            KF_PIPELINES_SA_TOKEN_ENV,
+            KF_PIPELINES_SA_TOKEN_PATH,
+            ServiceAccountTokenVolumeCredentials,
+        )
         path = (self.settings.kfp_token_path or os.environ.get(KF_PIPELINES_SA_TOKEN_ENV)
                 or KF_PIPELINES_SA_TOKEN_PATH)
         if os.path.exists(path):

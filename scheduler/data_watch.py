@@ -13,6 +13,7 @@ import time
 import uuid
 from dataclasses import dataclass
 
+from core import metrics
 from core.errors import Conflict, ServiceError
 from core.notify import SafeNotifier
 from core.types import NewData
@@ -103,6 +104,7 @@ class DataWatch:
 
     def _tick(self, sweep: bool | None) -> TickResult:
         scan = self.watcher.scan(sweep)
+        metrics.data_watch_tick(scan.found if scan.mode != "baseline" else {}, self.clock())
         d = decide(scan, prefix=self.watcher.prefix,
                    threshold=max(1, int(self.settings.new_data_threshold)),
                    auto_retrain=self.settings.auto_retrain and self.service is not None,

@@ -15,6 +15,7 @@ from datetime import datetime
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from core import metrics
 from core.errors import Conflict, ServiceError
 from core.notify import SafeNotifier
 from core.types import RunRecord
@@ -23,6 +24,7 @@ from scheduler.fires import WeeklySchedule, fire_key, previous_fire
 log = logging.getLogger("ctbot.scheduler")
 
 WEEKLY_FIRE_TTL = 21 * 24 * 3600
+FIRST_START = "scheduler:first_start"   # when a scheduler first ran against this Redis
 QUEUED_WEEKLY = "queued:weekly"   # the fire key of a weekly retrain waiting for the active run
 
 
@@ -95,6 +97,10 @@ class Jobs:
         prev = previous_fire(self.trigger, now)
         if prev is None or not self.settings.schedule.catch_up:
             return None
+        # A fresh install has missed nothing: only fires after ctbot first ran count.
+        self.state.once(FIRST_START, 10 * 365 * 86400, value=str(self.clock()))
+        if prev.timestamp() < float(self.state.marker(FIRST_START) or 0):
+            return None
         fire = self.weekly_retrain(prev)
         if fire and fire.outcome == "launched":
             log.info("caught up the missed weekly retrain %s", fire.key)
@@ -124,10 +130,12 @@ class Jobs:
                     out.append(self.service.refresh(run_id))
                 except (RedisConnectionError, RedisTimeoutError):
                     raise
-                except Exception:
+                except Exception as e:
+                    metrics.dependency_error(e)
                     log.exception("refreshing %s failed", run_id)
             self._start_queued_weekly()
         except (RedisConnectionError, RedisTimeoutError) as e:
+            metrics.dependency_error("redis")
             self._outage(f"{type(e).__name__}: {e}")
             return out
         self._outage(None)

@@ -44,6 +44,7 @@ class _Server(ThreadingHTTPServer):
 
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"   # keep-alive: a connection per client, not per request
+    timeout = 120                    # an idle keep-alive connection gives its thread back
     server: _Server
 
     def setup(self):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -31,18 +32,28 @@ def split_s3_uri(uri: str) -> tuple[str, str]:
     return bucket, key
 
 
+def is_aws(endpoint_url: str | None) -> bool:
+    if not endpoint_url:
+        return True
+    return (urllib.parse.urlsplit(endpoint_url).hostname or "").endswith(".amazonaws.com")
+
+
 def s3_client(endpoint_url: str | None = None):
-    """boto3 S3 client honouring S3_ENDPOINT_URL (MinIO, GCS interop, moto)."""
+    """boto3 S3 client honouring S3_ENDPOINT_URL (MinIO, GCS interop, moto). Since boto3
+    1.36 every request carries a CRC checksum by default, which GCS's interop API and
+    older MinIO reject: other endpoints get checksums only where S3 requires them."""
     import boto3
     from botocore.config import Config
 
     endpoint_url = endpoint_url or os.environ.get("S3_ENDPOINT_URL") or None
+    compat = {} if is_aws(endpoint_url) else {"request_checksum_calculation": "when_required",
+                                                "response_checksum_validation": "when_required"}
     return boto3.client(
         "s3",
         endpoint_url=endpoint_url,
         region_name=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"),
         config=Config(retries={"max_attempts": 5, "mode": "standard"},
-                      s3={"addressing_style": "path"} if endpoint_url else None),
+                      s3={"addressing_style": "path"} if endpoint_url else None, **compat),
     )
 
 

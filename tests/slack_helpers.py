@@ -8,6 +8,8 @@ with slack_sdk, so the tests check the bot against Slack's documented scheme.
 from __future__ import annotations
 
 import hashlib
+import itertools
+import secrets
 import hmac
 import io
 import json
@@ -21,6 +23,7 @@ from pathlib import Path
 SIGNING_SECRET = "8f742231b10e8888abcd99yyyzzz85a5"   # a test value, not a real secret
 BOT_TOKEN = "xoxb-test-token"
 ALICE, BOB = "U0ALICE01", "U0BOB0001"
+_TRIGGERS = itertools.count(738474920)
 
 
 # ---- signing and posting ---------------------------------------------------------------
@@ -48,8 +51,11 @@ def post(url: str, body: str, *, secret: str = SIGNING_SECRET, timestamp: int | 
 
 
 def command_body(text: str, *, user: str, channel_id: str, response_url: str, command: str = "/ct",
-                 team_id: str = "T0CTBOT00", trigger_id: str = "13345224609.738474920.8088930838d88f008e0") -> str:
-    """The form-encoded body of a slash command, field by field as Slack sends it."""
+                 team_id: str = "T0CTBOT00", trigger_id: str | None = None) -> str:
+    """The form-encoded body of a slash command, field by field as Slack sends it. Each
+    invocation gets its own trigger_id, as in Slack (a retry repeats the same body)."""
+    if trigger_id is None:
+        trigger_id = f"{int(time.time())}.{next(_TRIGGERS)}.{secrets.token_hex(10)}"
     return urllib.parse.urlencode({
         "token": "gIkuvaNzQIHg97ATvDxqgjtO", "team_id": team_id, "team_domain": "ctbot",
         "channel_id": channel_id, "channel_name": "ct", "user_id": user, "user_name": user.lower(),

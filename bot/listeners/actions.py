@@ -7,6 +7,7 @@ Failures go to the clicker only, as an ephemeral reply through the response_url.
 """
 from __future__ import annotations
 
+import functools
 import time
 
 from bot import blocks, ids
@@ -50,6 +51,34 @@ def _tell_clicker(ctx, click: Click, message: dict) -> None:
 
 # ---- jobs: job(ctx, body) ----------------------------------------------------------------
 
+def once_per_button(job):
+    """One effect per button of a message, however many clicks, clickers or repeated
+    deliveries: the first click claims it; later ones are told what happened. A click
+    whose job fails frees the button again."""
+    @functools.wraps(job)   # picklable by name: jobs run in worker processes
+    def guarded(ctx, body: dict) -> None:
+        c = Click(body)
+        key = f"{c.channel}:{c.ts}:{c.action_id}:{c.value}"
+        with _private(ctx, c):
+            first = ctx.service.claim_effect(key, c.user)
+            if first is not None:
+                done = first.get("outcome") or "is still being handled"
+                _tell_clicker(ctx, c, blocks.info(f"Already done: <@{first.get('by')}> clicked this first and "
+                                                  f"{esc(done)}."))
+                return
+        outcome = None
+        try:
+            outcome = job(ctx, body)
+        finally:
+            if outcome:
+                ctx.service.settle_effect(key, c.user, outcome)
+            else:
+                ctx.service.release_effect(key)
+    return guarded
+
+
+
+@once_per_button
 def retrain_new_data(ctx, body: dict) -> str | None:
     c = Click(body)
     with _private(ctx, c):
@@ -60,6 +89,7 @@ def retrain_new_data(ctx, body: dict) -> str | None:
         return f"started run {run.run_id}"
 
 
+@once_per_button
 def dismiss_alert(ctx, body: dict) -> str | None:
     c = Click(body)
     with _private(ctx, c):
@@ -68,6 +98,7 @@ def dismiss_alert(ctx, body: dict) -> str | None:
         return "dismissed the alert"
 
 
+@once_per_button
 def promote(ctx, body: dict) -> str | None:
     c = Click(body)
     with _private(ctx, c):
@@ -76,6 +107,7 @@ def promote(ctx, body: dict) -> str | None:
         return f"promoted it as v{version}"
 
 
+@once_per_button
 def rollback(ctx, body: dict) -> str | None:
     c = Click(body)
     with _private(ctx, c):
@@ -86,6 +118,7 @@ def rollback(ctx, body: dict) -> str | None:
         return f"rolled production back to v{moved.get('to')}"
 
 
+@once_per_button
 def cancel_run(ctx, body: dict) -> str | None:
     c = Click(body)
     with _private(ctx, c):
@@ -102,6 +135,7 @@ def view_run(ctx, body: dict) -> None:
         _tell_clicker(ctx, c, blocks.run_details(run, steps, time.time()))
 
 
+@once_per_button
 def retrain(ctx, body: dict) -> str | None:
     c = Click(body)
     with _private(ctx, c):
@@ -127,34 +161,5 @@ def _acking(app, job):
     return listener
 
 
-def once_per_button(job):
-    """One effect per button of a message, however many clicks, clickers or repeated
-    deliveries: the first click claims it; later ones are told what happened. A click
-    whose job fails frees the button again."""
-    def guarded(ctx, body: dict) -> None:
-        c = Click(body)
-        key = f"{c.channel}:{c.ts}:{c.action_id}:{c.value}"
-        with _private(ctx, c):
-            first = ctx.service.claim_effect(key, c.user)
-            if first is not None:
-                done = first.get("outcome") or "is still being handled"
-                _tell_clicker(ctx, c, blocks.info(f"Already done: <@{first.get('by')}> clicked this first and "
-                                                  f"{esc(done)}."))
-                return
-        outcome = None
-        try:
-            outcome = job(ctx, body)
-        finally:
-            if outcome:
-                ctx.service.settle_effect(key, c.user, outcome)
-            else:
-                ctx.service.release_effect(key)
-    guarded.__name__ = job.__name__
-    return guarded
-
-
 JOBS = {ids.RETRAIN_NEW_DATA: retrain_new_data, ids.DISMISS_ALERT: dismiss_alert, ids.PROMOTE: promote,
         ids.ROLLBACK: rollback, ids.CANCEL_RUN: cancel_run, ids.VIEW_RUN: view_run, ids.RETRAIN: retrain}
-# Buttons with an effect: once per message. View run only shows things, so it may repeat.
-for _action in (ids.RETRAIN_NEW_DATA, ids.DISMISS_ALERT, ids.PROMOTE, ids.ROLLBACK, ids.CANCEL_RUN, ids.RETRAIN):
-    JOBS[_action] = once_per_button(JOBS[_action])

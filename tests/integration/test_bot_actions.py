@@ -57,7 +57,11 @@ def test_retrain_now_starts_one_run_even_when_clicked_twice(bot):
     for p in (p1, p2):
         status, raw = post(bot.url, "payload=" + urllib.parse.quote(json.dumps(p)))
         assert status == 200 and raw == ""            # empty ack: nothing to say privately
-    wait_update(bot, ts, 2)
+    wait_update(bot, ts, 1)
+    rids = [p["response_url"].rsplit("/", 1)[1] for p in (p1, p2)]
+    bot.standin.wait_for("response", where=lambda a: a["rid"] in rids)
+    told = [message_text(r) for rid in rids for r in bot.standin.responses(rid)]
+    assert len(told) == 1 and "Already done:" in told[0]      # the later clicker learns why
     assert len(bot.runner.submits) == 1
     run = bot.service.get_run(bot.runner.submits[0]["run_id"])
     assert run.trigger == "new_data" and "alert-42" in run.reason

@@ -229,7 +229,9 @@ def test_slack_train_to_report_through_kfp(tmp_path, redis_url, bucket, s3_store
     kfp = KfpStandin(token=TOKEN, multi_user=True, execute=True, workdir=tmp_path / "kfp").start()
     put_digits(s3_store)
     settings = kfp_settings(kfp, bucket, token_file, deploy_floor=0.3)
-    bot = start_bot(tmp_path, redis_url, store=s3_store, runner=build_runner(settings, s3_store))
+    # the service resolves the eval set with its own settings: the same bucket's
+    bot = start_bot(tmp_path, redis_url, store=s3_store, runner=build_runner(settings, s3_store),
+                    eval_uri=f"s3://{bucket}/eval/eval.npz")
     try:
         reply = bot.slash("train epochs=1 batch_size=64")
         assert reply.status == 200

@@ -15,6 +15,7 @@ from core.config import Settings
 from core.state import StateStore
 from ctbot.wiring import build_deps
 from scheduler.app import CtScheduler
+from scheduler.jobs import FIRST_START
 from tests.recording import RecordingNotifier, RecordingRunner, finish_run
 
 PARIS = ZoneInfo("Europe/Paris")
@@ -49,8 +50,10 @@ def data(s3_store):
     s3_store.put_bytes("data/2026-11-01/a.npz", b"a")
 
 
-def replica(settings, redis_url, store, runner, clock, notifier=None):
-    """One scheduler process: its own Redis connection, service and jobs."""
+def replica(settings, redis_url, store, runner, clock, notifier=None, installed=datetime(2026, 11, 1, tzinfo=PARIS)):
+    """One scheduler process: its own Redis connection, service and jobs; ctbot has been
+    installed since ``installed`` (fires before that are not missed ones)."""
+    StateStore.from_url(redis_url).once(FIRST_START, 3600, value=str(installed.timestamp()))
     from ctbot.wiring import build_deps
     return build_deps(settings, state=StateStore.from_url(redis_url), store=store, runner=runner,
                       notifier=notifier, clock=clock).jobs
@@ -95,13 +98,35 @@ def test_a_missed_tuesday_is_caught_up_once(settings, redis_url, s3_store, runne
     assert '"scheduled": "2026-11-24T09:00:00+01:00"' in claim
 
 
-def test_no_catch_up_outside_the_window(settings, redis_url, s3_store, runner, data):
-    clock = Clock(datetime(2026, 11, 25, 10, 0, tzinfo=PARIS))  # Wednesday: 25 h late
+def test_a_missed_fire_is_caught_up_once_however_late(settings, redis_url, s3_store, runner, data):
+    clock = Clock(datetime(2026, 11, 27, 10, 0, tzinfo=PARIS))  # Friday: three days late
     jobs = replica(settings, redis_url, s3_store, runner, clock)
-    assert jobs.catch_up() is None
-    clock.set(datetime(2026, 11, 24, 8, 0, tzinfo=PARIS))      # before this week's fire
-    assert jobs.catch_up() is None
+    fire = jobs.catch_up()
+    assert fire.outcome == "launched" and fire.key == "2026-W48"
+    again = replica(settings, redis_url, s3_store, runner, clock)   # another replica, or a restart
+    assert again.catch_up().outcome == "duplicate"
+    assert len(runner.submits) == 1
+
+
+def test_catch_up_can_be_turned_off(settings, redis_url, s3_store, runner, data):
+    settings.schedule.catch_up = False
+    clock = Clock(datetime(2026, 11, 25, 10, 0, tzinfo=PARIS))
+    assert replica(settings, redis_url, s3_store, runner, clock).catch_up() is None
     assert runner.submits == []
+
+
+def test_a_fresh_install_catches_up_nothing(settings, redis_url, s3_store, runner, data):
+    clock = Clock(datetime(2026, 11, 27, 10, 0, tzinfo=PARIS))
+    jobs = replica(settings, redis_url, s3_store, runner, clock, installed=datetime(2026, 11, 26, tzinfo=PARIS))
+    assert jobs.catch_up() is None and runner.submits == []
+
+
+def test_no_catch_up_before_the_first_fire(settings, redis_url, s3_store, runner, data):
+    clock = Clock(datetime(2026, 11, 24, 8, 0, tzinfo=PARIS))      # before this week's fire...
+    jobs = replica(settings, redis_url, s3_store, runner, clock)
+    fire = jobs.catch_up()                                          # ...last week's is caught up
+    assert fire.key == "2026-W47"
+    assert replica(settings, redis_url, s3_store, runner, clock).catch_up().outcome == "duplicate"
 
 
 def test_a_fire_that_happened_is_not_caught_up_again(settings, redis_url, s3_store, runner, data):
@@ -129,15 +154,26 @@ def test_a_paused_schedule_skips_the_fire_for_good(settings, redis_url, s3_store
     assert jobs.weekly_retrain().outcome == "launched"
 
 
-def test_a_weekly_fire_during_an_active_run_is_announced(settings, redis_url, s3_store, runner, data):
+def test_a_weekly_fire_during_an_active_run_is_queued_and_announced(settings, redis_url, s3_store, runner, data):
     notifier = RecordingNotifier()
     clock = Clock(datetime(2026, 11, 24, 9, 0, 1, tzinfo=PARIS))
     jobs = replica(settings, redis_url, s3_store, runner, clock, notifier)
     active = jobs.service.request_training("manual", {}, "U1")
     fire = jobs.weekly_retrain()
-    assert fire.outcome == "conflict" and active.run_id in fire.detail
-    assert notifier.named("say")[-1][0].startswith("Weekly retrain 2026-W48 skipped: Run `")
+    assert fire.outcome == "queued" and active.run_id in fire.detail
+    said = notifier.named("say")[-1][0]
+    assert said.startswith("Weekly retrain 2026-W48 is queued behind run `") and active.run_id in said
+    jobs.run_watch()                                   # the active run still runs: it waits
     assert len(runner.submits) == 1
+    finish_run(s3_store, runner, active.run_id)
+    clock.set(datetime(2026, 11, 24, 9, 30, tzinfo=PARIS))
+    jobs.run_watch()                                   # it ended: the queued fire starts
+    assert len(runner.submits) == 2
+    queued = jobs.service.get_run(runner.submits[1]["run_id"])
+    assert queued.trigger == "weekly" and "2026-W48" in queued.reason
+    clock.set(datetime(2026, 11, 24, 10, 0, tzinfo=PARIS))
+    jobs.run_watch()
+    assert len(runner.submits) == 2                    # once
 
 
 def test_weekly_fire_without_data_says_why(settings, redis_url, s3_store, runner):
