@@ -67,7 +67,10 @@ COPY core core
 COPY pipelines pipelines
 COPY steps steps
 COPY serving serving
-RUN pip install . && rm -rf build
+# KFP's v2 launcher puts artifacts under /minio, /s3 and /gcs, paths a non-root user
+# cannot create (kubeflow/pipelines#5673, #10397): they exist and belong to it here.
+RUN pip install . && rm -rf build \
+ && mkdir -p /minio /s3 /gcs && chown 10001:10001 /minio /s3 /gcs
 USER 10001:10001
 # KFP gives each step its own command (python3 -m kfp.dsl.executor_main ...); this is
 # for running the image as the model server.

@@ -336,16 +336,22 @@ class TrainingService(RunQueries):
         prefix = layout.candidate_prefix(run_id)
         if next(iter(self.store.list(prefix)), None) is None:
             raise ServiceError(f"Run `{run_id}` has no model package at `{self.store.uri(prefix)}`.")
+        # One publish per run, whoever asks and however often: the second waits for nothing.
+        first = self.claim_effect(f"promote:{run_id}", by)
+        if first is not None:
+            raise Conflict(f"Run `{run_id}` is already being promoted by {who(first.get('by') or '')}.", run=run)
         from steps.deploy import publish
         try:
             version = publish(self.store, self.model, prefix, run_id=run_id, by=by,
                               keep=self.settings.keep_versions, action="promote",
                               metrics={"top1": run.top1} if run.top1 is not None else None)
         except (ValueError, KeyError) as e:
+            self.release_effect(f"promote:{run_id}")
             raise ServiceError(f"Could not promote run `{run_id}`: {_msg(e)}") from e
         note = f"promoted to v{version} by {who(by)}"
         self.state.update_run(run_id, model_version=version,
                               decision_reason="; ".join(x for x in (run.decision_reason, note) if x))
+        self.settle_effect(f"promote:{run_id}", by, f"promoted it as v{version}")
         self.state.audit("promote", by, run_id=run_id, version=version)
         self.notifier.say(f"{who(by)} promoted run `{run_id}`: {self.model} v{version} is now production.")
         return version
@@ -354,15 +360,12 @@ class TrainingService(RunQueries):
         """Move production back (to ``version``, or to the previous one); returns {from, to}.
         ``expect_production``: the version the actor saw (a report's button); if production
         has moved since, nothing is rolled back."""
-        from steps.deploy import rollback
-        if expect_production is not None:
-            prod = self.production() or {}
-            if prod.get("version") != expect_production:
-                raise Conflict(f"Production is now v{prod.get('version')}, not v{expect_production}; "
-                               f"nothing rolled back. Use `{self.settings.slash_command} rollback "
-                               f"[version]` to choose explicitly.")
+        from steps.deploy import StaleAlias, rollback
         try:
-            moved = rollback(self.store, self.model, to_version=version, by=by)
+            moved = rollback(self.store, self.model, to_version=version, by=by, expect_version=expect_production)
+        except StaleAlias as e:
+            raise Conflict(f"{_msg(e)}. Use `{self.settings.slash_command} rollback [version]` "
+                           "to choose explicitly.") from e
         except (ValueError, KeyError) as e:
             raise ServiceError(f"Could not roll back {self.model}: {_msg(e)}") from e
         self.state.audit("rollback", by, **{"from": moved.get("from"), "to": moved.get("to")})

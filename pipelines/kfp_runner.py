@@ -79,7 +79,8 @@ class _Transport:
 
 @contextlib.contextmanager
 def _quiet():
-    """kfp.Client prints links ("Run details: ...") to stdout; keep them in the log."""
+    """kfp.Client prints links ("Run details: ...") to stdout; keep them in the log.
+    The redirect is process-wide while it lasts; ctbot's own code never prints."""
     buf = io.StringIO()
     with warnings.catch_warnings(), contextlib.redirect_stdout(buf):
         warnings.simplefilter("ignore", FutureWarning)

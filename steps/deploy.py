@@ -9,9 +9,13 @@ Layout (keys from steps.layout): models/<model>/v<N>/ holds a package (model.pt,
 model_export.pt, index.faiss, labels.npy, metrics.json, ...) plus meta.json and, written
 last, manifest.json {version, run_id, created_at, files: {name: {sha256, size}}};
 models/<model>/production.json is the alias {version, updated_at, run_id, top1,
-history: [...]}. The alias is replaced by one PUT, so readers see either the old or the
-new version, never a mix; readers call verify_package (or download_version) so a package
-torn by a crash mid-copy or a prune is refused rather than served.
+history: [...]}. The alias is replaced by one conditional PUT (compare-and-set on its
+ETag), so readers see either the old or the new version, and two movers can't lose each
+other's move; a version number is claimed with a create-only PUT, so it is never handed
+out twice. Readers call verify_package (or download_version) so a package torn by a
+crash mid-copy or a prune is refused rather than served. Why conditional writes and not
+a Redis lock: the pipeline's deploy step runs in a cluster pod that has the store but
+not ctbot's Redis, and both must serialise against each other (docs/architecture.md).
 
 No torch or faiss here: the bot imports this module for promote and rollback.
 """
@@ -26,7 +30,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from steps import layout
-from steps.storage import Store, open_store
+from steps.storage import PreconditionFailed, Store, open_store
 
 _VERSION = re.compile(r"^v(\d+)/")
 # Registry bookkeeping, rewritten per version, never copied from a source package.
@@ -90,16 +94,49 @@ def _lineage(history: list[dict]) -> list[int]:
     return stack
 
 
-def _put_alias(store: Store, model: str, version: int, entry: dict, alias: dict | None) -> dict:
-    history = list((alias or {}).get("history", [])) + [entry]
-    new = {"version": version, "updated_at": entry["at"], "run_id": entry.get("run_id"),
-           "top1": entry.get("top1"), "history": history}
-    store.put_json(layout.alias_key(model), new)  # one PUT: the atomic move
-    return new
+class StaleAlias(ValueError):
+    """Production moved since the actor looked: nothing was changed."""
+
+
+def _move_alias(store: Store, model: str, decide, attempts: int = 20) -> dict:
+    """Compare-and-set on the alias: ``decide(alias)`` returns the history entry to add
+    (it may raise to refuse); the write only lands if nobody moved the alias meanwhile,
+    else it decides again on the fresh alias. Returns the new alias."""
+    key = layout.alias_key(model)
+    for _ in range(attempts):
+        raw, tag = store.get_tagged(key)
+        alias = json.loads(raw) if raw else None
+        entry = decide(alias)
+        new = {"version": entry["version"], "updated_at": entry["at"], "run_id": entry.get("run_id"),
+               "top1": entry.get("top1"), "history": list((alias or {}).get("history", [])) + [entry]}
+        try:
+            store.put_bytes(key, _json_bytes(new), "application/json",
+                            if_match=tag, if_none_match=tag is None)
+            return new
+        except PreconditionFailed:
+            continue   # someone else moved it: look again
+    raise RuntimeError(f"{model}: the production alias kept changing; gave up after {attempts} tries")
+
+
+def _claim_version(store: Store, model: str, alias: dict | None) -> int:
+    """The next version number, owned by this caller alone: created with if-none-match,
+    so two publishes at once get two numbers, and a pruned number is never reused."""
+    base = _prefix(model)
+    claimed = [int(m.group(1)) for o in store.list(base + "claims/")
+               if (m := re.match(r"v(\d+)\.json$", o.key[len(base) + len("claims/"):]))]
+    used = claimed + list_versions(store, model) + [int(h["version"]) for h in (alias or {}).get("history", [])]
+    version = max(used, default=0) + 1
+    while True:
+        try:
+            store.put_bytes(layout.version_claim_key(model, version), _json_bytes({"at": _now()}),
+                            "application/json", if_none_match=True)
+            return version
+        except PreconditionFailed:
+            version += 1
 
 
 def publish(store: Store, model: str, package_prefix: str, *, run_id: str, by: str, keep: int = 5,
-            metrics: dict | None = None, action: str = "deploy") -> int:
+            metrics: dict | None = None, action: str = "deploy", approved_by: str = "") -> int:
     """Copy the package under package_prefix to a new version, point production at it,
     prune old versions. Returns the new version number."""
     if action not in ("deploy", "promote"):
@@ -110,10 +147,8 @@ def publish(store: Store, model: str, package_prefix: str, *, run_id: str, by: s
     objects = [o for o in store.list(package_prefix) if o.key[len(package_prefix):] not in _BOOKKEEPING]
     if not objects:
         raise ValueError(f"no model package under {store.uri(package_prefix)}")
-    alias = read_alias(store, model)
     # Never reuse a number, even of a pruned version: history and reports refer to it.
-    used = list_versions(store, model) + [int(h["version"]) for h in (alias or {}).get("history", [])]
-    version = max(used, default=0) + 1
+    version = _claim_version(store, model, read_alias(store, model))
     dst = _version_prefix(model, version)
     files = {}
     for o in objects:  # hash the bytes as copied: the manifest vouches for this version
@@ -134,9 +169,10 @@ def publish(store: Store, model: str, package_prefix: str, *, run_id: str, by: s
     store.put_json(layout.manifest_key(model, version),
                    {"model": model, "version": version, "run_id": run_id, "created_at": at,
                     "files": dict(sorted(files.items()))})
-    new_alias = _put_alias(store, model, version,
-                           {"version": version, "action": action, "by": by, "at": at,
-                            "run_id": run_id, "top1": top1}, alias)
+    entry = {"version": version, "action": action, "by": by, "at": at, "run_id": run_id, "top1": top1}
+    if approved_by:
+        entry["approved_by"] = approved_by
+    new_alias = _move_alias(store, model, lambda alias: entry)
     prune(store, model, keep, alias=new_alias)
     return version
 
@@ -191,34 +227,46 @@ def prune(store: Store, model: str, keep: int, alias: dict | None = None) -> lis
     return doomed
 
 
-def rollback(store: Store, model: str, to_version: int | None = None, by: str = "") -> dict:
+def rollback(store: Store, model: str, to_version: int | None = None, by: str = "", *,
+             expect_version: int | None = None) -> dict:
     """Point production back at an earlier version (default: the one before the current in
-    the alias history). Returns {"from": a, "to": b}."""
-    alias = read_alias(store, model)
-    if not alias:
-        raise ValueError(f"{model} has no production version yet: nothing to roll back")
-    current = int(alias["version"])
+    the alias history). With ``expect_version``, only if production is still that version
+    (compare-and-set with the move itself). Returns {"from": a, "to": b}."""
+    moved = {}
+
+    def decide(alias):
+        if not alias:
+            raise ValueError(f"{model} has no production version yet: nothing to roll back")
+        current = int(alias["version"])
+        if expect_version is not None and current != int(expect_version):
+            raise StaleAlias(f"Production is now v{current}, not v{expect_version}; nothing rolled back")
+        target = _rollback_target(store, model, alias, current, to_version)
+        # Listing only (sizes): the bot must not download whole packages on a click.
+        verify_package(store, model, target, check_hashes=False)
+        meta = read_meta(store, model, target) or {}
+        moved.update({"from": current, "to": target})
+        return {"version": target, "action": "rollback", "by": by, "at": _now(),
+                "run_id": meta.get("run_id"), "top1": meta.get("top1"), "from": current}
+
+    _move_alias(store, model, decide)
+    return moved
+
+
+def _rollback_target(store: Store, model: str, alias: dict, current: int, to_version: int | None) -> int:
     available = list_versions(store, model)
     if to_version is None:
         stack = _lineage(alias.get("history", []))
         earlier = [v for v in stack[:-1] if v in available and v != current]
         if not earlier:
             raise ValueError(f"{model} v{current} has no earlier version in its history to roll back to")
-        target = earlier[-1]
-    else:
-        target = int(to_version)
-        if target == current:
-            raise ValueError(f"{model} is already at v{target}")
-        if target not in available:
-            listed = ", ".join(f"v{v}" for v in available) or "none"
-            raise ValueError(f"{model} v{target} does not exist or was pruned; available: {listed}")
-    # Listing only (sizes): the bot must not download whole packages on a click.
-    verify_package(store, model, target, check_hashes=False)
-    meta = read_meta(store, model, target) or {}
-    _put_alias(store, model, target,
-               {"version": target, "action": "rollback", "by": by, "at": _now(),
-                "run_id": meta.get("run_id"), "top1": meta.get("top1"), "from": current}, alias)
-    return {"from": current, "to": target}
+        return earlier[-1]
+    target = int(to_version)
+    if target == current:
+        raise ValueError(f"{model} is already at v{target}")
+    if target not in available:
+        listed = ", ".join(f"v{v}" for v in available) or "none"
+        raise ValueError(f"{model} v{target} does not exist or was pruned; available: {listed}")
+    return target
 
 
 def upload_package(store: Store, local_dir: str, prefix: str) -> list[str]:

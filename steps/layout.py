@@ -80,6 +80,12 @@ def meta_key(model: str, version: int) -> str:
     return package_key(model, version, META_JSON)
 
 
+def version_claim_key(model: str, version: int) -> str:
+    """Created with a conditional put (if-none-match): whoever creates it owns that version
+    number. Kept after a prune, so a number is never handed out twice."""
+    return f"models/{model}/claims/v{int(version)}.json"
+
+
 def manifest_key(model: str, version: int) -> str:
     """JSON: {version, run_id, created_at, files: {name: {sha256, size}}}."""
     return package_key(model, version, MANIFEST_JSON)

@@ -48,9 +48,9 @@ def _f(default, help: str):
 
 @dataclass
 class TrainParams:
-    epochs: int = _f(8, "passes over the training data")
-    batch_size: int = _f(256, "images per optimiser step (global, split across GPUs under DDP)")
-    lr: float = _f(4e-3, "peak learning rate (AdamW)")
+    epochs: int = _f(5, "passes over the training data")
+    batch_size: int = _f(512, "images per optimiser step (global, split across GPUs under DDP)")
+    lr: float = _f(8e-3, "peak learning rate (AdamW)")
     lr_schedule: str = _f("onecycle", "learning-rate schedule over the whole run")
     weight_decay: float = _f(5e-4, "AdamW decoupled weight decay")
     embedding_dim: int = _f(128, "size of the L2-normalised embedding")

@@ -8,11 +8,16 @@ from __future__ import annotations
 
 import os
 import shutil
+import threading
 import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+
+
+class PreconditionFailed(Exception):
+    """A conditional write lost: the object exists (if_none_match) or changed (if_match)."""
 
 
 @dataclass(frozen=True)
@@ -58,10 +63,15 @@ def s3_client(endpoint_url: str | None = None):
 
 
 class Store:
+    """Conditional writes (``if_none_match``: only if absent; ``if_match``: only if the
+    object still has that tag) make read-modify-write safe across processes: the model
+    registry relies on them (S3 since 2024, MinIO, moto; a lock file locally)."""
     root: str
 
     def get_bytes(self, key: str) -> bytes: ...
-    def put_bytes(self, key: str, data: bytes, content_type: str | None = None) -> None: ...
+    def get_tagged(self, key: str) -> tuple[bytes | None, str | None]: ...
+    def put_bytes(self, key: str, data: bytes, content_type: str | None = None, *,
+                  if_match: str | None = None, if_none_match: bool = False) -> None: ...
     def exists(self, key: str) -> bool: ...
     def delete(self, key: str) -> None: ...
     def list(self, prefix: str = "", start_after: str | None = None) -> Iterator[ObjectInfo]: ...
@@ -121,9 +131,26 @@ class S3Store(Store):
         except self.client.exceptions.NoSuchKey:
             raise KeyError(self.uri(key)) from None
 
-    def put_bytes(self, key, data, content_type=None):
+    def get_tagged(self, key):
+        try:
+            resp = self.client.get_object(Bucket=self.bucket, Key=self._k(key))
+        except self.client.exceptions.NoSuchKey:
+            return None, None
+        return resp["Body"].read(), resp["ETag"]
+
+    def put_bytes(self, key, data, content_type=None, *, if_match=None, if_none_match=False):
+        from botocore.exceptions import ClientError
         extra = {"ContentType": content_type} if content_type else {}
-        self.client.put_object(Bucket=self.bucket, Key=self._k(key), Body=data, **extra)
+        if if_match:
+            extra["IfMatch"] = if_match
+        if if_none_match:
+            extra["IfNoneMatch"] = "*"
+        try:
+            self.client.put_object(Bucket=self.bucket, Key=self._k(key), Body=data, **extra)
+        except ClientError as e:
+            if e.response.get("Error", {}).get("Code") in ("PreconditionFailed", "ConditionalRequestConflict"):
+                raise PreconditionFailed(self.uri(key)) from None
+            raise
 
     def exists(self, key):
         from botocore.exceptions import ClientError
@@ -168,10 +195,31 @@ class LocalStore(Store):
         except (FileNotFoundError, IsADirectoryError):
             raise KeyError(self.uri(key)) from None
 
-    def put_bytes(self, key, data, content_type=None):
+    def get_tagged(self, key):
+        try:
+            data = self._p(key).read_bytes()
+        except (FileNotFoundError, IsADirectoryError):
+            return None, None
+        return data, _tag(data)
+
+    def put_bytes(self, key, data, content_type=None, *, if_match=None, if_none_match=False):
         p = self._p(key)
         p.parent.mkdir(parents=True, exist_ok=True)
-        tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
+        if not (if_match or if_none_match):
+            self._replace(p, data)
+            return
+        import fcntl
+        with open(p.with_name(f".{p.name}.lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)   # check and write as one step, across processes
+            current = p.read_bytes() if p.is_file() else None
+            if (if_none_match and current is not None) or \
+                    (if_match and (current is None or _tag(current) != if_match)):
+                raise PreconditionFailed(self.uri(key))
+            self._replace(p, data)
+
+    @staticmethod
+    def _replace(p: Path, data: bytes) -> None:
+        tmp = p.with_name(f".{p.name}.{os.getpid()}.{threading.get_ident()}.tmp")
         tmp.write_bytes(data)
         os.replace(tmp, p)  # atomic, like an S3 put
 
@@ -199,6 +247,11 @@ class LocalStore(Store):
 
     def remove_tree(self, prefix: str) -> None:
         shutil.rmtree(self._p(prefix), ignore_errors=True)
+
+
+def _tag(data: bytes) -> str:
+    import hashlib
+    return '"' + hashlib.md5(data, usedforsecurity=False).hexdigest() + '"'
 
 
 def open_store(root: str, client=None) -> Store:

@@ -8,11 +8,11 @@ with slack_sdk, so the tests check the bot against Slack's documented scheme.
 from __future__ import annotations
 
 import hashlib
-import itertools
-import secrets
 import hmac
 import io
+import itertools
 import json
+import secrets
 import time
 import urllib.error
 import urllib.parse

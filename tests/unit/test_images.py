@@ -73,6 +73,8 @@ def test_trainer_gets_cpu_torch_by_default_and_a_cuda_build_arg():
     install = next(ln for ln in lines if "torch==" in ln)
     assert "--index-url ${TORCH_INDEX}" in install and "ctbot-requirements.py train" in install
     assert any(re.match(r"COPY\s+serving\b", ln) for ln in lines)
+    # KFP's launcher writes artifacts under these as the image's (non-root) user
+    assert any(re.search(r"chown 10001:10001 /minio /s3 /gcs", ln) for ln in lines)
 
 
 @pytest.mark.parametrize("target", ["bot", "trainer"])

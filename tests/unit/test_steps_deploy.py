@@ -105,9 +105,9 @@ def test_publish_writes_the_manifest_last_then_moves_the_alias(tmp_path):
     puts = []
 
     class Recording(LocalStore):
-        def put_bytes(self, key, data, content_type=None):
+        def put_bytes(self, key, data, content_type=None, **conditions):
             puts.append(key)
-            super().put_bytes(key, data, content_type)
+            super().put_bytes(key, data, content_type, **conditions)
 
     store = Recording(tmp_path)
     prefix = make_candidate(store, "r1", 0.98)

@@ -129,12 +129,14 @@ def test_decision_and_reason(top1, production, decision, reason):
     assert decide(top1, production, floor=0.97, tolerance=0.002) == (decision, reason)
 
 
-def test_production_comparison_flows_into_the_result(pipeline, tmp_path):
-    r = evaluate(str(pipeline / "index"), str(pipeline / "eval_emb.npz"), str(tmp_path), floor=0.0,
-                 production={"version": 2, "top1": 1.0}, tolerance=0.0)
-    assert r["production"] == {"version": 2, "top1": 1.0}
-    if r["top1"] < 1.0:
-        assert r["decision"] == "hold" and "vs production v2 (100.00%)" in r["reason"]
+@pytest.mark.parametrize("delta,decision", [(0.01, "hold"), (-0.01, "deploy")])
+def test_production_comparison_flows_into_the_result(pipeline, tmp_path, delta, decision):
+    top1 = evaluate(str(pipeline / "index"), str(pipeline / "eval_emb.npz"), str(tmp_path / "a"))["top1"]
+    prod = {"version": 2, "top1": round(top1 + delta, 4)}  # 1 pp better or worse than this model
+    r = evaluate(str(pipeline / "index"), str(pipeline / "eval_emb.npz"), str(tmp_path / "b"), floor=0.0,
+                 production=prod, tolerance=0.0)
+    assert r["production"] == prod and r["top1"] == top1
+    assert r["decision"] == decision and f"vs production v2 ({100 * prod['top1']:.2f}%)" in r["reason"]
 
 
 def test_clis_embed_index_evaluate(pipeline, tmp_path):
@@ -150,10 +152,11 @@ def test_clis_embed_index_evaluate(pipeline, tmp_path):
     i = cli("steps.index", "--emb", str(pipeline / "gallery.npz"), "--out-dir", str(tmp_path / "idx"),
             "--kind", "hnsw")
     assert (i["kind"], i["n"]) == ("hnsw", 400)
+    top1 = evaluate(str(pipeline / "index"), str(tmp_path / "q.npz"), str(tmp_path / "ev0"), k=3)["top1"]
+    better = round(top1 + 0.01, 4)  # a production model 1 pp better: the CLI must hold
     r = cli("steps.evaluate", "--index-dir", str(pipeline / "index"), "--eval-emb", str(tmp_path / "q.npz"),
-            "--out-dir", str(tmp_path / "ev"), "--production-version", "3", "--production-top1", "1.0",
+            "--out-dir", str(tmp_path / "ev"), "--production-version", "3", "--production-top1", str(better),
             "--floor", "0", "--k", "3")
-    assert r["k"] == 3 and r["production"] == {"version": 3, "top1": 1.0}
-    if r["top1"] < 0.998:
-        assert r["decision"] == "hold" and "vs production v3 (100.00%)" in r["reason"]
+    assert r["k"] == 3 and r["production"] == {"version": 3, "top1": better} and r["top1"] == top1
+    assert r["decision"] == "hold" and f"vs production v3 ({100 * better:.2f}%)" in r["reason"]
     assert (tmp_path / "ev" / "confusion.png").is_file()

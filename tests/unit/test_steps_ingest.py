@@ -98,7 +98,7 @@ def test_corrupt_and_malformed_objects_are_recorded_not_raised(tmp_path):
 def test_png_folders_local(tmp_path):
     root = tmp_path / "pngs"
     x, y = make_digits(25, seed=5)
-    for i, (img, label) in enumerate(zip(x, y)):
+    for i, (img, label) in enumerate(zip(x, y, strict=True)):
         (root / str(label)).mkdir(parents=True, exist_ok=True)
         Image.fromarray(img).save(root / str(label) / f"img{i:03d}.png")
     (root / "x").mkdir()
