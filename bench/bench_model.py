@@ -296,7 +296,7 @@ def main(argv=None) -> int:
                    "--threads", str(args.threads)] + [f"--param={p}" for p in args.param]
             if r == 4:
                 cmd += ["--budget", str(args.budget or results[1]["train_s"])]
-            print(f"[row {r}] {NAMES.get(r, 'pipeline ' + NAMES[r - 10])} ...", flush=True)
+            print(f"[row {r}] {NAMES[r] if r < 10 else 'pipeline ' + NAMES[r - 10]} ...", flush=True)
             p = subprocess.run(cmd, capture_output=True, text=True)
             line = [ln for ln in p.stdout.splitlines() if ln.startswith("ROW ")]
             if p.returncode or not line:

@@ -1,6 +1,7 @@
 """A run's one message (progress, then the final report) and the details in its thread."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from bot import ids
@@ -45,14 +46,23 @@ def _step_line(name: str, st: dict | None) -> str:
     line = f"{STATE_ICON.get(state, '▫️')} *{name}*"
     if st.get("seconds") is not None and state != "running":
         line += f" · {duration(st['seconds'])}"
-    summary = st.get("summary") or {}
+    summary = st.get("summary") if isinstance(st.get("summary"), dict) else {}
     if name == "train" and summary.get("epochs"):
-        line += f" · epoch {summary.get('epoch', 0)}/{summary['epochs']}"
-        if summary.get("loss") is not None:
-            line += f" · loss {float(summary['loss']):.3f}"
+        # Step files come from pipeline pods: show what parses, never fail on what doesn't.
+        line += f" · epoch {esc(str(summary.get('epoch', 0)))[:12]}/{esc(str(summary['epochs']))[:12]}"
+        for key, label in (("loss", "loss"), ("val_top1", "val top-1"), ("train_acc", "train acc")):
+            value = _number(summary.get(key))
+            if value is not None:
+                line += f" · {label} {value:.3f}"
     if state == "failed" and st.get("error"):
         line += f"\n      {esc(st['error'])[:300]}"
     return line
+
+
+def _number(x) -> float | None:
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        return None
+    return float(x) if math.isfinite(x) else None
 
 
 def _links(run: RunRecord) -> str:
