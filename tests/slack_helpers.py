@@ -203,10 +203,11 @@ def write_step(store, run_id: str, step: str, state: str, seconds: float | None 
 
 def report(run_id: str, *, top1: float = 0.9812, prod_top1: float | None = 0.9790, decision: str = "deploy",
            version: int | None = 4, warnings: list[str] | None = None, reason: str | None = None) -> dict:
+    from steps.params import TrainParams
     per_class = {str(c): round(top1 - 0.004 * (c % 5) + 0.002, 4) for c in range(10)}
     return {
         "run_id": run_id, "model": "mnist-arcface", "status": "succeeded",
-        "params": {"epochs": 2, "lr": 0.004},
+        "params": {"epochs": 2, "lr": TrainParams().lr},     # lr at its default: not shown
         "data": {"n": 4000, "counts": {str(c): 400 for c in range(10)},
                  "sources": [{"uri": "s3://b/data/batch-0.npz", "size": 1000}], "fingerprint": "sha256:abc"},
         "eval": {"uri": "s3://b/eval/eval.npz", "n": 1000, "fingerprint": "sha256:def"},
