@@ -161,6 +161,7 @@ def main(argv=None) -> int:
     try:
         store = open_store(str(work / "store"))
         built = build_package(work / "build", x, y, min(args.train, len(x)), min(args.gallery, len(x)), store)
+        set_threads(args.threads)   # training and embedding set their own thread counts
         env = {**os.environ, "CT_STORE": str(work / "store")}
         cmd = [str(Path(sys.executable).parent / "ctbot"), "serve-model", "--store", str(work / "store"),
                "--port", "0", "--threads", str(args.threads), "--poll-seconds", "2"]

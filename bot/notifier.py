@@ -21,6 +21,7 @@ from slack_sdk.errors import SlackApiError
 from bot import blocks
 from core.outbox import Outbox
 from core.types import NewData, RunRecord
+from steps.crashpoints import crash_point
 from steps.results import read_confusion_png, read_report, read_steps
 
 log = logging.getLogger(__name__)
@@ -97,6 +98,7 @@ class SlackDelivery:
         if where != "posted":
             self._update(run, where, view)
         if final:
+            crash_point("final_slack_call")
             self._thread_parts(run, report, steps)
         self.outbox.run_delivered(run_id, gen)
 
@@ -201,6 +203,7 @@ class SlackDelivery:
         if not self.outbox.part_done(run.run_id, "details"):
             details = blocks.fit_message(blocks.thread_details(run, report))
             self._post_once(f"details-{run.run_id}", run.slack_channel, run.slack_ts, details)
+            crash_point("after_details_post")
             self.outbox.mark_part(run.run_id, "details")
         if not self.outbox.part_done(run.run_id, "confusion"):
             png = read_confusion_png(self.store, run.run_id)

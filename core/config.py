@@ -36,6 +36,7 @@ OTHER_CT_ENV = {
     "CT_CONFIG": "the config file",
     "CT_VENV": "dev.sh's virtualenv",
     "CT_UPDATE_FIXTURES": "regenerates test fixtures",
+    "CT_CRASH_AT": "the fault-injection suite's crash points (steps/crashpoints.py)",
 }
 DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 
@@ -106,6 +107,7 @@ class Settings(BaseSettings):
     schedule: ScheduleSection = Field(default_factory=ScheduleSection)
     outbox_drain_seconds: float = Field(2.0, gt=0)       # how often owed Slack messages are retried
     command_resume_seconds: float = Field(10.0, gt=0)    # how often commands cut off by a crash are resumed
+    command_stale_seconds: float = Field(300.0, gt=0)    # a started command silent this long is resumed
     # Operations
     log_format: Literal["text", "json"] = "text"    # json: one object per line, with the run id
 

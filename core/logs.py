@@ -20,10 +20,16 @@ QUIET = ("apscheduler.executors.default", "apscheduler.scheduler")
 
 
 class JsonFormatter(logging.Formatter):
+    def __init__(self, process: str = ""):
+        super().__init__()
+        self.process = process
+
     def format(self, record: logging.LogRecord) -> str:
         message = record.getMessage()
         doc = {"ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
                "level": record.levelname, "logger": record.name, "message": message}
+        if self.process:
+            doc["process"] = self.process
         run_id = getattr(record, "run_id", None) or (m.group(0) if (m := RUN_ID.search(message)) else None)
         if run_id:
             doc["run_id"] = run_id
@@ -32,9 +38,11 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(doc, default=str)
 
 
-def configure_logging(settings, level: str | int = "INFO") -> None:
+def configure_logging(settings, level: str | int = "INFO", process: str = "") -> None:
+    """``process`` names a helper process (the job workers: "worker") in each line."""
     handler = logging.StreamHandler()
-    handler.setFormatter(JsonFormatter() if settings.log_format == "json" else logging.Formatter(TEXT_FORMAT))
+    handler.setFormatter(JsonFormatter(process) if settings.log_format == "json" else logging.Formatter(
+        TEXT_FORMAT.replace("%(name)s", f"%(name)s[{process}]") if process else TEXT_FORMAT))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper() if isinstance(level, str) else level)

@@ -23,6 +23,7 @@ from core.queries import RunQueries
 from core.state import StateStore
 from core.types import FINAL_STATES, Notifier, RunRecord
 from steps import layout
+from steps.crashpoints import crash_point
 
 __all__ = ["TrainingService", "ServiceError", "ParamError", "UnknownRun", "Conflict"]
 
@@ -31,10 +32,9 @@ log = logging.getLogger("ctbot.service")
 LOCK_TTL = 6 * 3600          # the run watch refreshes it; the TTL only frees a lock nobody watches
 DEDUPE_TTL = 7 * 24 * 3600   # how long a repeated request/alert/fire maps to the same run
 FINISH_TTL = 30 * 24 * 3600
-FINISH_CLAIM_TTL = 300
+FINISH_CLAIM_TTL = 30          # a finish cut short by a crash is redone after this
 COMMAND_TTL = 24 * 3600       # an accepted command's record (a response_url lasts 30 min)
 COMMAND_START_GRACE = 15      # an accepted command not started within this is resumed
-COMMAND_RUN_GRACE = 300       # a started one that has not finished within this is resumed
 EFFECT_PENDING_TTL = 600      # a button claimed by a click that never finished frees up again
 SNAPSHOT_MAX_URIS = 2000     # beyond this a snapshot is folded into folders (see _snapshot)
 QUEUED_TIMEOUT = 600         # a run never submitted after this long is marked failed
@@ -81,66 +81,81 @@ class TrainingService(RunQueries):
     def request_training(self, reason: str, params: dict, requested_by: str, *, trigger="manual",
                          data_uris: list[str] | None = None, force=False,
                          dedupe_key: str | None = None, sweep=None) -> RunRecord:
+        """Start a run. With ``dedupe_key`` the same request (a retry, a resumed command,
+        a second replica) gets the same run, whatever step the first try died after."""
         params = self._resolve(params or {})
+        run_id = layout.new_run_id(self.clock())
         if dedupe_key:
-            existing = self._claim_dedupe(dedupe_key)
+            existing, run_id = self._claim_dedupe(dedupe_key, run_id)
             if existing:
-                return existing
+                return self._ensure_submitted(existing)
         try:
-            run = self._start(reason, params, requested_by, trigger, data_uris, force, sweep,
-                              dedupe_key)
+            return self._start(reason, params, requested_by, trigger, data_uris, force, sweep,
+                               dedupe_key, run_id)
         except BaseException:
             if dedupe_key:
                 self.state.forget(f"dedupe:req:{dedupe_key}")  # let a retry through
             raise
-        return run
 
-    def _claim_dedupe(self, key: str) -> RunRecord | None:
-        """None if we own the key now; the earlier run if this request was already made."""
+    def _claim_dedupe(self, key: str, run_id: str) -> tuple[RunRecord | None, str]:
+        """(the earlier run, its id) when this request was already made; (None, run_id)
+        when this caller owns the key now. The key holds the run id *before* the run is
+        created, so a try that died in between is carried on under the same id."""
         marker = f"dedupe:req:{key}"
         deadline = time.monotonic() + 5
-        while not self.state.once(marker, DEDUPE_TTL, value="starting"):
-            value = self.state.marker(marker)
-            if value and value != "starting":
-                run = self.state.get_run(value)
-                if run:
-                    return run
-            if time.monotonic() > deadline:
-                raise Conflict("The same request is still being started; try again in a moment.")
+        while not self.state.once(marker, DEDUPE_TTL, value=run_id):
+            planned = self.state.marker(marker)
+            run = self.state.get_run(planned) if planned else None
+            if run:
+                return run, run.run_id
+            if planned and time.monotonic() > deadline:
+                return None, planned     # its first try died before creating it: carry on
             time.sleep(0.1)
-        return None
+        return None, run_id
 
     def _start(self, reason, params, requested_by, trigger, data_uris, force, sweep,
-               dedupe_key) -> RunRecord:
+               dedupe_key, run_id) -> RunRecord:
         snapshot = list(data_uris) if data_uris is not None else self._snapshot()
         if not snapshot:
             raise ServiceError(f"No training data under `{self.store.uri(self.settings.data_prefix)}`. "
                                "Upload .npz files, PNG folders (<label>/<name>.png) or IDX files there.")
         run = self._new_run(trigger, reason, requested_by, params, snapshot)
+        run.run_id = run_id
         self._take_lock(run, force)
         try:
             created = self.state.create_run(run)
-            while not created:  # id collision: same minute, same 4 hex digits
-                run.run_id = layout.new_run_id(self.clock())
+            while not created:
+                if dedupe_key:   # the same request, created by a concurrent try: that run
+                    return self._ensure_submitted(self.get_run(run.run_id))
+                run.run_id = layout.new_run_id(self.clock())   # same minute, same 4 hex digits
                 self.state.take_over_lock(self.model, run.run_id, LOCK_TTL)
                 created = self.state.create_run(run)
         except BaseException:
             self.state.release_lock(self.model, run.run_id)
             raise
-        if dedupe_key:
-            self.state.set_marker(f"dedupe:req:{dedupe_key}", run.run_id)
         self.state.audit("train_requested", requested_by, run_id=run.run_id, trigger=trigger,
-                         reason=reason, params=params, objects=len(snapshot), forced=force or None)
+                         reason=reason, params=params, objects=len(snapshot), forced=force or None,
+                         sweep=sweep or None)
+        crash_point("after_run_record")
+        return self._ensure_submitted(run, sweep=sweep)
+
+    def _ensure_submitted(self, run: RunRecord, sweep=None) -> RunRecord:
+        """Submit a run recorded but not yet submitted (this try's, or one a crash left
+        behind), exactly once; anything else is returned as it is."""
+        if run.state != "queued" or run.external_id:
+            return run
+        if not self.state.once(f"submit:{run.run_id}", QUEUED_TIMEOUT):
+            return self.get_run(run.run_id)   # another try is submitting it right now
         try:
             external_id, external_url = self.runner.submit(
-                run.run_id, snapshot, params, self._eval_uri(), sweep=sweep,
-                requested_by=requested_by)
+                run.run_id, run.data_uris, run.params, self._eval_uri(), sweep=sweep,
+                requested_by=run.requested_by)
         except Exception as e:
             log.exception("submit of %s failed", run.run_id)
             self.state.update_run(run.run_id, state="failed", finished_at=self.clock(),
                                   error=f"submit failed: {e}")
             self.state.release_lock(self.model, run.run_id)
-            self.state.audit("train_submit_failed", requested_by, run_id=run.run_id, error=str(e))
+            self.state.audit("train_submit_failed", run.requested_by, run_id=run.run_id, error=str(e))
             raise ServiceError(f"Could not start run `{run.run_id}`: {e}") from e
         run = self.state.update_run(run.run_id, state="running", started_at=self.clock(),
                                     external_id=str(external_id or ""),
@@ -267,6 +282,7 @@ class TrainingService(RunQueries):
         # finish the run instead of leaving it "running" for ever.
         if not self.state.once(claim, FINISH_CLAIM_TTL):
             return self.get_run(run.run_id)  # another replica (or a cancel) finished it
+        crash_point("report_before_post")
         # Owed to Slack before the run counts as finished: the report survives a crash.
         self.notifier.run_finished(run, None, None)
         report = None if error else self._read_report(run.run_id)
@@ -289,6 +305,7 @@ class TrainingService(RunQueries):
                           failed_step=report.get("failed_step") or "",
                           error=report.get("error") or ("" if ok else f"the runner says {status}"))
         run = self.state.update_run(run.run_id, **fields)
+        self.state.hold(claim, FINISH_TTL)
         self.state.release_lock(run.model, run.run_id)
         if run.state == "succeeded":
             self.state.clear_pending(upto=run.created_at)
@@ -296,7 +313,6 @@ class TrainingService(RunQueries):
                          decision=run.decision or None, version=run.model_version,
                          error=run.error or None)
         self.notifier.run_progress(run, steps)       # now final: the deliverer sends the report
-        self.state.hold(claim, FINISH_TTL)
         metrics.run_finished(run)
         return run
 
@@ -401,7 +417,7 @@ class TrainingService(RunQueries):
                 self.state.finish_command(cmd_id)
                 continue
             started = float(record.get("started_at") or 0)
-            if record.get("state") == "accepted" or self.clock() - started > COMMAND_RUN_GRACE:
+            if record.get("state") == "accepted" or self.clock() - started > self.settings.command_stale_seconds:
                 out.append({"id": cmd_id, **record})
         return out
 

@@ -142,12 +142,13 @@ def build_bot(deps: Deps, *, with_scheduler: bool = True, job_workers: int = 2):
 def init_job_worker(settings: Settings, nice: int, log_level: int) -> None:
     """Runs once in each job worker process: lower its priority, build its own deps."""
     from bot.background import JobContext, set_worker_context
+    from core.logs import configure_logging
 
     if nice:
         os.nice(nice)
     # Runs started here are children of this worker; let the kernel reap them when they
     # end (the run watch in the bot process follows them through /proc and the store).
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)
-    logging.basicConfig(level=log_level, format="%(asctime)s %(name)s[worker] %(levelname)s %(message)s")
+    configure_logging(settings, log_level, process="worker")
     deps = build_deps(settings)
     set_worker_context(JobContext(deps.service, deps.client, settings))

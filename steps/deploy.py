@@ -30,6 +30,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from steps import layout
+from steps.crashpoints import crash_point
 from steps.storage import PreconditionFailed, Store, open_store
 
 _VERSION = re.compile(r"^v(\d+)/")
@@ -156,6 +157,7 @@ def publish(store: Store, model: str, package_prefix: str, *, run_id: str, by: s
         data = store.get_bytes(o.key)
         store.put_bytes(dst + name, data)
         files[name] = _digest(data)
+        crash_point("mid_publish")
     metrics = metrics if metrics is not None else store.get_json(package_prefix + layout.METRICS_JSON)
     top1 = (metrics or {}).get("top1")
     at = _now()

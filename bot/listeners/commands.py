@@ -16,6 +16,7 @@ from bot.blocks.common import esc
 from bot.listeners.guard import error_reply, replying_on_error
 from bot.listeners.parse import Parsed, UnknownSubcommand, UsageError, parse
 from core.errors import ParamError, ServiceError
+from steps.crashpoints import crash_point
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,7 @@ def register(app, service, settings) -> None:
             ack(**error_reply(e, f"`{command} {parsed.sub}`"))
             return
         ack(**reply)
+        crash_point("after_ack")
         if fresh:   # a repeated delivery (X-Slack-Retry-Num) is acked, not run twice
             app.background.submit(run_command, parsed, body, what=f"{command} {parsed.sub}")
 

@@ -261,3 +261,17 @@ def _wait(predicate, timeout: float, what: str):
             return value
         time.sleep(0.5)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_connection_errors_are_retried_with_backoff(bucket, s3_store, token_file, caplog):
+    from devkit.localservices import free_port
+
+    closed = f"http://127.0.0.1:{free_port()}"          # nothing listens there
+    runner = build_runner(Settings(runner="kfp", kfp_host=closed, kfp_namespace="team-ml", store=f"s3://{bucket}/",
+                                   kfp_token_path=str(token_file), kfp_retries=2), s3_store)
+    before = errors("kfp")
+    with caplog.at_level("WARNING", logger="urllib3.connectionpool"), pytest.raises(Exception, match="(?i)refused|max retries"):
+        runner.poll("r-1", "run-0001")
+    retries = [r for r in caplog.records if r.name == "urllib3.connectionpool" and "Retrying" in r.getMessage()]
+    assert len(retries) == 2
+    assert errors("kfp") == before + 1

@@ -178,6 +178,7 @@ def test_json_logs_carry_the_run_id_and_apscheduler_is_quiet():
     rec = logging.LogRecord("x", logging.WARNING, __file__, 1, "plain", (), None)
     rec.run_id = "r-20261130-0913-cd34"
     assert json.loads(fmt.format(rec))["run_id"] == "r-20261130-0913-cd34"
+    assert json.loads(JsonFormatter("worker").format(rec))["process"] == "worker"   # a job worker's line
 
     root = logging.getLogger()
     saved = root.handlers[:], root.level

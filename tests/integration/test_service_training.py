@@ -13,6 +13,7 @@ from core.config import Settings
 from core.service import Conflict, ParamError, ServiceError, UnknownRun
 from core.state import StateStore
 from core.types import RunRecord
+from steps.params import TrainParams
 from tests.recording import RecordingNotifier, RecordingRunner, finish_run, make_service, write_step
 
 
@@ -62,7 +63,7 @@ def test_request_records_submits_and_posts(service, runner, notifier, state, s3_
     assert sorted(run.data_uris) == sorted(s3_store.uri(k) for k in data)
     sub = runner.submits[0]
     assert sub["data_uris"] == run.data_uris
-    assert sub["params"]["epochs"] == 2 and sub["params"]["batch_size"] == 256  # full TrainParams
+    assert sub["params"]["epochs"] == 2 and sub["params"]["batch_size"] == TrainParams().batch_size  # full TrainParams
     assert run.params == sub["params"]
     assert sub["eval_uri"] == s3_store.uri("eval/eval.npz")
     assert sub["requested_by"] == "U1"
