@@ -108,6 +108,7 @@ class Settings(BaseSettings):
     outbox_drain_seconds: float = Field(2.0, gt=0)       # how often owed Slack messages are retried
     command_resume_seconds: float = Field(10.0, gt=0)    # how often commands cut off by a crash are resumed
     command_stale_seconds: float = Field(300.0, gt=0)    # a started command silent this long is resumed
+    finish_retry_seconds: float = Field(30.0, gt=0)      # a run's finish cut short by a crash is redone after this
     # Operations
     log_format: Literal["text", "json"] = "text"    # json: one object per line, with the run id
 

@@ -14,6 +14,7 @@ import dataclasses
 import json
 import logging
 import time
+import uuid
 
 from core import metrics
 from core.config import Settings
@@ -32,7 +33,6 @@ log = logging.getLogger("ctbot.service")
 LOCK_TTL = 6 * 3600          # the run watch refreshes it; the TTL only frees a lock nobody watches
 DEDUPE_TTL = 7 * 24 * 3600   # how long a repeated request/alert/fire maps to the same run
 FINISH_TTL = 30 * 24 * 3600
-FINISH_CLAIM_TTL = 30          # a finish cut short by a crash is redone after this
 COMMAND_TTL = 24 * 3600       # an accepted command's record (a response_url lasts 30 min)
 COMMAND_START_GRACE = 15      # an accepted command not started within this is resumed
 EFFECT_PENDING_TTL = 600      # a button claimed by a click that never finished frees up again
@@ -280,7 +280,7 @@ class TrainingService(RunQueries):
         claim = f"dedupe:finished:{run.run_id}"
         # A short claim, made permanent at the end: a crash half-way lets a later refresh
         # finish the run instead of leaving it "running" for ever.
-        if not self.state.once(claim, FINISH_CLAIM_TTL):
+        if not self.state.once(claim, self.settings.finish_retry_seconds):
             return self.get_run(run.run_id)  # another replica (or a cancel) finished it
         crash_point("report_before_post")
         # Owed to Slack before the run counts as finished: the report survives a crash.
@@ -338,8 +338,10 @@ class TrainingService(RunQueries):
         self.notifier.say(f"{who(by)} canceled run `{run_id}`.")
         return run
 
-    def promote(self, run_id: str, by: str) -> int:
-        """Publish a finished run's candidate package as the next production version."""
+    def promote(self, run_id: str, by: str, *, attempt: str = "") -> int:
+        """Publish a finished run's candidate package as the next production version.
+        ``attempt`` names the request (a command id, a click): a retry of the same
+        request carries on where a crash stopped it; any other is refused."""
         run = self.get_run(run_id)
         if run.active:
             raise Conflict(f"Run `{run_id}` is still {run.state}; promote it once it has finished.", run=run)
@@ -353,9 +355,10 @@ class TrainingService(RunQueries):
         if next(iter(self.store.list(prefix)), None) is None:
             raise ServiceError(f"Run `{run_id}` has no model package at `{self.store.uri(prefix)}`.")
         # One publish per run, whoever asks and however often: the second waits for nothing.
-        first = self.claim_effect(f"promote:{run_id}", by)
-        if first is not None:
-            raise Conflict(f"Run `{run_id}` is already being promoted by {who(first.get('by') or '')}.", run=run)
+        attempt = attempt or uuid.uuid4().hex
+        first = self.state.claim_effect(f"promote:{run_id}", attempt, EFFECT_PENDING_TTL)
+        if first is not None and first.get("by") != attempt:
+            raise Conflict(f"Run `{run_id}` is already being promoted.", run=run)
         from steps.deploy import publish
         try:
             version = publish(self.store, self.model, prefix, run_id=run_id, by=by,
@@ -367,7 +370,7 @@ class TrainingService(RunQueries):
         note = f"promoted to v{version} by {who(by)}"
         self.state.update_run(run_id, model_version=version,
                               decision_reason="; ".join(x for x in (run.decision_reason, note) if x))
-        self.settle_effect(f"promote:{run_id}", by, f"promoted it as v{version}")
+        self.state.settle_effect(f"promote:{run_id}", attempt, f"promoted it as v{version}", DEDUPE_TTL)
         self.state.audit("promote", by, run_id=run_id, version=version)
         self.notifier.say(f"{who(by)} promoted run `{run_id}`: {self.model} v{version} is now production.")
         return version
@@ -411,7 +414,8 @@ class TrainingService(RunQueries):
     def interrupted_commands(self) -> list[dict]:
         """Accepted commands whose job never ran, or died: to be resumed or answered."""
         out = []
-        for cmd_id in self.state.open_commands(older_than=COMMAND_START_GRACE):
+        grace = min(COMMAND_START_GRACE, self.settings.command_stale_seconds)
+        for cmd_id in self.state.open_commands(older_than=grace):
             record = self.state.command(cmd_id)
             if not record:
                 self.state.finish_command(cmd_id)

@@ -49,7 +49,6 @@ def register(app, service, settings) -> None:
             ack(**error_reply(e, f"`{command} {parsed.sub}`"))
             return
         ack(**reply)
-        crash_point("after_ack")
         if fresh:   # a repeated delivery (X-Slack-Retry-Num) is acked, not run twice
             app.background.submit(run_command, parsed, body, what=f"{command} {parsed.sub}")
 
@@ -70,6 +69,7 @@ def run_command(ctx, parsed: Parsed, body: dict) -> None:
     """The slow part (a background job). Every answer replaces the 'working on it' reply."""
     command = ctx.settings.slash_command
     cmd_id = command_id(body)
+    crash_point("after_ack")   # acked (the HTTP reply has gone), nothing done yet
     respond = ctx.respond(body["response_url"])
     with replying_on_error(respond, f"`{command} {parsed.sub}`", replace_original=True):
         record = ctx.service.command_started(cmd_id)
@@ -147,7 +147,7 @@ def _execute(service, client, settings, p: Parsed, who: str, cmd_id: str = "", r
     # The service says promotions, rollbacks, cancels and schedule changes in the channel
     # (notifier.say) and audits them, so the person who typed the command gets a private receipt.
     if p.sub == "deploy":
-        version = service.promote(p.run_id, by=who)
+        version = service.promote(p.run_id, by=who, attempt=f"cmd:{cmd_id}" if cmd_id else "")
         return blocks.info(f":rocket: Promoted run `{esc(p.run_id)}` to production as *v{version}*.")
     if p.sub == "rollback":
         # The production version this command saw, kept with it: a resumed or repeated
