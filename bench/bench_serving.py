@@ -157,6 +157,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seconds", type=float, default=3.0, help="per batched throughput round")
     ap.add_argument("--threads", type=int, default=1, help="torch/faiss threads per call, server and raw alike")
     args = ap.parse_args(argv)
+    os.environ["OMP_NUM_THREADS"] = str(args.threads)   # as `ctbot serve-model --threads` does
 
     import torch
 
@@ -192,12 +193,12 @@ def main(argv=None) -> int:
         raw_cpu = {"1": [0.0, 0], "64": [0.0, 0]}
 
         def raw(xb):
-            t, c = time.perf_counter(), time.thread_time()
+            t, c = time.perf_counter(), time.process_time()
             with torch.inference_mode():
                 emb = model.embed(torch.from_numpy(xb)).numpy()
             model.index.search(np.ascontiguousarray(emb), 5)
             acc = raw_cpu[str(len(xb))]
-            acc[0] += time.thread_time() - c
+            acc[0] += time.process_time() - c
             acc[1] += len(xb)
             return time.perf_counter() - t
 

@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 METADATA_EVENT = "ctbot_run"
 POST_CLAIM_SECONDS = 60      # longer than one chat.postMessage with its retries
-DELIVERY_LOCK_SECONDS = 120
+DELIVERY_LOCK_SECONDS = 30      # a replica that died mid-delivery holds it up at most this long
 HISTORY_LOOKBACK = 200       # messages searched for a run's lost first post
 
 

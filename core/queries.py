@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 
 from core.errors import UnknownRun
+from core.outbox import Outbox
 from core.types import RunRecord
 from steps import layout
 from steps.deploy import read_alias
@@ -54,6 +55,7 @@ class RunQueries:
             "next_retrain": self._next_retrain(),
             "schedule_paused": self.state.schedule_paused(),
             "pending": self.state.pending(),
+            "undelivered": Outbox(self.state).failures(3),   # Slack messages given up on
         }
 
     def data_summary(self) -> dict:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import threading
 
@@ -25,6 +26,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.threads:
+        # Before torch and faiss load: torch and faiss each bring an OpenMP runtime, and
+        # set_num_threads reaches only one; an idle worker of the other spun on every
+        # request (bench: 29 ms CPU per one-image request against 9 ms with this set).
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)
     from core.config import load_settings
     from ctbot.wiring import build_store
     from serving.app import start_serving

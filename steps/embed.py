@@ -17,11 +17,11 @@ from pathlib import Path
 import numpy as np
 
 
-def embed(model_dir: str, npz_path: str, out_path: str, batch_size: int = 256,
+def embed(model_dir: str, npz_path: str, out_path: str, batch_size: int = 0,
           *, prefer: str = "export", threads: int = 0) -> dict:
     import torch
 
-    from steps.model import available_cpus, embed_images, load_embedder
+    from steps.model import EMBED_BATCH, available_cpus, embed_images, load_embedder
 
     t0 = time.time()
     torch.set_num_threads(threads or available_cpus())
@@ -33,7 +33,7 @@ def embed(model_dir: str, npz_path: str, out_path: str, batch_size: int = 256,
     if x.ndim != 3 or x.shape[1:] != (28, 28):
         raise ValueError(f"{npz_path}: x must be (N,28,28) images, got {x.shape}")
     fn = load_embedder(model_dir, prefer=prefer)
-    emb = embed_images(fn, x, batch_size=batch_size).numpy().astype(np.float32)
+    emb = embed_images(fn, x, batch_size=batch_size or EMBED_BATCH).numpy().astype(np.float32)
     # The network normalises already; renormalising guards inner-product search against drift.
     emb /= np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
     out = Path(out_path)
@@ -68,7 +68,7 @@ def main(argv=None) -> int:
     ap.add_argument("--model-dir", required=True)
     ap.add_argument("--npz", required=True, help="images: npz with x (N,28,28) uint8 and y")
     ap.add_argument("--out", required=True, help="output npz path")
-    ap.add_argument("--batch-size", type=int, default=256, help="256 is fastest on CPU (steps/model.py)")
+    ap.add_argument("--batch-size", type=int, default=0, help="0: steps.model.EMBED_BATCH (measured there)")
     args = ap.parse_args(argv)
     print(json.dumps(embed(args.model_dir, args.npz, args.out, args.batch_size)))
     return 0

@@ -84,6 +84,10 @@ def status_message(status: dict) -> dict:
                  if prod else "no model in production yet")
     blocks += fields([("Production", prod_text), ("Schedule", schedule_text(status)),
                       ("Pending data", pending_text(status.get("pending")))])
+    undelivered = status.get("undelivered") or []
+    if undelivered:
+        lines = "\n".join(f"• {esc(f.get('what'))}: {esc(f.get('error'))} ({when(f.get('at'))})" for f in undelivered)
+        blocks.append(section(f":warning: *Not delivered to Slack* after every retry:\n{lines}"))
     text = (f"Active run {active.run_id} ({active.state})" if active else "No active run") + \
            f"; production {('v' + str(prod.get('version'))) if prod else 'none'}"
     return msg(text, blocks)

@@ -246,6 +246,9 @@ def test_undeliverable_is_surfaced_not_silent(world, standin):
     assert standin.messages("ct") == []
     (failure,) = w.outbox.failures()
     assert "500" in failure["error"]
+    from bot import blocks
+    shown = message_text(blocks.status_message({"undelivered": w.outbox.failures(3)}))   # /ct status shows it
+    assert "Not delivered to Slack" in shown and failure["what"] in shown
 
 
 def test_new_data_alert_and_say_once_each(world, standin):

@@ -100,7 +100,7 @@ def test_first_run_deploys_v1(world, first_run):
     assert report["eval"]["n"] == 500 and report["eval"]["uri"].endswith("eval/eval.npz")
     assert report["params"]["epochs"] == 1 and report["params"]["batch_size"] == 128
     top1 = report["metrics"]["top1"]
-    assert 0.0 <= top1 <= 1.0
+    assert 0.8 <= top1 <= 1.0  # measured: 0.91 with the defaults, 0.90 with preset=v0
     metrics_json = store.get_json(layout.candidate_prefix("run-1") + "metrics.json")
     assert metrics_json["top1"] == top1
     cm = np.array(report["metrics"]["confusion"])
