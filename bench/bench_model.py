@@ -161,6 +161,7 @@ def row_seed(train_npz, test_npz, threads: int) -> dict:
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     x, y, ex, ey = _load(train_npz, test_npz)
+    c0 = time.process_time()
     net = EmbeddingNet(arch_config(128, ("c16", "p", "c32", "p", "c64", "c128"))).to(memory_format=torch.channels_last)
     head = ArcFace(128, 10, 30.0, 0.5)
     opt = torch.optim.SGD(list(net.parameters()) + list(head.parameters()), lr=0.01, momentum=0.0)
@@ -179,7 +180,7 @@ def row_seed(train_npz, test_npz, threads: int) -> dict:
     top1 = knn_top1(g, y, q, ey, "l2")
     search_s = time.time() - t
     return {"top1": top1, "train_s": train_s, "embed_s": embed_s, "wall_s": train_s + embed_s + search_s,
-            "epochs": epochs}
+            "cpu_s": time.process_time() - c0, "epochs": epochs}
 
 
 def row_pml(train_npz, test_npz, threads: int, budget_s: float) -> dict:
@@ -191,6 +192,7 @@ def row_pml(train_npz, test_npz, threads: int, budget_s: float) -> dict:
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     x, y, ex, ey = _load(train_npz, test_npz)
+    c0 = time.process_time()
     net = EmbeddingNet(arch_config(128, ("c16", "p", "c32", "p", "c64", "c128"))).to(memory_format=torch.channels_last)
     loss_fn = losses.ArcFaceLoss(num_classes=10, embedding_size=128)  # margin 28.6 (degrees), scale 64
     opts = [torch.optim.Adam(net.parameters(), lr=1e-3),
@@ -206,7 +208,7 @@ def row_pml(train_npz, test_npz, threads: int, budget_s: float) -> dict:
     top1 = knn_top1(g, y, q, ey, "ip")
     search_s = time.time() - t
     return {"top1": top1, "train_s": train_s, "embed_s": embed_s, "wall_s": train_s + embed_s + search_s,
-            "epochs": round(epochs, 2)}
+            "cpu_s": time.process_time() - c0, "epochs": round(epochs, 2)}
 
 
 # ------------------------------------------------------------------------ pipeline rows
@@ -313,16 +315,19 @@ def main(argv=None) -> int:
           f"load average at the end {load[0]:.1f}/{load[1]:.1f}/{load[2]:.1f} on {os.cpu_count()} cores")
     base = results.get(2)
     hdr = (f"{'row':<22}{'top-1':>8}{'k5w':>8}{'epochs':>7}{'train s':>9}{'embed s':>9}{'wall s':>9}"
-           f"{'RSS MB':>8}{'wall/v0':>9}{'acc-v0 pp':>10}")
+           f"{'CPU s':>8}{'RSS MB':>8}{'wall/v0':>9}{'CPU/v0':>8}{'acc-v0 pp':>10}")
     print(hdr)
     for r, v in results.items():
         name = f"{r} {NAMES[r]}" if r < 10 else f"{r - 10} pipeline {NAMES[r - 10].split()[0]}"
         ref = results.get(12) if r >= 10 else base
-        rel = f"{v['wall_s'] / ref['wall_s']:>9.2f}{100 * (v['top1'] - ref['top1']):>+10.2f}" if ref else ""
+        cpu = v.get("cpu_s")
+        cpu_rel = f"{cpu / ref['cpu_s']:>8.2f}" if ref and cpu and ref.get("cpu_s") else f"{'-':>8}"
+        rel = (f"{v['wall_s'] / ref['wall_s']:>9.2f}{cpu_rel}{100 * (v['top1'] - ref['top1']):>+10.2f}"
+               if ref else "")
         k5 = f"{v['top1_k5w']:.2%}" if "top1_k5w" in v else "-"
         rss = v.get("train_rss_mb") or v["peak_rss_mb"]
         print(f"{name:<22}{v['top1']:>8.2%}{k5:>8}{v.get('epochs', '-'):>7}{v['train_s'] or 0:>9.1f}"
-              f"{v['embed_s'] or 0:>9.1f}{v['wall_s']:>9.1f}{rss:>8}{rel}")
+              f"{v['embed_s'] or 0:>9.1f}{v['wall_s']:>9.1f}{cpu or 0:>8.1f}{rss:>8}{rel}")
     for r in (11, 12):
         if r in results:
             v = results[r]

@@ -15,7 +15,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 PRESETS: dict[str, dict] = {
     "v0": {"epochs": 8, "batch_size": 256, "lr": 4e-3, "lr_schedule": "onecycle",
            "margin": 0.5, "scale": 30.0, "augment_shift": 2, "augment_rotate": 0.0,
-           "augment_scale": 0.0, "layers": "c16,p,c32,p,c64,c128", "warmup": 0.2},
+           "augment_scale": 0.0, "layers": "c16,p,c32,p,c64,c128", "warmup": 0.2, "min_steps": 1},
 }
 
 # name -> (min, max) inclusive; for str fields: the allowed values.
@@ -39,6 +39,7 @@ _RANGES: dict[str, tuple] = {
     "layers": ("c16,p,c32,p,c64,c128", "c16,p,c32,p,c64,c96", "c16,p,c32,p,c64,c64",
                "c16,p,c32,p,c64s2,c128", "c16s2,c32,p,c64,c128", "c32,p,c64,p,c128"),
     "warmup": (0.0, 0.5),
+    "min_steps": (1, 1000),
 }
 
 
@@ -65,6 +66,7 @@ class TrainParams:
     threads: int = _f(0, "CPU threads for torch; 0 = every CPU this process may use (cgroup limit)")
     layers: str = _f("c16,p,c32,p,c64,c128", "network: c<N> = 3x3 conv to N channels (s2: stride 2), p = 2x2 max-pool")
     warmup: float = _f(0.2, "share of the steps spent raising the learning rate to its peak")
+    min_steps: int = _f(20, "optimiser steps per epoch at least: small data gets smaller batches (>= 16)")
 
     @classmethod
     def valid_keys(cls) -> list[str]:

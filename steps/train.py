@@ -267,7 +267,9 @@ def _fit(x, y, out_dir, params: TrainParams, device, rank, world, emit) -> dict:
 
     n_tr = len(tr_idx)
     per_rank = n_tr // world
-    batch = max(2, min(params.batch_size // world, per_rank))
+    # A big batch pays on big data; on a few hundred images it would leave one step per epoch.
+    cap = max(16, per_rank // params.min_steps)
+    batch = max(2, min(params.batch_size // world, per_rank, cap))
     steps_per_epoch = max(1, per_rank // batch)  # drop the ragged tail: BatchNorm dislikes tiny batches
     opt = torch.optim.AdamW(_param_groups([net, head], params.weight_decay), lr=params.lr)
     sched = _scheduler(opt, params, params.epochs * steps_per_epoch)
