@@ -31,6 +31,9 @@ DEFAULTS = {
     "new_data_threshold": 1, "auto_retrain": False, "misfire_grace_seconds": 21600,
     "kfp_namespace": "", "kfp_ui_url": "", "kfp_token": "", "kfp_token_path": "", "kfp_timeout_seconds": 30.0,
     "kfp_retries": 4, "image": "", "log_format": "text",
+    # added with the Slack outbox and crash recovery (issue 9)
+    "schedule.catch_up": True, "outbox_drain_seconds": 2.0, "command_resume_seconds": 10.0,
+    "command_stale_seconds": 300.0, "finish_retry_seconds": 30.0,
 }
 
 
@@ -100,10 +103,18 @@ SAMPLES = {"http_port": "8080", "deploy_floor": "0.5", "auto_retrain": "true", "
            "slack_min_update_seconds": "1.5", "data_watch_minutes": "2", "data_sweep_minutes": "30",
            "run_watch_seconds": "1", "new_data_threshold": "4", "misfire_grace_seconds": "60",
            "deploy_tolerance": "0.01", "slack_channel": "#x", "slash_command": "/x",
-           "kfp_timeout_seconds": "5", "kfp_retries": "1", "log_format": "json"}
+           "kfp_timeout_seconds": "5", "kfp_retries": "1", "log_format": "json",
+           "outbox_drain_seconds": "5", "command_resume_seconds": "3", "command_stale_seconds": "60",
+           "finish_retry_seconds": "10"}
+SECTIONS = [f for f, info in Settings.model_fields.items() if isinstance(info.annotation, type)
+            and issubclass(info.annotation, Section)]
 
 
-@pytest.mark.parametrize("field", list(Settings.model_fields))
+def test_a_section_key_has_its_ct_variable():
+    assert Settings.from_env({"CT_SCHEDULE__CATCH_UP": "false"}).schedule.catch_up is False
+
+
+@pytest.mark.parametrize("field", [f for f in Settings.model_fields if f not in SECTIONS])
 def test_every_field_has_its_ct_variable(field):
     raw = SAMPLES.get(field, "value-" + field)
     got = plain(Settings.from_env({f"CT_{field.upper()}": raw}))[field]
