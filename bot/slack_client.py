@@ -42,3 +42,10 @@ def with_rate_limit_retries(client: WebClient, max_retry_count: int = 3) -> WebC
 def slack_client(token: str, base_url: str = "") -> WebClient:
     kwargs = {"base_url": base_url} if base_url else {}
     return with_rate_limit_retries(CountingWebClient(token=token or None, **kwargs))
+
+
+def group_members(client: WebClient):
+    """members_of(group_id) for core.access: Slack's usergroups.users.list."""
+    def members_of(group: str) -> list[str]:
+        return list(client.usergroups_users_list(usergroup=group).get("users") or [])
+    return members_of

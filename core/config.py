@@ -54,6 +54,38 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+_ID = re.compile(r"^(\*|[UWS][A-Z0-9]{2,})$")
+
+
+class AccessSection(Section):
+    """Who may do what: Slack user ids (U…/W…), user-group ids (S…) or "*" (everyone in
+    the allowed channels). deploy, rollback and approve have no default: until they are
+    configured those actions are refused (secure by default)."""
+    train: list[str] = ["*"]
+    deploy: list[str] = []
+    rollback: list[str] = []
+    cancel: list[str] = ["*"]            # a run's requester may always cancel their own run
+    schedule: list[str] = ["*"]
+    approve: list[str] = []
+    channels: list[str] = []             # channel ids where commands and buttons are accepted; [] = any
+    team_id: str = ""                    # requests from another workspace are refused; "" = any
+
+    @field_validator("train", "deploy", "rollback", "cancel", "schedule", "approve")
+    @classmethod
+    def _ids(cls, v: list[str]) -> list[str]:
+        bad = [x for x in v if not _ID.match(x.strip())]
+        if bad:
+            raise ValueError(f"not Slack user or group ids: {', '.join(bad)} (use U…/W… for users, "
+                             "S… for user groups, \"*\" for everyone)")
+        return [x.strip() for x in v]
+
+
+class DeploySection(Section):
+    require_approval: bool = False       # a run that evaluates to deploy waits for an approver
+    allow_self_approval: bool = False    # may the run's requester approve it
+    approval_timeout_hours: float = Field(72.0, gt=0)
+
+
 class ScheduleSection(Section):
     catch_up: bool = True               # a weekly fire missed while no scheduler ran is run once, however late
 
@@ -105,6 +137,8 @@ class Settings(BaseSettings):
     auto_retrain: bool = False
     misfire_grace_seconds: int = Field(6 * 3600, ge=1)
     schedule: ScheduleSection = Field(default_factory=ScheduleSection)
+    access: AccessSection = Field(default_factory=AccessSection)
+    deploy: DeploySection = Field(default_factory=DeploySection)
     outbox_drain_seconds: float = Field(2.0, gt=0)       # how often owed Slack messages are retried
     command_resume_seconds: float = Field(10.0, gt=0)    # how often commands cut off by a crash are resumed
     command_stale_seconds: float = Field(300.0, gt=0)    # a started command silent this long is resumed

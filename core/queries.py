@@ -58,6 +58,13 @@ class RunQueries:
             "undelivered": Outbox(self.state).failures(3),   # Slack messages given up on
         }
 
+    def audit_log(self, n: int = 20, since: str | None = None) -> list[dict]:
+        """The last ``n`` audit entries (after ``since``, an ISO time, if given), oldest first."""
+        entries = self.state.read_audit(n)
+        if since:
+            entries = [e for e in entries if str(e.get("at", "")) >= since]
+        return list(reversed(entries))
+
     def data_summary(self) -> dict:
         """Pending data; the data cards of recent runs, the last training and production."""
         runs = self.state.list_runs(20)

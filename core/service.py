@@ -17,6 +17,7 @@ import time
 import uuid
 
 from core import metrics
+from core.access import AccessPolicy, Actor, Forbidden
 from core.config import Settings
 from core.errors import Conflict, ParamError, ServiceError, UnknownRun
 from core.notify import SafeNotifier
@@ -47,7 +48,7 @@ def who(user: str) -> str:
 
 class TrainingService(RunQueries):
     def __init__(self, settings: Settings, state: StateStore, store, runner,
-                 notifier: Notifier | None = None, *, clock=time.time, next_retrain=None):
+                 notifier: Notifier | None = None, *, clock=time.time, next_retrain=None, access=None):
         self.settings = settings
         self.state = state
         self.store = store
@@ -55,6 +56,7 @@ class TrainingService(RunQueries):
         self.notifier = SafeNotifier(notifier)
         self.clock = clock
         self.next_retrain = next_retrain   # () -> datetime | None, the weekly schedule's
+        self.access = access or AccessPolicy(settings.access)
         self.model = settings.model_name
 
     # ---- params -------------------------------------------------------------------
@@ -391,6 +393,17 @@ class TrainingService(RunQueries):
         self.notifier.say(f"{who(by)} rolled {self.model} back from v{moved.get('from')} "
                             f"to v{moved.get('to')}.")
         return moved
+
+    # ---- who may act ---------------------------------------------------------------------
+
+    def authorize(self, action: str | None, actor: Actor, *, owner: str = "") -> None:
+        """Raise Forbidden (audited, nothing changed) unless ``actor`` may do ``action``
+        from where they asked; ``action`` None checks only the workspace and channel."""
+        why = self.access.place_refusal(actor) if action is None else \
+            self.access.refusal(action, actor, owner=owner)
+        if why:
+            self.state.audit("refused", actor, requested=action or "read", outcome="refused", reason=why)
+            raise Forbidden(why)
 
     # ---- Slack's retries and double clicks: accepted once, done once --------------------
 

@@ -316,7 +316,10 @@ class StateStore:
     def audit(self, action: str, who: str, **fields) -> str:
         """Append to the audit stream: who did what, when. Values are stored as strings
         (JSON for non-strings)."""
-        entry = {"action": action, "who": who or "", "at": _iso(self.clock())}
+        entry = {"action": action, "who": str(who or ""), "at": _iso(self.clock())}
+        for where in ("channel", "team"):   # an Actor (core.access) knows where it asked from
+            if getattr(who, where, ""):
+                entry[where] = getattr(who, where)
         for k, v in fields.items():
             if v is not None:
                 entry[k] = v if isinstance(v, str) else json.dumps(v, default=str)

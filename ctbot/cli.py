@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve-model": ("ctbot.serve_model", "serve the production model (KServe Open Inference Protocol v2, REST)"),
     "demo": ("devkit.demo", "the whole CT loop offline, ending in a posted report"),
     "config": ("ctbot.config_cmd", "check a config file, or show the effective settings and their sources"),
+    "audit": ("ctbot.audit_cmd", "who did what, when, from which channel, with what outcome"),
 }
 
 

@@ -67,6 +67,15 @@ def build_slack_client(settings: Settings):
     return slack_client(reveal(settings.slack_bot_token), settings.slack_api_url)
 
 
+def build_access(settings: Settings, client):
+    from core.access import AccessPolicy
+    members_of = None
+    if client is not None:
+        from bot.slack_client import group_members
+        members_of = group_members(client)
+    return AccessPolicy(settings.access, members_of)
+
+
 def build_delivery(settings: Settings, client, state, store, outbox):
     if client is None:
         return None
@@ -97,7 +106,7 @@ def build_deps(settings: Settings, *, state=None, store=None, runner=None, clien
     safe = SafeNotifier(notifier)
     schedule = WeeklySchedule(settings, clock)
     service = TrainingService(settings, state, store, runner, safe, clock=clock,
-                              next_retrain=schedule.next_fire)
+                              next_retrain=schedule.next_fire, access=build_access(settings, client))
     watch = DataWatch(settings, state, store, service, safe, clock=clock)
     jobs = Jobs(settings, state, service, watch, safe, schedule=schedule, clock=clock)
     drain = [("slack_outbox", delivery.drain, settings.outbox_drain_seconds)] if delivery else []

@@ -114,7 +114,10 @@ def configure(services: Services, out: Path) -> tuple[dict, object]:
         standin = SlackStandin().start()
         services.stoppers.append(standin.stop)
         overrides.update(slack_bot_token=standin.bot_token, slack_signing_secret=standin.signing_secret,
-                         slack_api_url=standin.api_url, slack_channel="#ct")
+                         slack_api_url=standin.api_url, slack_channel="#ct",
+                         # The stand-in's people: alice runs ML ops, bob may train and approve.
+                         access={"deploy": ["U0ALICE01"], "rollback": ["U0ALICE01"],
+                                 "approve": ["U0ALICE01", "U0BOB0001"]})
         say(f"started a Slack stand-in at {standin.url} (set SLACK_BOT_TOKEN to post to a workspace)")
     return overrides, standin
 

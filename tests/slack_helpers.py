@@ -160,7 +160,7 @@ def start_bot(tmp_path: Path, redis_url: str, *, store=None, runner=None, min_up
     a test finishes a run by writing what a pipeline writes into the store."""
     from bot.app import create_app
     from bot.server import serve_http
-    from core.config import Settings
+    from core.config import AccessSection, Settings
     from ctbot.wiring import build_deps
     from devkit.standin import SlackStandin
     from tests.recording import RecordingRunner
@@ -171,6 +171,8 @@ def start_bot(tmp_path: Path, redis_url: str, *, store=None, runner=None, min_up
                         slack_api_url=standin.api_url, slack_channel="#ct", redis_url=redis_url,
                         store=str(tmp_path / "store"), run_workdir=str(tmp_path / "runs"),
                         slack_min_update_seconds=min_update_seconds, **settings_overrides)
+    if "access" not in settings_overrides:   # the test users may do everything, unless a test says otherwise
+        settings.access = AccessSection(deploy=[ALICE, BOB], rollback=[ALICE, BOB], approve=[ALICE, BOB])
     runner = runner if runner is not None else RecordingRunner()
     deps = build_deps(settings, store=store, runner=runner)
     store, state, client, notifier, service = deps.store, deps.state, deps.client, deps.notifier.inner, deps.service

@@ -155,5 +155,5 @@ def fit_message(msg: dict) -> dict:
     out = dict(msg)
     if "blocks" in out:
         out["blocks"] = fit(out["blocks"])
-    out["text"] = clip(out.get("text") or "ctbot", MAX_FALLBACK_TEXT)
+    out["text"] = clip((out.get("text") or "").strip() or "ctbot", MAX_FALLBACK_TEXT)   # never blank: Slack rejects it
     return out

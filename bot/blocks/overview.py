@@ -102,6 +102,28 @@ def runs_message(runs: list) -> dict:
     return msg(f"Last {len(runs)} run(s): " + ", ".join(r.run_id for r in runs[:10]), blocks)
 
 
+AUDIT_SKIP = {"action", "who", "at", "id", "channel", "team", "outcome"}
+
+
+def audit_line(e: dict) -> str:
+    """One audit entry as a line people can read: when, who, what, where, outcome."""
+    details = ", ".join(f"{k}={v}" for k, v in e.items() if k not in AUDIT_SKIP)
+    where = f" in <#{e['channel']}>" if e.get("channel") else ""
+    who = f"<@{e['who']}>" if e.get("who", "")[:1] in ("U", "W") else esc(e.get("who") or "?")
+    outcome = " · *refused*" if e.get("outcome") == "refused" else ""
+    return f"`{esc(str(e.get('at', ''))[:19])}` {who} *{esc(e.get('action'))}*{where}{outcome}" + \
+        (f" — {esc(details)}" if details else "")
+
+
+def audit_message(entries: list[dict]) -> dict:
+    """``entries`` oldest first."""
+    if not entries:
+        return msg("The audit is empty.", [section("Nothing has been audited yet.")])
+    blocks = [header(f"Audit: the last {len(entries)} entries")]
+    blocks += [section(t) for t in _chunks([audit_line(e) for e in entries])]
+    return msg(f"Audit: the last {len(entries)} entries", blocks)
+
+
 def schedule_message(status: dict) -> dict:
     return msg(schedule_text(status).split(" ", 1)[1].replace("*", ""),
                [section(schedule_text(status)),

@@ -17,6 +17,7 @@ SUBCOMMANDS = {
     "rollback": ("[version]", "point production back to the previous (or the given) version"),
     "schedule": ("[pause|resume]", "show, pause or resume the weekly retrain"),
     "cancel": ("<run>", "cancel an active run"),
+    "audit": ("[N]", "who did what, when and where: the last N entries (approvers only)"),
 }
 
 

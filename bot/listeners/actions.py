@@ -14,6 +14,7 @@ from bot import blocks, ids
 from bot.blocks.common import esc
 from bot.listeners.guard import replying_on_error
 from bot.listeners.parse import is_ascii_number
+from core.access import Actor
 
 
 class Click:
@@ -23,8 +24,10 @@ class Click:
         action = (body.get("actions") or [{}])[0]
         self.action_id = action.get("action_id", "")
         self.value = action.get("value") or ""
-        self.user = (body.get("user") or {}).get("id", "")
+        user = body.get("user") or {}
         self.channel = (body.get("channel") or {}).get("id") or (body.get("container") or {}).get("channel_id", "")
+        team = (body.get("team") or {}).get("id") or user.get("team_id", "")
+        self.user = Actor(user.get("id", ""), self.channel, team)
         message = body.get("message") or {}
         self.ts = message.get("ts") or (body.get("container") or {}).get("message_ts", "")
         self.blocks = message.get("blocks") or []
@@ -51,21 +54,31 @@ def _tell_clicker(ctx, click: Click, message: dict) -> None:
 
 # ---- jobs: job(ctx, body) ----------------------------------------------------------------
 
-def once_per_button(job):
-    """One effect per button of a message, however many clicks, clickers or repeated
-    deliveries: the first click claims it; later ones are told what happened. A click
-    whose job fails frees the button again."""
+def once_per_button(action: str):
+    """For a button with an effect: the clicker must be on ``action``'s access list, and
+    there is one effect per button of a message, however many clicks, clickers or
+    repeated deliveries: the first allowed click claims it; later ones are told what
+    happened. A click whose job fails frees the button again."""
+    return functools.partial(_once_per_button, action)
+
+
+def _once_per_button(action: str, job):
     @functools.wraps(job)   # picklable by name: jobs run in worker processes
     def guarded(ctx, body: dict) -> None:
         c = Click(body)
         key = f"{c.channel}:{c.ts}:{c.action_id}:{c.value}"
+        claimed = False
         with _private(ctx, c):
+            owner = ctx.service.get_run(c.value).requested_by if action == "cancel" else ""
+            ctx.service.authorize(action, c.user, owner=owner)   # refused: told privately, nothing changes
             first = ctx.service.claim_effect(key, c.user)
             if first is not None:
                 done = first.get("outcome") or "is still being handled"
                 _tell_clicker(ctx, c, blocks.info(f"Already done: <@{first.get('by')}> clicked this first and "
                                                   f"{esc(done)}."))
-                return
+            claimed = first is None
+        if not claimed:
+            return
         outcome = None
         try:
             outcome = job(ctx, body)
@@ -78,7 +91,7 @@ def once_per_button(job):
 
 
 
-@once_per_button
+@once_per_button("train")
 def retrain_new_data(ctx, body: dict) -> str | None:
     c = Click(body)
     with _private(ctx, c):
@@ -89,7 +102,7 @@ def retrain_new_data(ctx, body: dict) -> str | None:
         return f"started run {run.run_id}"
 
 
-@once_per_button
+@once_per_button("train")
 def dismiss_alert(ctx, body: dict) -> str | None:
     c = Click(body)
     with _private(ctx, c):
@@ -98,7 +111,7 @@ def dismiss_alert(ctx, body: dict) -> str | None:
         return "dismissed the alert"
 
 
-@once_per_button
+@once_per_button("deploy")
 def promote(ctx, body: dict) -> str | None:
     c = Click(body)
     with _private(ctx, c):
@@ -107,7 +120,7 @@ def promote(ctx, body: dict) -> str | None:
         return f"promoted it as v{version}"
 
 
-@once_per_button
+@once_per_button("rollback")
 def rollback(ctx, body: dict) -> str | None:
     c = Click(body)
     with _private(ctx, c):
@@ -118,7 +131,7 @@ def rollback(ctx, body: dict) -> str | None:
         return f"rolled production back to v{moved.get('to')}"
 
 
-@once_per_button
+@once_per_button("cancel")
 def cancel_run(ctx, body: dict) -> str | None:
     c = Click(body)
     with _private(ctx, c):
@@ -130,12 +143,13 @@ def cancel_run(ctx, body: dict) -> str | None:
 def view_run(ctx, body: dict) -> None:
     c = Click(body)
     with _private(ctx, c):
+        ctx.service.authorize(None, c.user)    # reading only; the workspace and channel still count
         run = ctx.service.get_run(c.value)
         steps = {name: {"state": state} for name, state in (run.progress or {}).items()}
         _tell_clicker(ctx, c, blocks.run_details(run, steps, time.time()))
 
 
-@once_per_button
+@once_per_button("train")
 def retrain(ctx, body: dict) -> str | None:
     c = Click(body)
     with _private(ctx, c):

@@ -15,6 +15,7 @@ from bot import blocks
 from bot.blocks.common import esc
 from bot.listeners.guard import error_reply, replying_on_error
 from bot.listeners.parse import Parsed, UnknownSubcommand, UsageError, parse
+from core.access import Actor
 from core.errors import ParamError, ServiceError
 from steps.crashpoints import crash_point
 
@@ -44,6 +45,7 @@ def register(app, service, settings) -> None:
             ack(**reply)
             return
         try:
+            service.authorize(None, actor_of(body))      # the workspace and channel: pure, fast
             fresh = service.accept_command(command_id(body), _durable(body))
         except Exception as e:  # noqa: BLE001 - nothing was changed; say why, specifically
             ack(**error_reply(e, f"`{command} {parsed.sub}`"))
@@ -53,6 +55,10 @@ def register(app, service, settings) -> None:
             app.background.submit(run_command, parsed, body, what=f"{command} {parsed.sub}")
 
     app.command(command)(on_command)
+
+
+def actor_of(body: dict) -> Actor:
+    return Actor(body.get("user_id", ""), body.get("channel_id", ""), body.get("team_id", ""))
 
 
 def command_id(body: dict) -> str:
@@ -73,8 +79,7 @@ def run_command(ctx, parsed: Parsed, body: dict) -> None:
     respond = ctx.respond(body["response_url"])
     with replying_on_error(respond, f"`{command} {parsed.sub}`", replace_original=True):
         record = ctx.service.command_started(cmd_id)
-        out = _execute(ctx.service, ctx.client, ctx.settings, parsed, body.get("user_id", ""),
-                       cmd_id, record)
+        out = _execute(ctx.service, ctx.client, ctx.settings, parsed, actor_of(body), cmd_id, record)
         respond(**blocks.fit_message(out), replace_original=True)
     # Answered, with the result or a specific error: either way the command is settled.
     with contextlib.suppress(Exception):
@@ -127,8 +132,19 @@ def _classify(service, text: str, command: str) -> tuple[dict, Parsed | None]:
         return error_reply(e, f"`{command}`"), None
 
 
-def _execute(service, client, settings, p: Parsed, who: str, cmd_id: str = "", record: dict | None = None) -> dict:
+# The access list each subcommand needs (None: reading only; the channel still counts).
+NEEDS = {"train": "train", "deploy": "deploy", "rollback": "rollback", "cancel": "cancel", "audit": "approve"}
+
+
+def _execute(service, client, settings, p: Parsed, who: Actor, cmd_id: str = "", record: dict | None = None) -> dict:
     """Carry out a parsed command; returns the reply (with response_type for public ones)."""
+    action = "schedule" if p.sub == "schedule" and p.action else NEEDS.get(p.sub)
+    owner = ""
+    if p.sub == "cancel":
+        owner = service.get_run(p.run_id).requested_by
+    service.authorize(action, who, owner=owner)
+    if p.sub == "audit":
+        return blocks.audit_message(service.audit_log(p.n))
     if p.sub == "status":
         return blocks.status_message(service.status())
     if p.sub == "runs":

@@ -58,12 +58,13 @@ def parse(text: str, command: str = "/ct") -> Parsed:
     p = Parsed(sub, args)
     if sub in ("help", "status", "data") and args:
         raise UsageError(f"`{command} {sub}` takes no arguments (got “{' '.join(args)}”).", _usage(command, sub))
-    if sub == "runs":
+    if sub in ("runs", "audit"):
         if len(args) > 1:
-            raise UsageError(f"`{command} runs` takes at most one number.", _usage(command, sub))
+            raise UsageError(f"`{command} {sub}` takes at most one number.", _usage(command, sub))
         if args:
             if not is_ascii_number(args[0]) or not 1 <= int(args[0]) <= MAX_RUNS:
-                raise UsageError(f"“{args[0]}” is not a number of runs between 1 and {MAX_RUNS}.",
+                what = "runs" if sub == "runs" else "entries"
+                raise UsageError(f"“{args[0]}” is not a number of {what} between 1 and {MAX_RUNS}.",
                                  _usage(command, sub))
             p.n = int(args[0])
     elif sub in ("deploy", "cancel"):

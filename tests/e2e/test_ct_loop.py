@@ -90,7 +90,7 @@ def test_new_data_to_posted_report(tmp_path, redis_url, s3_store, bucket):
         report = s3_store.get_json(layout.report_key(run.run_id))
         assert report["status"] == "succeeded" and report["decision"] in ("deploy", "hold")
         assert report["data"]["n"] == 900 and set(report["timings"]) >= {"ingest", "train", "evaluate"}
-        assert 0.0 <= report["metrics"]["top1"] <= 1.0
+        assert 0.9 <= report["metrics"]["top1"] <= 1.0  # measured: 0.98 with the defaults, 0.96 with v0
 
         # The run's one message now carries the final report with the decision and its reason.
         msg = standin.message(channel, final.slack_ts)

@@ -129,6 +129,8 @@ class World:
             "CT_COMMAND_STALE_SECONDS": "4", "CT_FINISH_RETRY_SECONDS": "3", "CT_DATA_WATCH_MINUTES": "600",
             "CT_SLACK_MIN_UPDATE_SECONDS": "0", "CT_DEPLOY_FLOOR": "0.3", "PYTHONUNBUFFERED": "1",
             "TMPDIR": str(self.workdir / "tmp"),
+            "CT_ACCESS__DEPLOY": "U0ALICE01,U0BOB0001", "CT_ACCESS__ROLLBACK": "U0ALICE01,U0BOB0001",
+            "CT_ACCESS__APPROVE": "U0ALICE01",
         })
         if crash_at:
             env["CT_CRASH_AT"] = crash_at
