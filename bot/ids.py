@@ -6,5 +6,8 @@ ROLLBACK = "ct_rollback"                   # value: production version at render
 VIEW_RUN = "ct_view_run"                   # value: run id
 RETRAIN = "ct_retrain"                     # value: run id whose params to reuse
 CANCEL_RUN = "ct_cancel_run"               # value: run id
+APPROVE_DEPLOY = "ct_approve_deploy"       # value: run id
+REJECT_DEPLOY = "ct_reject_deploy"         # value: run id
 
-ALL = (RETRAIN_NEW_DATA, DISMISS_ALERT, PROMOTE, ROLLBACK, VIEW_RUN, RETRAIN, CANCEL_RUN)
+ALL = (RETRAIN_NEW_DATA, DISMISS_ALERT, PROMOTE, ROLLBACK, VIEW_RUN, RETRAIN, CANCEL_RUN, APPROVE_DEPLOY,
+       REJECT_DEPLOY)

@@ -20,6 +20,7 @@ from slack_sdk.errors import SlackApiError
 
 from bot import blocks
 from core.outbox import Outbox
+from core.serving_client import serving_status
 from core.types import NewData, RunRecord
 from steps.crashpoints import crash_point
 from steps.results import read_confusion_png, read_report, read_steps
@@ -30,16 +31,19 @@ METADATA_EVENT = "ctbot_run"
 POST_CLAIM_SECONDS = 60      # longer than one chat.postMessage with its retries
 DELIVERY_LOCK_SECONDS = 30      # a replica that died mid-delivery holds it up at most this long
 HISTORY_LOOKBACK = 200       # messages searched for a run's lost first post
+SERVING_WAIT_SECONDS = 8     # a deployed report waits this long for the model server to reload
 
 
 class SlackDelivery:
     def __init__(self, client, channel: str, state, store, outbox: Outbox, *,
-                 min_update_seconds: float = 3.0, auto_retrain: bool = False, wall_clock=time.time):
+                 min_update_seconds: float = 3.0, auto_retrain: bool = False, wall_clock=time.time,
+                 serving_url: str = ""):
         self.client, self.channel = client, channel
         self.state, self.store, self.outbox = state, store, outbox
         self.min_update_seconds = min_update_seconds
         self.auto_retrain = auto_retrain
         self.wall_clock = wall_clock
+        self.serving_url = serving_url   # the model server whose version a deployed report shows
 
     # ---- the periodic drain -------------------------------------------------------------
 
@@ -108,6 +112,9 @@ class SlackDelivery:
             report = {"run_id": run.run_id, "model": run.model, "status": run.state,
                       "params": run.params, "error": run.error, "decision": "",
                       "failed_step": run.failed_step or None}
+        elif self.serving_url and report.get("decision") == "deploy" and isinstance(report.get("model_version"), int):
+            report = {**report, "serving": serving_status(self.serving_url, run.model, wait=SERVING_WAIT_SECONDS,
+                                                          expect=report["model_version"])}
         return report
 
     def _ensure_message(self, run: RunRecord, view: dict):

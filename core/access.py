@@ -85,7 +85,8 @@ class AccessPolicy:
         entries = getattr(self.access, action)
         if not entries:
             return (f"Nobody may {VERBS[action]} yet: ctbot refuses it until the config file lists who "
-                    f"may (`access: {{{action}: [U…, S…]}}`, or `CT_ACCESS__{action.upper()}=U…,S…`).")
+                    f"may (`access: {{{action}: [U…, S…]}}`, or `CT_ACCESS__{action.upper()}=U…,S…`). "
+                    "Nothing was changed.")
         who = ", ".join(mention(e) for e in entries)
         extra = " (and a run's requester, for their own run)" if action == "cancel" else ""
         return f"You may not {VERBS[action]}: only {who}{extra} may. Nothing was changed."

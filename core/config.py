@@ -90,6 +90,17 @@ class ScheduleSection(Section):
     catch_up: bool = True               # a weekly fire missed while no scheduler ran is run once, however late
 
 
+class ServingSection(Section):
+    """The model server (`ctbot serve-model`) and where the bot reads what it serves."""
+    url: str = ""                        # the bot reads the served version here; "" = not shown
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)        # 0: any free port
+    poll_seconds: float = Field(2.0, gt=0)         # how often the production alias is read
+    max_body_bytes: int = Field(8 << 20, ge=1024)
+    max_batch: int = Field(256, ge=1)
+    threads: int = Field(1, ge=0)                  # torch/faiss threads per request; 0: all CPUs
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_nested_delimiter=NESTED_DELIMITER,
                                       extra="forbid", validate_default=True, protected_namespaces=())
@@ -139,6 +150,7 @@ class Settings(BaseSettings):
     schedule: ScheduleSection = Field(default_factory=ScheduleSection)
     access: AccessSection = Field(default_factory=AccessSection)
     deploy: DeploySection = Field(default_factory=DeploySection)
+    serving: ServingSection = Field(default_factory=ServingSection)
     outbox_drain_seconds: float = Field(2.0, gt=0)       # how often owed Slack messages are retried
     command_resume_seconds: float = Field(10.0, gt=0)    # how often commands cut off by a crash are resumed
     command_stale_seconds: float = Field(300.0, gt=0)    # a started command silent this long is resumed

@@ -7,6 +7,7 @@ import logging
 
 from core.errors import UnknownRun
 from core.outbox import Outbox
+from core.serving_client import serving_status
 from core.types import RunRecord
 from steps import layout
 from steps.deploy import read_alias
@@ -56,7 +57,12 @@ class RunQueries:
             "schedule_paused": self.state.schedule_paused(),
             "pending": self.state.pending(),
             "undelivered": Outbox(self.state).failures(3),   # Slack messages given up on
+            "serving": self.serving(),
         }
+
+    def serving(self, expect: int | None = None, wait: float = 0.0) -> dict | None:
+        """What the model server answers ({url, versions, error}); None without serving.url."""
+        return serving_status(self.settings.serving.url, self.model, expect=expect, wait=wait)
 
     def audit_log(self, n: int = 20, since: str | None = None) -> list[dict]:
         """The last ``n`` audit entries (after ``since``, an ISO time, if given), oldest first."""

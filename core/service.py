@@ -22,6 +22,7 @@ from core.config import Settings
 from core.errors import Conflict, ParamError, ServiceError, UnknownRun
 from core.notify import SafeNotifier
 from core.queries import RunQueries
+from core.serving_client import serving_text
 from core.state import StateStore
 from core.types import FINAL_STATES, Notifier, RunRecord
 from steps import layout
@@ -39,6 +40,7 @@ COMMAND_START_GRACE = 15      # an accepted command not started within this is r
 EFFECT_PENDING_TTL = 600      # a button claimed by a click that never finished frees up again
 SNAPSHOT_MAX_URIS = 2000     # beyond this a snapshot is folded into folders (see _snapshot)
 QUEUED_TIMEOUT = 600         # a run never submitted after this long is marked failed
+SERVING_SETTLE_SECONDS = 8   # how long an announcement waits for the model server to reload
 
 
 def who(user: str) -> str:
@@ -306,8 +308,16 @@ class TrainingService(RunQueries):
                           model_version=report.get("model_version"),
                           failed_step=report.get("failed_step") or "",
                           error=report.get("error") or ("" if ok else f"the runner says {status}"))
+            if ok and fields["decision"] == "deploy" and fields["model_version"] is None \
+                    and self.settings.deploy.require_approval:
+                # The pipeline did not publish: an approver decides, against what is shown now.
+                prod = self.production()
+                fields.update(approval="pending", approval_expect={"production": prod and prod["version"]})
         run = self.state.update_run(run.run_id, **fields)
         self.state.hold(claim, FINISH_TTL)
+        if run.approval == "pending":
+            self.state.r.sadd(self.state.k("approvals"), run.run_id)
+            self.state.audit("approval_requested", run.requested_by, run_id=run.run_id, top1=run.top1)
         self.state.release_lock(run.model, run.run_id)
         if run.state == "succeeded":
             self.state.clear_pending(upto=run.created_at)
@@ -374,7 +384,8 @@ class TrainingService(RunQueries):
                               decision_reason="; ".join(x for x in (run.decision_reason, note) if x))
         self.state.settle_effect(f"promote:{run_id}", attempt, f"promoted it as v{version}", DEDUPE_TTL)
         self.state.audit("promote", by, run_id=run_id, version=version)
-        self.notifier.say(f"{who(by)} promoted run `{run_id}`: {self.model} v{version} is now production.")
+        served = self._production_moved(version)
+        self.notifier.say(f"{who(by)} promoted run `{run_id}`: {self.model} v{version} is now production.{served}")
         return version
 
     def rollback(self, version: int | None, by: str, *, expect_production: int | None = None) -> dict:
@@ -390,9 +401,23 @@ class TrainingService(RunQueries):
         except (ValueError, KeyError) as e:
             raise ServiceError(f"Could not roll back {self.model}: {_msg(e)}") from e
         self.state.audit("rollback", by, **{"from": moved.get("from"), "to": moved.get("to")})
+        served = self._production_moved(moved.get("to"))
         self.notifier.say(f"{who(by)} rolled {self.model} back from v{moved.get('from')} "
-                            f"to v{moved.get('to')}.")
+                            f"to v{moved.get('to')}.{served}")
         return moved
+
+    def _production_moved(self, version) -> str:
+        """Notify the model server at once, then say what it answers (" (...)" or "")."""
+        try:
+            self.state.r.publish(self.state.k("alias", self.model), str(version))
+        except Exception:  # the server's alias poll covers a lost notice
+            log.warning("could not publish the %s alias notice", self.model, exc_info=True)
+        try:
+            text = serving_text(self.serving(expect=version, wait=SERVING_SETTLE_SECONDS), version)
+        except Exception:  # the announcement goes out regardless
+            log.warning("reading the model server failed", exc_info=True)
+            text = ""
+        return f" ({text})" if text else ""
 
     # ---- who may act ---------------------------------------------------------------------
 
@@ -447,6 +472,81 @@ class TrainingService(RunQueries):
 
     def release_effect(self, key: str) -> None:
         self.state.release_effect(key)
+
+    # ---- approvals (deploy.require_approval) -------------------------------------------
+
+    def approve(self, run_id: str, by: Actor) -> int:
+        """Publish a run awaiting approval, if nothing changed since its report; returns
+        the version. Refused for the requester unless deploy.allow_self_approval."""
+        self.authorize("approve", by)
+        run = self._pending_approval(run_id)
+        if str(by) == run.requested_by and not self.settings.deploy.allow_self_approval:
+            why = (f"You requested run `{run_id}`: another approver must approve it "
+                   "(or set deploy.allow_self_approval).")
+            self.state.audit("refused", by, requested="approve", run_id=run_id, outcome="refused", reason=why)
+            raise Forbidden(why)
+        newer = next((r for r in self.list_runs(20) if r.created_at > run.created_at and r.state == "succeeded"
+                      and r.decision == "deploy"), None)
+        if newer:
+            raise Conflict(f"A newer candidate, run `{newer.run_id}`, has finished since this report; "
+                           "nothing was deployed. Approve that one instead.", run=run)
+        from steps.deploy import StaleAlias, publish
+        expect = (run.approval_expect or {}).get("production")
+        try:
+            version = publish(self.store, self.model, layout.candidate_prefix(run_id), run_id=run_id,
+                              by=run.requested_by, approved_by=str(by), keep=self.settings.keep_versions,
+                              action="deploy", expect_version=expect,
+                              metrics={"top1": run.top1} if run.top1 is not None else None)
+        except StaleAlias as e:
+            raise Conflict(f"{_msg(e)}: production changed since this report was posted.", run=run) from e
+        except (ValueError, KeyError) as e:
+            raise ServiceError(f"Could not deploy run `{run_id}`: {_msg(e)}") from e
+        run = self.state.update_run(run_id, model_version=version, approval="approved", approval_by=str(by),
+                                    approval_at=self.clock())
+        self.state.r.srem(self.state.k("approvals"), run_id)
+        self.state.audit("approved", by, run_id=run_id, version=version)
+        self.notifier.run_progress(run)      # the report is stamped, its buttons go
+        self.notifier.say(f"{who(by)} approved run `{run_id}`: {self.model} v{version} is now production.")
+        return version
+
+    def reject(self, run_id: str, by: Actor) -> None:
+        self.authorize("approve", by)
+        self._pending_approval(run_id)
+        run = self.state.update_run(run_id, approval="rejected", approval_by=str(by), approval_at=self.clock())
+        self.state.r.srem(self.state.k("approvals"), run_id)
+        self.state.audit("rejected", by, run_id=run_id)
+        self.notifier.run_progress(run)
+
+    def _pending_approval(self, run_id: str) -> RunRecord:
+        run = self.get_run(run_id)
+        if run.approval != "pending":
+            what = {"approved": f"was approved by {who(run.approval_by)}", "rejected":
+                    f"was rejected by {who(run.approval_by)}", "expired": "expired"}.get(run.approval,
+                                                                                          "needs no approval")
+            raise Conflict(f"Run `{run_id}` {what}; nothing was changed.", run=run)
+        if self._approval_expired(run):
+            self.expire_approvals()
+            raise Conflict(f"The approval of run `{run_id}` expired after "
+                           f"{self.settings.deploy.approval_timeout_hours:g} h; nothing was deployed.", run=run)
+        return run
+
+    def _approval_expired(self, run: RunRecord) -> bool:
+        return self.clock() - (run.finished_at or run.created_at) > self.settings.deploy.approval_timeout_hours * 3600
+
+    def expire_approvals(self) -> list[str]:
+        """Close pending approvals past deploy.approval_timeout_hours (the run watch calls it)."""
+        out = []
+        for run_id in self.state.r.smembers(self.state.k("approvals")):
+            run = self.state.get_run(run_id)
+            if run is None or run.approval != "pending":
+                self.state.r.srem(self.state.k("approvals"), run_id)
+            elif self._approval_expired(run):
+                run = self.state.update_run(run_id, approval="expired", approval_at=self.clock())
+                self.state.r.srem(self.state.k("approvals"), run_id)
+                self.state.audit("approval_expired", "scheduler", run_id=run_id)
+                self.notifier.run_progress(run)
+                out.append(run_id)
+        return out
 
     def dismiss_alert(self, alert_id: str, by: str) -> None:
         self.state.audit("alert_dismissed", by, alert_id=alert_id)

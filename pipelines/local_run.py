@@ -67,7 +67,8 @@ def run_local(settings, store, run_id: str, data_uris: list[str], params: dict, 
                               eval_uri=resolve_eval_uri(settings.store, eval_uri or settings.eval_uri),
                               params=params, floor=settings.deploy_floor,
                               tolerance=settings.deploy_tolerance, keep_versions=settings.keep_versions,
-                              requested_by=requested_by, sweep=sweep)
+                              requested_by=requested_by, sweep=sweep,
+                              require_approval=settings.deploy.require_approval)
     workdir = Path(settings.run_workdir).expanduser().resolve() / run_id
     tmp = workdir / "tmp"
     tmp.mkdir(parents=True, exist_ok=True)

@@ -39,6 +39,8 @@ class LocalRunner:
                "--keep-versions", str(int(s.keep_versions)), "--verbose"]
         if requested_by:
             cmd += ["--requested-by", requested_by]
+        if s.deploy.require_approval:   # the child reads no config file: say it on its command line
+            cmd += ["--require-approval"]
         # Resolved here, from these settings, not from whatever the child's env says.
         cmd += ["--eval-data", resolve_eval_uri(s.store, eval_uri or s.eval_uri)]
         cmd += ["--data", *(data_uris_or_default(s.store, s.data_prefix, data_uris))]

@@ -170,11 +170,13 @@ def index(run_id: str, store: str, embeddings: Input[Dataset], index: Output[dsl
 
 @component
 def evaluate(run_id: str, store: str, model_name: str, floor: float, tolerance: float,
+             require_approval: bool,
              data: Input[Dataset], model: Input[Model], embeddings: Input[Dataset],
              index: Input[dsl.Artifact], metrics: Output[Metrics],
              confusion: Output[ClassificationMetrics], evaluation: Output[dsl.Artifact]) -> str:
     """Candidate vs floor and vs the production model on the same eval set; returns the
-    decision, "deploy" or "hold". The candidate package is uploaded whatever the
+    decision, "deploy" or "hold" ("approve" for a deploy that waits for an approver,
+    which the deploy step does not run on). The candidate package is uploaded whatever the
     decision, for 'Promote anyway'. (The decision is the single return value because
     kfp.local cannot resolve a dsl.If on a named output of a multi-output task.)"""
     import os
@@ -191,6 +193,8 @@ def evaluate(run_id: str, store: str, model_name: str, floor: float, tolerance: 
         upload_candidate(store, run_id, model_dir=model.path, index_dir=index.path,
                          eval_dir=evaluation.path,
                          data_card=os.path.join(data.path, layout.DATA_CARD_JSON))
+        if require_approval and result["decision"] == "deploy":
+            result["reason"] = f"{result['reason']}; awaiting approval"
         st.summary = {k: result.get(k) for k in ("top1", "decision", "reason", "production")}
 
     production = result.get("production")
@@ -204,7 +208,7 @@ def evaluate(run_id: str, store: str, model_name: str, floor: float, tolerance: 
             metrics.log_metric(f"top1_class_{label}", float(acc))
     matrix = [[int(v) for v in row] for row in result["confusion"]]
     confusion.log_confusion_matrix([str(i) for i in range(len(matrix))], matrix)
-    return str(result["decision"])
+    return "approve" if require_approval and result["decision"] == "deploy" else str(result["decision"])
 
 
 @component
@@ -247,7 +251,7 @@ def build_pipeline(resources: dict | None = None, *, sweep: bool = False, parall
     = no Kubernetes settings, as for kfp.local); ``parallelism`` bounds sweep trials."""
 
     def body(run_id, store, model_name, data_uris, eval_uri, params, floor, tolerance,
-             keep_versions, requested_by, train_model):
+             keep_versions, requested_by, require_approval, train_model):
         exit_task = _configure(finalize(run_id=run_id, store=store, model_name=model_name,
                                         params=params), "finalize", resources)
         with dsl.ExitHandler(exit_task, name="ctbot-run"):
@@ -262,7 +266,8 @@ def build_pipeline(resources: dict | None = None, *, sweep: bool = False, parall
             idx = _configure(index(run_id=run_id, store=store,
                                    embeddings=emb.outputs["embeddings"]), "index", resources)
             ev = _configure(evaluate(run_id=run_id, store=store, model_name=model_name,
-                                     floor=floor, tolerance=tolerance, data=data,
+                                     floor=floor, tolerance=tolerance,
+                                     require_approval=require_approval, data=data,
                                      model=model, embeddings=emb.outputs["embeddings"],
                                      index=idx.outputs["index"]), "evaluate", resources)
             with dsl.If(ev.outputs["Output"] == "deploy", name="decision-deploy"):
@@ -277,14 +282,14 @@ def build_pipeline(resources: dict | None = None, *, sweep: bool = False, parall
         def ct_pipeline(run_id: str, store: str, model_name: str = "mnist-arcface",
                         data_uris: list = [], eval_uri: str = "", params: dict = {},  # noqa: B006 - kfp compiles literal defaults
                         floor: float = 0.97, tolerance: float = 0.002, keep_versions: int = 5,
-                        requested_by: str = ""):
+                        requested_by: str = "", require_approval: bool = False):
             def train_model(data):
                 t = _configure(train(run_id=run_id, store=store, params=params, data=data),
                                "train", resources)
                 return t.outputs["model"]
 
             body(run_id, store, model_name, data_uris, eval_uri, params, floor, tolerance,
-                 keep_versions, requested_by, train_model)
+                 keep_versions, requested_by, require_approval, train_model)
 
         return ct_pipeline
 
@@ -294,7 +299,7 @@ def build_pipeline(resources: dict | None = None, *, sweep: bool = False, parall
     def ct_sweep_pipeline(run_id: str, store: str, sweep: list, model_name: str = "mnist-arcface",
                           data_uris: list = [], eval_uri: str = "", params: dict = {},  # noqa: B006 - kfp compiles literal defaults
                           floor: float = 0.97, tolerance: float = 0.002, keep_versions: int = 5,
-                          requested_by: str = ""):
+                          requested_by: str = "", require_approval: bool = False):
         def train_model(data):
             # sweep comes in as a pipeline parameter: kfp.local mishandles a static list
             # under ExitHandler/If.
@@ -308,7 +313,7 @@ def build_pipeline(resources: dict | None = None, *, sweep: bool = False, parall
             return best.outputs["best"]
 
         body(run_id, store, model_name, data_uris, eval_uri, params, floor, tolerance,
-             keep_versions, requested_by, train_model)
+             keep_versions, requested_by, require_approval, train_model)
 
     return ct_sweep_pipeline
 
@@ -333,12 +338,14 @@ def normalize_sweep(sweep) -> list[dict]:
 
 def pipeline_arguments(*, run_id: str, store: str, model_name: str, data_uris: list,
                        eval_uri: str, params: dict, floor: float, tolerance: float,
-                       keep_versions: int, requested_by: str, sweep=None) -> dict:
+                       keep_versions: int, requested_by: str, sweep=None,
+                       require_approval: bool = False) -> dict:
     """The pipeline's arguments, shared by the local and the KFP runner."""
     args = {"run_id": run_id, "store": store, "model_name": model_name,
             "data_uris": list(data_uris), "eval_uri": eval_uri or "", "params": dict(params or {}),
             "floor": float(floor), "tolerance": float(tolerance),
-            "keep_versions": int(keep_versions), "requested_by": requested_by or ""}
+            "keep_versions": int(keep_versions), "requested_by": requested_by or "",
+            "require_approval": bool(require_approval)}
     trials = normalize_sweep(sweep)
     if trials:
         args["sweep"] = trials

@@ -134,6 +134,7 @@ class Jobs:
                     metrics.dependency_error(e)
                     log.exception("refreshing %s failed", run_id)
             self._start_queued_weekly()
+            self.service.expire_approvals()
         except (RedisConnectionError, RedisTimeoutError) as e:
             metrics.dependency_error("redis")
             self._outage(f"{type(e).__name__}: {e}")

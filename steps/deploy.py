@@ -95,6 +95,9 @@ def _lineage(history: list[dict]) -> list[int]:
     return stack
 
 
+ANY = object()   # publish without a precondition on the current production version
+
+
 class StaleAlias(ValueError):
     """Production moved since the actor looked: nothing was changed."""
 
@@ -137,7 +140,8 @@ def _claim_version(store: Store, model: str, alias: dict | None) -> int:
 
 
 def publish(store: Store, model: str, package_prefix: str, *, run_id: str, by: str, keep: int = 5,
-            metrics: dict | None = None, action: str = "deploy", approved_by: str = "") -> int:
+            metrics: dict | None = None, action: str = "deploy", approved_by: str = "",
+            expect_version: int | None | object = ANY) -> int:
     """Copy the package under package_prefix to a new version, point production at it,
     prune old versions. Returns the new version number."""
     if action not in ("deploy", "promote"):
@@ -148,8 +152,17 @@ def publish(store: Store, model: str, package_prefix: str, *, run_id: str, by: s
     objects = [o for o in store.list(package_prefix) if o.key[len(package_prefix):] not in _BOOKKEEPING]
     if not objects:
         raise ValueError(f"no model package under {store.uri(package_prefix)}")
+    def still(alias):
+        current = (alias or {}).get("version")
+        if expect_version is not ANY and current != expect_version:
+            shown = f"v{expect_version}" if expect_version is not None else "no production model"
+            raise StaleAlias(f"Production is now {f'v{current}' if current else 'unset'}, not {shown} "
+                             "as when this was decided; nothing was deployed")
+
+    alias = read_alias(store, model)
+    still(alias)
     # Never reuse a number, even of a pruned version: history and reports refer to it.
-    version = _claim_version(store, model, read_alias(store, model))
+    version = _claim_version(store, model, alias)
     dst = _version_prefix(model, version)
     files = {}
     for o in objects:  # hash the bytes as copied: the manifest vouches for this version
@@ -174,7 +187,10 @@ def publish(store: Store, model: str, package_prefix: str, *, run_id: str, by: s
     entry = {"version": version, "action": action, "by": by, "at": at, "run_id": run_id, "top1": top1}
     if approved_by:
         entry["approved_by"] = approved_by
-    new_alias = _move_alias(store, model, lambda alias: entry)
+    def decide(alias):
+        still(alias)      # compare-and-set: checked again against the alias being replaced
+        return entry
+    new_alias = _move_alias(store, model, decide)
     prune(store, model, keep, alias=new_alias)
     return version
 

@@ -74,7 +74,7 @@ def write_step(store, run_id: str, step: str, state: str, **summary) -> None:
 
 def finish_run(store, runner: RecordingRunner, run_id: str, *, decision="deploy", top1=0.985,
                version: int = 1, failed_step: str | None = None, candidate=True,
-               model="mnist-arcface") -> dict:
+               model="mnist-arcface", awaiting_approval: bool = False) -> dict:
     """Leave in the store what a finished pipeline leaves (step files, candidate package,
     confusion PNG), assemble report.json with the pipeline's own finalize_run, and make
     poll() report the outcome."""
@@ -89,7 +89,7 @@ def finish_run(store, runner: RecordingRunner, run_id: str, *, decision="deploy"
                 "top1": top1, "decision": decision,
                 "reason": f"top-1 {top1:.2%} against floor 97.00%"})
         elif step == "deploy":
-            if decision == "deploy":
+            if decision == "deploy" and not awaiting_approval:   # else skipped, as the pipeline does
                 mark(store, run_id, step, "done", summary={"version": version, "top1": top1})
         else:
             mark(store, run_id, step, "done")

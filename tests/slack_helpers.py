@@ -125,9 +125,11 @@ class Bot:
     def channel(self) -> str:
         return self.standin.channel_id(self.settings.slack_channel)
 
-    def slash(self, text: str, user: str = ALICE, **kw) -> Reply:
-        rurl = self.standin.response_url(self.channel, user)
-        status, raw = post(self.url, command_body(text, user=user, channel_id=self.channel,
+    def slash(self, text: str, user: str = ALICE, *, channel: str | None = None, team_id: str = "T0CTBOT00",
+              **kw) -> Reply:
+        channel = channel or self.channel
+        rurl = self.standin.response_url(channel, user)
+        status, raw = post(self.url, command_body(text, user=user, channel_id=channel, team_id=team_id,
                                                   response_url=rurl, command=self.settings.slash_command), **kw)
         try:
             body = json.loads(raw) if raw else {}
@@ -142,8 +144,12 @@ class Bot:
         self.standin.wait_for("response", count, timeout, where=lambda a: a["rid"] == reply.rid)
         return self.standin.responses(reply.rid)
 
-    def click(self, ts: str, action_id: str, user: str = ALICE, value: str | None = None) -> Reply:
-        payload = self.standin.action_payload(self.channel, ts, action_id, user=user, value=value)
+    def click(self, ts: str, action_id: str, user: str = ALICE, value: str | None = None, *,
+              channel: str | None = None, team_id: str | None = None) -> Reply:
+        payload = self.standin.action_payload(channel or self.channel, ts, action_id, user=user, value=value)
+        if team_id is not None:   # as if from another workspace
+            payload["team"] = {"id": team_id}
+            payload["user"]["team_id"] = team_id
         body = "payload=" + urllib.parse.quote(json.dumps(payload))
         status, raw = post(self.url, body)
         return Reply(status, raw, payload["response_url"])
@@ -154,7 +160,7 @@ class Bot:
 
 
 def start_bot(tmp_path: Path, redis_url: str, *, store=None, runner=None, min_update_seconds: float = 0.0,
-              **settings_overrides) -> Bot:
+              usergroups: dict | None = None, channels: tuple = ("ct",), **settings_overrides) -> Bot:
     """The real app behind the real HTTP server, with real Redis, a real store and the
     Slack stand-in. The runner is the service tests' RecordingRunner unless one is given:
     a test finishes a run by writing what a pipeline writes into the store."""
@@ -165,8 +171,8 @@ def start_bot(tmp_path: Path, redis_url: str, *, store=None, runner=None, min_up
     from devkit.standin import SlackStandin
     from tests.recording import RecordingRunner
 
-    standin = SlackStandin(bot_token=BOT_TOKEN, signing_secret=SIGNING_SECRET,
-                           files_dir=tmp_path / "slack-files").start()
+    standin = SlackStandin(bot_token=BOT_TOKEN, signing_secret=SIGNING_SECRET, channels=channels,
+                           files_dir=tmp_path / "slack-files", usergroups=usergroups).start()
     settings = Settings(slack_bot_token=BOT_TOKEN, slack_signing_secret=SIGNING_SECRET,
                         slack_api_url=standin.api_url, slack_channel="#ct", redis_url=redis_url,
                         store=str(tmp_path / "store"), run_workdir=str(tmp_path / "runs"),

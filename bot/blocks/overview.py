@@ -16,6 +16,7 @@ from bot.blocks.common import (
     when,
 )
 from bot.blocks.limits import MAX_SECTION_TEXT
+from core.serving_client import serving_text
 from core.types import RunRecord
 
 
@@ -82,8 +83,11 @@ def status_message(status: dict) -> dict:
         blocks.append(section("*Active run*: none"))
     prod_text = (f"v{prod.get('version')} · top-1 {pct(prod.get('top1'))} · since {when(prod.get('updated_at'))}"
                  if prod else "no model in production yet")
-    blocks += fields([("Production", prod_text), ("Schedule", schedule_text(status)),
-                      ("Pending data", pending_text(status.get("pending")))])
+    pairs = [("Production", prod_text), ("Schedule", schedule_text(status)),
+             ("Pending data", pending_text(status.get("pending")))]
+    if status.get("serving"):
+        pairs.append(("Model server", serving_field(status["serving"], prod)))
+    blocks += fields(pairs)
     undelivered = status.get("undelivered") or []
     if undelivered:
         lines = "\n".join(f"• {esc(f.get('what'))}: {esc(f.get('error'))} ({when(f.get('at'))})" for f in undelivered)
@@ -91,6 +95,14 @@ def status_message(status: dict) -> dict:
     text = (f"Active run {active.run_id} ({active.state})" if active else "No active run") + \
            f"; production {('v' + str(prod.get('version'))) if prod else 'none'}"
     return msg(text, blocks)
+
+
+def serving_field(serving: dict, prod: dict | None) -> str:
+    """What the model server answers; a warning when it lags production."""
+    version = prod.get("version") if prod else None
+    text = esc(serving_text(serving, version))
+    lagging = serving.get("error") or (version is not None and version not in (serving.get("versions") or []))
+    return f":warning: {text}" if lagging else text
 
 
 def runs_message(runs: list) -> dict:

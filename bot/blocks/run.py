@@ -26,6 +26,7 @@ from bot.blocks.common import (
 )
 from bot.blocks.limits import clip
 from bot.blocks.overview import as_run, elapsed
+from core.serving_client import serving_text
 from core.types import RunRecord
 from steps.layout import STEPS
 
@@ -129,12 +130,14 @@ class _Final:
                    prod=report.get("production") or None,
                    decision=report.get("decision") or run.decision,
                    reason=report.get("reason") or run.decision_reason,
-                   version=report.get("model_version", run.model_version),
+                   version=report.get("model_version") or run.model_version,   # approved after the report
                    data=data, counts=data.get("counts") or {})
 
 
 def _outcome(f: _Final) -> str:
     if f.status == "succeeded":
+        if f.run.approval:
+            return "approval"
         return "deployed" if f.decision == "deploy" else "held"
     return "canceled" if f.status == "canceled" else "failed"
 
@@ -142,7 +145,21 @@ def _outcome(f: _Final) -> str:
 def final_report(run: RunRecord, report: dict) -> dict:
     """The run's message once it finished: results, decision and what to do next."""
     f = _Final.of(as_run(run), report or {})
-    return _BUILDERS[_outcome(f)](f)
+    return with_serving_line(_BUILDERS[_outcome(f)](f), f)
+
+
+def with_serving_line(view: dict, f: _Final) -> dict:
+    """A deployed report's line on what the model server answers (report["serving"],
+    added by the deliverer when serving.url is set), above the buttons."""
+    serving = f.report.get("serving")
+    if not serving or _outcome(f) != "deployed":
+        return view
+    text = serving_text(serving, f.version)
+    lagging = serving.get("error") or f.version not in (serving.get("versions") or [])
+    line = context((":warning: " if lagging else ":satellite_antenna: ") + esc(text))
+    blocks = list(view["blocks"])
+    at = len(blocks) - 1 if blocks and blocks[-1].get("type") == "actions" else len(blocks)
+    return {**view, "blocks": blocks[:at] + [line] + blocks[at:]}
 
 
 def _deployed(f: _Final) -> dict:
@@ -166,6 +183,31 @@ def _held(f: _Final) -> dict:
     return _finished(f, f"✅ Run {f.run.run_id}: ✋ held", _results(f), promote)
 
 
+APPROVAL_TITLE = {"pending": "⏸️ awaiting approval", "approved": "🚀 approved", "rejected": "🚫 rejected",
+                  "expired": "⌛ approval expired"}
+
+
+def _approval(f: _Final) -> dict:
+    """A deploy that waits for an approver; once decided, stamped and without buttons."""
+    run = f.run
+    title = APPROVAL_TITLE.get(run.approval, run.approval)
+    if run.approval == "approved" and f.version:
+        title += f" → v{f.version}"
+    stamp = {"pending": "Evaluation says deploy; an approver decides. Only the approve list may answer.",
+             "approved": f"Approved by <@{esc(run.approval_by)}> at {when(run.approval_at)}"
+                         + (f" → *v{f.version}* is production" if f.version else ""),
+             "rejected": f"Rejected by <@{esc(run.approval_by)}> at {when(run.approval_at)}; nothing was deployed.",
+             "expired": f"Nobody answered before {when(run.approval_at)}; nothing was deployed. "
+                        "`/ct deploy` can still publish it."}.get(run.approval, "")
+    buttons = []
+    if run.approval == "pending":
+        buttons = [button("Approve deploy", ids.APPROVE_DEPLOY, run.run_id, style="primary",
+                          confirm_with=confirm("Approve this deploy?", f"Run `{run.run_id}` becomes production.",
+                                               "Approve")),
+                   button("Reject", ids.REJECT_DEPLOY, run.run_id, style="danger")]
+    return _finished(f, f"✅ Run {run.run_id}: {title}", [*_results(f), section(stamp)], buttons)
+
+
 def _failed(f: _Final) -> dict:
     return _finished(f, f"{STATE_ICON.get(f.status, '❌')} Run {f.run.run_id}: {f.status}", _failure(f), [])
 
@@ -175,7 +217,8 @@ def _canceled(f: _Final) -> dict:
     return _failed(f)
 
 
-_BUILDERS = {"deployed": _deployed, "held": _held, "failed": _failed, "canceled": _canceled}
+_BUILDERS = {"deployed": _deployed, "held": _held, "failed": _failed, "canceled": _canceled,
+             "approval": _approval}
 
 
 def _results(f: _Final) -> list:

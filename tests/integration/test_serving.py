@@ -365,3 +365,55 @@ def test_cli_prints_one_serving_line(world, tmp_path):
     helped = subprocess.run([sys.executable, "-m", "ctbot.cli", "serve-model", "--help"],
                             capture_output=True, text=True, timeout=60)
     assert "--max-body-bytes" in helped.stdout
+
+
+# ---- closing the loop in Slack ----
+
+def test_slack_says_which_version_the_server_answers_and_when_it_lags(world, redis_url, tmp_path):
+    from tests.recording import finish_run
+    from tests.slack_helpers import message_text, put_training_data, start_bot
+
+    store = open_store(f"s3://{world['bucket']}/slack/")
+    copy_candidate(world["store"], store)
+    for _ in range(2):
+        publish(store, MODEL, layout.candidate_prefix("run-1"), run_id="run-1", by="test")
+    # A poll far longer than the test: only the service's Redis notice can reload it quickly.
+    srv = start_serving(store, MODEL, port=0, poll_seconds=600, redis_url=redis_url,
+                        notice_channel=f"ct:alias:{MODEL}")
+    bot = start_bot(tmp_path, redis_url, store=store, serving={"url": srv.url})
+
+    def status() -> str:
+        reply = bot.slash("status")
+        return message_text(bot.responses(reply)[-1])
+
+    try:
+        text = status()
+        assert "Model server" in text and "model server answers v2" in text and ":warning:" not in text
+
+        bot.slash("rollback")
+        said = wait_for(lambda: [m.text for m in bot.standin.messages(bot.channel) if "rolled" in m.text],
+                        20, "the rollback announcement")
+        assert said[-1].endswith("back from v2 to v1. (model server answers v1)"), said
+        assert served_version(srv.url, MODEL) == 1
+
+        # A pipeline deploy sends no notice; a server that stopped following lags behind it.
+        srv.follower.stop()
+        publish(store, MODEL, layout.candidate_prefix("run-1"), run_id="run-1", by="test")
+        assert ":warning: production is v3, serving still answers v1" in status()
+        # That deploy's run report says so too.
+        put_training_data(bot.store)
+        bot.responses(bot.slash("train"))
+        run_id = bot.runner.submits[-1]["run_id"]
+        finish_run(bot.store, bot.runner, run_id, decision="deploy", version=3)
+        bot.service.refresh(run_id)
+        [report] = wait_for(lambda: [m for m in bot.standin.messages(bot.channel)
+                                     if f"Run {run_id}: 🚀 deployed as v3" in message_text(vars(m))], 30, "the report")
+        assert ":warning: production is v3, serving still answers v1" in message_text(vars(report))
+
+        srv.stop()
+        down = status()
+        assert ":warning: model server " + srv.url + ": unreachable" in down
+        assert "production" in down   # the rest of the status is still there
+    finally:
+        bot.close()
+        srv.stop()

@@ -34,6 +34,9 @@ DEFAULTS = {
     # added with the Slack outbox and crash recovery (issue 9)
     "schedule.catch_up": True, "outbox_drain_seconds": 2.0, "command_resume_seconds": 10.0,
     "command_stale_seconds": 300.0, "finish_retry_seconds": 30.0,
+    # the model server's section (issue 10)
+    "serving.url": "", "serving.host": "127.0.0.1", "serving.port": 8080, "serving.poll_seconds": 2.0,
+    "serving.max_body_bytes": 8 << 20, "serving.max_batch": 256, "serving.threads": 1,
 }
 
 
@@ -112,6 +115,26 @@ SECTIONS = [f for f, info in Settings.model_fields.items() if isinstance(info.an
 
 def test_a_section_key_has_its_ct_variable():
     assert Settings.from_env({"CT_SCHEDULE__CATCH_UP": "false"}).schedule.catch_up is False
+
+
+SECTION_SAMPLES = {"serving.url": "http://model:8080", "serving.host": "0.0.0.0", "serving.port": "9090",
+                   "serving.poll_seconds": "0.5", "serving.max_body_bytes": "2048", "serving.max_batch": "8",
+                   "serving.threads": "0"}
+
+
+@pytest.mark.parametrize("key", sorted(SECTION_SAMPLES))
+def test_every_serving_key_has_its_ct_variable(key):
+    var = "CT_" + key.upper().replace(".", "__")
+    s = Settings.from_env({var: SECTION_SAMPLES[key]})
+    assert plain(s)[key] != DEFAULTS[key] and str(plain(s)[key]) == SECTION_SAMPLES[key]
+    assert s.origin(key) == f"env {var}"
+
+
+@pytest.mark.parametrize("var, raw", [("SERVING__PORT", "70000"), ("SERVING__POLL_SECONDS", "0"),
+                                      ("SERVING__MAX_BATCH", "0"), ("SERVING__THREADS", "-1")])
+def test_serving_values_out_of_range_are_refused(var, raw):
+    [p] = problems(env={f"CT_{var}": raw})
+    assert p.startswith(var.lower().replace("__", ".") + ": ") and p.endswith(f"(from env CT_{var})")
 
 
 @pytest.mark.parametrize("field", [f for f in Settings.model_fields if f not in SECTIONS])

@@ -107,3 +107,15 @@ def test_dockerignore_lets_in_only_what_the_images_need():
     assert copied <= allowed | {"pyproject.toml", "README.md"}
     assert not allowed & {".venv", ".git", "tests", "devkit", ".env", "k8s"}
     assert "**/.env" in rules
+
+
+def test_trainer_copies_every_package_serve_model_imports():
+    import subprocess
+    import sys
+    code = ("import sys, ctbot.cli, ctbot.serve_model, serving.app, serving.model, ctbot.wiring; "
+            "print(' '.join(sorted({m.split('.')[0] for m in sys.modules})))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert out.returncode == 0, out.stderr
+    ours = {d.name for d in ROOT.iterdir() if (d / "__init__.py").is_file()} & set(out.stdout.split())
+    copied = {ln.split()[1] for ln in chain("trainer") if re.match(r"COPY\s+\w+\s+\w+$", ln)}
+    assert {"ctbot", "core", "steps", "serving"} <= ours <= copied, (ours, copied)

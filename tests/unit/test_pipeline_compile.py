@@ -89,7 +89,7 @@ def test_interface_and_outputs(compiled):
     assert {k: v["parameterType"] for k, v in params.items()} == {
         "run_id": "STRING", "store": "STRING", "model_name": "STRING", "data_uris": "LIST",
         "eval_uri": "STRING", "params": "STRUCT", "floor": "NUMBER_DOUBLE",
-        "tolerance": "NUMBER_DOUBLE", "keep_versions": "NUMBER_INTEGER", "requested_by": "STRING"}
+        "tolerance": "NUMBER_DOUBLE", "keep_versions": "NUMBER_INTEGER", "requested_by": "STRING", "require_approval": "BOOLEAN"}
     assert not params["run_id"].get("isOptional") and not params["store"].get("isOptional")
     ev = compiled["components"]["comp-evaluate"]["outputDefinitions"]
     assert ev["artifacts"]["metrics"]["artifactType"]["schemaTitle"] == "system.Metrics"
@@ -211,7 +211,7 @@ def test_kfp_runner_builds_the_request_without_a_server():
         "run_id": "r-1", "store": "s3://bkt/ct", "model_name": "mnist-arcface",
         "data_uris": ["s3://bkt/ct/data/"], "eval_uri": "s3://bkt/ct/eval/eval.npz",
         "params": {"epochs": 2}, "floor": 0.9, "tolerance": 0.002, "keep_versions": 3,
-        "requested_by": "U1"}
+        "requested_by": "U1", "require_approval": False}
     assert runner.run_url("abc") == "http://kfp.example:8888/#/runs/details/abc"
 
     swept = runner.request("r-2", ["s3://bkt/x.npz"], {}, "s3://bkt/e.npz",
