@@ -242,3 +242,38 @@ def _wait(fn, timeout: float = 10):
             return value
         time.sleep(0.1)
     raise AssertionError("timed out")
+
+
+@pytest.mark.parametrize("button", [ids.RETRAIN_NEW_DATA, ids.DISMISS_ALERT, ids.ROLLBACK, ids.CANCEL_RUN,
+                                    ids.RETRAIN, ids.VIEW_RUN])
+def test_every_button_refuses_another_workspace_and_the_wrong_people(bot, button):
+    from core.types import NewData
+    put_training_data(bot.store)
+    if button in (ids.RETRAIN_NEW_DATA, ids.DISMISS_ALERT):
+        bot.notifier.new_data(NewData(keys=["data/x.npz"], total_bytes=1, fingerprint="sha256:1"), "alert-1")
+        ts = bot.standin.messages(bot.channel)[-1].ts
+    else:
+        publish(bot.store, "mnist-arcface", _package(bot, "a"), run_id="a", by="x")
+        run = bot.service.request_training("t", {}, ALICE)
+        if button != ids.CANCEL_RUN:
+            finish_run(bot.store, bot.runner, run.run_id, decision="deploy", version=2)
+            publish(bot.store, "mnist-arcface", _package(bot, run.run_id), run_id=run.run_id, by="x")
+            bot.service.refresh(run.run_id)
+        ts = bot.service.get_run(run.run_id).slack_ts
+    before = (read_alias(bot.store, "mnist-arcface"), len(bot.runner.submits), bot.runner.cancels[:])
+    refused(bot, told(bot, bot.click(ts, button, user=OPS, team_id=FOREIGN)))
+    if button in (ids.ROLLBACK, ids.CANCEL_RUN):                        # lists that exclude MALLORY
+        refused(bot, told(bot, bot.click(ts, button, user=MALLORY)))
+    assert (read_alias(bot.store, "mnist-arcface"), len(bot.runner.submits), bot.runner.cancels) == before
+
+
+def test_ctbot_audit_prints_the_log(bot):
+    import subprocess
+    import sys
+    bot.slash("schedule pause", user=MALLORY)
+    _wait(lambda: bot.state.read_audit(1))
+    env = {"REDIS_URL": bot.settings.redis_url, "PATH": "/usr/bin:/bin"}
+    out = subprocess.run([sys.executable, "-m", "ctbot.cli", "audit", "-n", "5"], env=env, capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert MALLORY in out.stdout and "refused" in out.stdout.lower() and bot.channel in out.stdout
