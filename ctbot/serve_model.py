@@ -27,13 +27,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-level", default="INFO")
 
 
+def with_config_defaults(args: argparse.Namespace, settings) -> argparse.Namespace:
+    """Flags not given take the config's ``serving:`` values."""
+    for key, value in settings.serving:
+        if key != "url" and getattr(args, key, None) is None:
+            setattr(args, key, value)
+    return args
+
+
 def run(args: argparse.Namespace) -> int:
     from core.config import load_settings
 
     settings = load_settings(getattr(args, "config", None))
-    for key, value in settings.serving:
-        if getattr(args, key, None) is None and key != "url":
-            setattr(args, key, value)
+    with_config_defaults(args, settings)
     if args.threads:
         # Before torch and faiss load: torch and faiss each bring an OpenMP runtime, and
         # set_num_threads reaches only one; an idle worker of the other spun on every

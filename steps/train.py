@@ -333,6 +333,7 @@ def _fit(x, y, out_dir, params: TrainParams, device, rank, world, emit) -> dict:
               "val_top1": history[-1].get("val_top1"), "seconds": round(time.time() - t0, 2),
               "peak_rss_mb": peak_rss_mb(),
               "n_params": n_params, "n_train": n_tr, "n_val": int(len(val_idx)),
+              "batch": batch, "steps_per_epoch": steps_per_epoch,
               "device": str(device), "world_size": world}
     (out / "train_metrics.json").write_text(json.dumps({**result, "history": history}, indent=1))
     return result

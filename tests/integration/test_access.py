@@ -11,6 +11,7 @@ import pytest
 from bot import ids
 from steps import layout
 from steps.deploy import publish, read_alias
+from tests.helpers import wait_until as _wait
 from tests.recording import finish_run
 from tests.slack_helpers import ALICE, buttons, message_text, put_training_data, start_bot
 
@@ -233,15 +234,6 @@ def test_the_audit_shows_who_did_what_in_order(approving):
     assert f"<@{MALLORY}>" in text and f"<#{bot.channel}>" in text      # who, and from where
     refused(bot, answer(bot, bot.slash("audit", user=MALLORY)))
 
-
-def _wait(fn, timeout: float = 10):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = fn()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError("timed out")
 
 
 @pytest.mark.parametrize("button", [ids.RETRAIN_NEW_DATA, ids.DISMISS_ALERT, ids.ROLLBACK, ids.CANCEL_RUN,

@@ -21,6 +21,7 @@ from core.config import Settings
 from ctbot.wiring import build_runner
 from devkit.kfp_standin import KfpStandin
 from steps import layout
+from tests.helpers import wait_until as _wait
 
 TOKEN = "sa-token-1"
 UI = "https://kubeflow.example.com/pipeline"
@@ -252,15 +253,6 @@ def test_slack_train_to_report_through_kfp(tmp_path, redis_url, bucket, s3_store
         bot.close()
         kfp.stop()
 
-
-def _wait(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_connection_errors_are_retried_with_backoff(bucket, s3_store, token_file, caplog):

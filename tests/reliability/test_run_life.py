@@ -11,7 +11,8 @@ import pytest
 
 from steps import layout
 from steps.deploy import read_alias, verify_package
-from tests.reliability.conftest import seed_data, wait
+from tests.helpers import wait_until as wait
+from tests.reliability.conftest import seed_data
 
 pytestmark = pytest.mark.timeout(600)
 

@@ -91,3 +91,17 @@ def test_the_bot_side_does_not_load_torch_or_faiss():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_serve_model_flags_default_to_the_serving_section_and_override_it():
+    import argparse
+
+    from core.config import load_settings
+    from ctbot.serve_model import add_arguments, with_config_defaults
+
+    ap = argparse.ArgumentParser()
+    add_arguments(ap)
+    settings = load_settings(env={"CT_SERVING__PORT": "9090", "CT_SERVING__MAX_BATCH": "16"})
+    args = with_config_defaults(ap.parse_args(["--port", "0"]), settings)
+    assert (args.port, args.max_batch, args.poll_seconds, args.host, args.threads) == (0, 16, 2.0, "127.0.0.1", 1)
+    assert with_config_defaults(ap.parse_args([]), settings).port == 9090

@@ -153,3 +153,27 @@ def test_available_cpus_respects_affinity():
 
     from steps.model import available_cpus
     assert 1 <= available_cpus() <= len(os.sched_getaffinity(0))
+
+
+@pytest.mark.parametrize("schedule", ["onecycle", "cosine"])
+def test_schedules_run_any_number_of_steps(schedule):
+    """OneCycleLR divided by zero when warmup * steps == 1 (1 epoch, 1,425 images, batch 256)."""
+    from steps.train import _scheduler
+    for total in range(1, 13):
+        opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))], lr=0.01)
+        sched = _scheduler(opt, TrainParams.from_dict({"lr_schedule": schedule, "lr": 0.01, "warmup": 0.2}), total)
+        lrs = []
+        for _ in range(total):
+            opt.step()
+            sched.step()
+            lrs.append(opt.param_groups[0]["lr"])
+        assert all(0 < lr <= 0.01 + 1e-12 for lr in lrs), (total, lrs)
+
+
+def test_small_data_keeps_min_steps_per_epoch_but_v0_does_not(data_dir, tmp_path):
+    new = train(str(data_dir), str(tmp_path / "a"), {**TINY, "batch_size": 256})
+    v0 = train(str(data_dir), str(tmp_path / "b"), {**TINY, "preset": "v0", "epochs": 1, "batch_size": 256,
+                                                     "threads": 1, "val_fraction": 0.2})
+    # 260 training images: batch capped at 16 -> 16 steps; v0 takes one batch of 256 -> 1 step
+    assert json.loads((tmp_path / "a" / "params.json").read_text())["min_steps"] == 20
+    assert new["steps_per_epoch"] == 16 and v0["steps_per_epoch"] == 1

