@@ -261,6 +261,29 @@ def run_row(args) -> dict:
     return out
 
 
+def print_table(results: dict[int, dict]) -> None:
+    base = results.get(2)
+    hdr = (f"{'row':<22}{'top-1':>8}{'k5w':>8}{'epochs':>7}{'train s':>9}{'embed s':>9}{'wall s':>9}"
+           f"{'CPU s':>8}{'RSS MB':>8}{'wall/v0':>9}{'CPU/v0':>8}{'acc-v0 pp':>10}")
+    print(hdr)
+    for r, v in results.items():
+        name = f"{r} {NAMES[r]}" if r < 10 else f"{r - 10} pipeline {NAMES[r - 10].split()[0]}"
+        ref = results.get(12) if r >= 10 else base
+        cpu = v.get("cpu_s")
+        cpu_rel = f"{cpu / ref['cpu_s']:>8.2f}" if ref and cpu and ref.get("cpu_s") else f"{'-':>8}"
+        rel = (f"{v['wall_s'] / ref['wall_s']:>9.2f}{cpu_rel}{100 * (v['top1'] - ref['top1']):>+10.2f}"
+               if ref else "")
+        k5 = f"{v['top1_k5w']:.2%}" if "top1_k5w" in v else "-"
+        rss = v.get("train_rss_mb") or v["peak_rss_mb"]
+        print(f"{name:<22}{v['top1']:>8.2%}{k5:>8}{v.get('epochs', '-'):>7}{v['train_s'] or 0:>9.1f}"
+              f"{v['embed_s'] or 0:>9.1f}{v['wall_s']:>9.1f}{cpu or 0:>8.1f}{rss:>8}{rel}")
+    for r in (11, 12):
+        if r in results:
+            v = results[r]
+            print(f"pipeline row {r - 10}: wall {v['wall_s']:.1f}s vs sum of step times {v['steps_s']:.1f}s "
+                  f"= {v['wall_s'] / v['steps_s']:.2f}x   ({v['command']})")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data-dir", default=str(DEFAULT_DATA), help="folder with train.npz and test.npz")
@@ -315,26 +338,7 @@ def main(argv=None) -> int:
     n = args.limit or 60000
     print(f"\ntrain images: {n}, eval 10000, {args.threads} threads, bench wall {time.time() - t0:.0f}s, "
           f"load average at the end {load[0]:.1f}/{load[1]:.1f}/{load[2]:.1f} on {os.cpu_count()} cores")
-    base = results.get(2)
-    hdr = (f"{'row':<22}{'top-1':>8}{'k5w':>8}{'epochs':>7}{'train s':>9}{'embed s':>9}{'wall s':>9}"
-           f"{'CPU s':>8}{'RSS MB':>8}{'wall/v0':>9}{'CPU/v0':>8}{'acc-v0 pp':>10}")
-    print(hdr)
-    for r, v in results.items():
-        name = f"{r} {NAMES[r]}" if r < 10 else f"{r - 10} pipeline {NAMES[r - 10].split()[0]}"
-        ref = results.get(12) if r >= 10 else base
-        cpu = v.get("cpu_s")
-        cpu_rel = f"{cpu / ref['cpu_s']:>8.2f}" if ref and cpu and ref.get("cpu_s") else f"{'-':>8}"
-        rel = (f"{v['wall_s'] / ref['wall_s']:>9.2f}{cpu_rel}{100 * (v['top1'] - ref['top1']):>+10.2f}"
-               if ref else "")
-        k5 = f"{v['top1_k5w']:.2%}" if "top1_k5w" in v else "-"
-        rss = v.get("train_rss_mb") or v["peak_rss_mb"]
-        print(f"{name:<22}{v['top1']:>8.2%}{k5:>8}{v.get('epochs', '-'):>7}{v['train_s'] or 0:>9.1f}"
-              f"{v['embed_s'] or 0:>9.1f}{v['wall_s']:>9.1f}{cpu or 0:>8.1f}{rss:>8}{rel}")
-    for r in (11, 12):
-        if r in results:
-            v = results[r]
-            print(f"pipeline row {r - 10}: wall {v['wall_s']:.1f}s vs sum of step times {v['steps_s']:.1f}s "
-                  f"= {v['wall_s'] / v['steps_s']:.2f}x   ({v['command']})")
+    print_table(results)
     print("RESULT " + json.dumps({str(k): v for k, v in results.items()}))
     return 0
 

@@ -18,9 +18,9 @@ MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 
 # Layer specs: "c<N>" = 3x3 conv to N channels + BN + ReLU, "c<N>s2" = the same with
 # stride 2, "p" = 2x2 max-pool; then global average pool and a linear projection.
-# ~114k parameters, most of the FLOPs at 7x7. On full MNIST with ArcFace, 8 epochs reach
-# ~99.45% kNN top-1. (A stride-2 stem instead of the first conv+pool trains ~25% faster
-# but lost 0.1 pp, which is why the 28x28 layer stays.)
+# ~114k parameters, most of the FLOPs at 7x7, yet leaner stacks saved at most ~11% of the
+# CPU per epoch (2026-11-30, batch 512): per-layer overheads dominate at this size. Full
+# MNIST kNN top-1: 99.52% with preset v0 (8 epochs), 99.42% with the defaults (5 epochs).
 DEFAULT_LAYERS = ("c16", "p", "c32", "p", "c64", "c128")
 
 MODEL_FILE = "model.pt"

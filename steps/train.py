@@ -225,8 +225,17 @@ def _fit(x, y, out_dir, params: TrainParams, device, rank, world, emit) -> dict:
     import torch
     import torch.nn as nn
 
-    from steps.model import (EXPORT_FILE, MODEL_FILE, ArcFace, EmbeddingNet, arch_config,
-                             available_cpus, count_params, embed_images, export_bytes)
+    from steps.model import (
+        EXPORT_FILE,
+        MODEL_FILE,
+        ArcFace,
+        EmbeddingNet,
+        arch_config,
+        available_cpus,
+        count_params,
+        embed_images,
+        export_bytes,
+    )
 
     t0 = time.time()
     cpu_threads = params.threads or available_cpus()
