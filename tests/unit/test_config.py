@@ -37,6 +37,10 @@ DEFAULTS = {
     # the model server's section (issue 10)
     "serving.url": "", "serving.host": "127.0.0.1", "serving.port": 8080, "serving.poll_seconds": 2.0,
     "serving.max_body_bytes": 8 << 20, "serving.max_batch": 256, "serving.threads": 1,
+    # who may act (issue 8): secure by default for deploy, rollback and approve
+    "access.train": ["*"], "access.deploy": [], "access.rollback": [], "access.cancel": ["*"],
+    "access.schedule": ["*"], "access.approve": [], "access.channels": [], "access.team_id": "",
+    "deploy.require_approval": False, "deploy.allow_self_approval": False, "deploy.approval_timeout_hours": 72.0,
 }
 
 
@@ -128,6 +132,17 @@ def test_every_serving_key_has_its_ct_variable(key):
     s = Settings.from_env({var: SECTION_SAMPLES[key]})
     assert plain(s)[key] != DEFAULTS[key] and str(plain(s)[key]) == SECTION_SAMPLES[key]
     assert s.origin(key) == f"env {var}"
+
+
+@pytest.mark.parametrize("raw", ["U0ADMIN,S0MLOPS", '["U0ADMIN", "S0MLOPS"]'])
+def test_access_lists_from_the_environment(raw):
+    s = Settings.from_env({"CT_ACCESS__DEPLOY": raw, "CT_DEPLOY__REQUIRE_APPROVAL": "true"})
+    assert s.access.deploy == ["U0ADMIN", "S0MLOPS"] and s.deploy.require_approval is True
+
+
+def test_access_lists_refuse_what_is_not_a_slack_id():
+    [p] = problems(env={"CT_ACCESS__ROLLBACK": "bob"})
+    assert p.startswith("access.rollback: ") and "U…/W… for users, S… for user groups" in p
 
 
 @pytest.mark.parametrize("var, raw", [("SERVING__PORT", "70000"), ("SERVING__POLL_SECONDS", "0"),
