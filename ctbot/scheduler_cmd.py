@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import signal
-import threading
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -15,16 +13,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from core.config import load_settings
     from core.logs import configure_logging
+    from ctbot.lifetime import until_signalled
     from ctbot.wiring import build_deps
 
     settings = load_settings(getattr(args, "config", None))
     configure_logging(settings, args.log_level)
     sched = build_deps(settings).scheduler
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
     sched.start()
     logging.getLogger("ctbot.scheduler").info("scheduler started; next weekly retrain %s", sched.next_retrain())
-    stop.wait()
+    until_signalled()
     sched.shutdown()
     return 0

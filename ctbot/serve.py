@@ -2,9 +2,7 @@
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
-import threading
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -20,6 +18,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from core.config import load_settings
     from core.logs import configure_logging
+    from ctbot.lifetime import until_signalled
     from ctbot.wiring import build_bot, build_deps, check_bot_settings
 
     # Acks are ~1 ms of CPU each; with CPython's default 5 ms GIL slice one busy thread
@@ -34,9 +33,6 @@ def run(args: argparse.Namespace) -> int:
     where = proc.server.events_url if proc.server else "Socket Mode"
     # One machine-readable line: tests and the bench read the chosen port from it.
     print(f"ctbot serve: serving {where}", flush=True)
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
-    stop.wait()
+    until_signalled()
     proc.stop()
     return 0

@@ -4,8 +4,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import signal
-import threading
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -37,6 +35,7 @@ def with_config_defaults(args: argparse.Namespace, settings) -> argparse.Namespa
 
 def run(args: argparse.Namespace) -> int:
     from core.config import load_settings
+    from ctbot.lifetime import until_signalled
 
     settings = load_settings(getattr(args, "config", None))
     with_config_defaults(args, settings)
@@ -62,9 +61,6 @@ def run(args: argparse.Namespace) -> int:
     what = f"{model} v{current.version}" if current else f"{model}: {why}; not ready"
     # One machine-readable line: tests and the bench read the chosen port from it.
     print(f"ctbot serve-model: serving {serving.url} ({what})", flush=True)
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
-    stop.wait()
+    until_signalled()
     serving.stop()
     return 0
