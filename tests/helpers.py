@@ -7,7 +7,7 @@ import time
 import numpy as np
 
 
-def wait_until(predicate, timeout: float, what: str = "the condition", every: float = 0.2):
+def wait_until(predicate, timeout: float = 10.0, what: str = "the condition", every: float = 0.2):
     """``predicate()``'s first truthy value within ``timeout`` seconds, else fail saying what."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
