@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 
 METADATA_EVENT = "ctbot_run"
 POST_CLAIM_SECONDS = 60      # longer than one chat.postMessage with its retries
+LOCK_WAIT_SECONDS = 3.0         # wait this long for another delivery of the same run to end
 DELIVERY_LOCK_SECONDS = 30      # a replica that died mid-delivery holds it up at most this long
 HISTORY_LOOKBACK = 200       # messages searched for a run's lost first post
 SERVING_WAIT_SECONDS = 8     # a deployed report waits this long for the model server to reload
@@ -59,9 +60,12 @@ class SlackDelivery:
 
     def deliver_run(self, run_id: str) -> None:
         lock, token = f"outbox:deliver:{run_id}", uuid.uuid4().hex
-        if not self.state.acquire_lock(lock, token, DELIVERY_LOCK_SECONDS):
-            self.outbox.defer_run(run_id, 1.0)   # another replica is at it; look again soon
-            return
+        deadline = time.monotonic() + LOCK_WAIT_SECONDS
+        while not self.state.acquire_lock(lock, token, DELIVERY_LOCK_SECONDS):
+            if time.monotonic() > deadline:
+                self.outbox.defer_run(run_id, 1.0)   # another replica is at it; the drain looks again
+                return
+            time.sleep(0.05)   # usually a delivery of this run's previous state, about to end
         try:
             self._deliver_run(run_id)
         except SlackApiError as e:
