@@ -11,11 +11,13 @@ exactly-once per fire comes from Redis (scheduler/jobs.py), not from a shared jo
 from __future__ import annotations
 
 import logging
+import time
 from datetime import datetime
 
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.interval import IntervalTrigger
 
+from scheduler.data_watch import BUSY
 from scheduler.fires import zone
 from scheduler.jobs import Jobs
 
@@ -67,8 +69,22 @@ class CtScheduler:
     def next_retrain(self):
         return self.jobs.next_retrain()
 
-    def run_data_watch_now(self):
+    def run_data_watch_now(self, wait_seconds: float = 30.0):
         """One data-watch tick right now, outside the interval's once-per-slot claim (the
-        demo and operators call it); its TickResult, or None when no data watch is set up."""
+        demo and operators call it); its TickResult, or None when no data watch is set up.
+        A tick already running (the scheduler's own, at start-up) is waited for first."""
         watch = self.jobs.data_watcher
-        return watch.tick() if watch is not None else None
+        if watch is None:
+            return None
+        deadline = time.monotonic() + wait_seconds
+        while True:
+            result = watch.tick()
+            if result.skip_reason != BUSY or time.monotonic() > deadline:
+                return result
+            time.sleep(0.2)
+
+    def data_watch_started(self) -> bool:
+        """Has the start-up data-watch tick been dispatched (so the next is an interval away)?"""
+        job = self.scheduler.get_job("data_watch")
+        return job is None or job.next_run_time is None or \
+            job.next_run_time.timestamp() > time.time() + self.settings.data_watch_minutes * 30

@@ -22,6 +22,7 @@ from scheduler.watcher import BucketWatcher, Scan, new_data
 log = logging.getLogger("ctbot.scheduler.data_watch")
 
 ALERT_TTL = 7 * 24 * 3600
+BUSY = "another data-watch tick is running"
 TICK_LOCK_TTL = 15 * 60
 
 
@@ -96,7 +97,7 @@ class DataWatch:
         lock = f"watch:{self.watcher.prefix}"
         token = uuid.uuid4().hex
         if not self.state.acquire_lock(lock, token, TICK_LOCK_TTL):
-            return TickResult(False, "another data-watch tick is running", None, self.watcher.cursor())
+            return TickResult(False, BUSY, None, self.watcher.cursor())
         try:
             return self._tick(sweep)
         finally:

@@ -64,11 +64,12 @@ def test_new_data_to_posted_report(tmp_path, redis_url, s3_store, bucket):
     s3_store.put_bytes("eval/eval.npz", npz(x[:300], y[:300]))
     proc = build_bot(build_deps(settings)).start(port=0)
     try:
-        watcher = proc.scheduler.jobs.data_watcher
-        watcher.tick()  # the baseline: what was there before the bot started is not news
+        # The scheduler ticks once at start-up; after it, the next tick is an hour away.
+        wait(proc.scheduler.data_watch_started, 20, "the start-up data-watch tick")
+        proc.scheduler.run_data_watch_now()   # the baseline: what was there before is not news
         s3_store.put_bytes("data/2026-11-22/batch-0001.npz", npz(x[300:], y[300:]))
 
-        result = watcher.tick()
+        result = proc.scheduler.run_data_watch_now()
         assert result.new is not None and result.new.keys == ["data/2026-11-22/batch-0001.npz"]
         channel = standin.channel_id("#ct")
         alert = wait(lambda: [m for m in standin.messages(channel) if "retrain_now" in all_text(m.blocks)],
