@@ -10,13 +10,13 @@ import io
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from devkit.standin import SlackStandin
+from tests.helpers import wait_until as wait
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
@@ -38,15 +38,6 @@ def npz(x, y) -> bytes:
 def all_text(blocks) -> str:
     return json.dumps(blocks)
 
-
-def wait(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_new_data_to_posted_report(tmp_path, redis_url, s3_store, bucket):

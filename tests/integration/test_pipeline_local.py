@@ -7,7 +7,6 @@ in validate (through the CLI, for its exit code); a canceled run.
 """
 from __future__ import annotations
 
-import io
 import json
 import subprocess
 import sys
@@ -23,17 +22,13 @@ from pipelines.local_runner import LocalRunner
 from steps import layout
 from steps.results import read_confusion_png, read_report, read_steps, read_trials
 from steps.storage import open_store, s3_client
+from tests.helpers import npz_bytes
 
 pytestmark = pytest.mark.slow
 
 FLOOR = 0.3          # low on purpose: 1 epoch on 1,500 images must clear it
 PARAMS = {"epochs": 1, "batch_size": 128, "threads": 2}
 
-
-def npz_bytes(**arrays) -> bytes:
-    buf = io.BytesIO()
-    np.savez(buf, **arrays)
-    return buf.getvalue()
 
 
 @pytest.fixture(scope="module")

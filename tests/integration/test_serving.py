@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import http.client
-import io
 import json
 import re
 import socket
@@ -25,6 +24,8 @@ from serving.client import served_version
 from steps import layout
 from steps.deploy import publish, rollback
 from steps.storage import open_store, s3_client
+from tests.helpers import npz_bytes
+from tests.helpers import wait_until as wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -32,11 +33,6 @@ MODEL = "mnist-arcface"
 POLL = 0.2
 RELOAD_WINDOW = 15.0   # seconds a move of the alias may take to be served (poll + load)
 
-
-def npz_bytes(**arrays) -> bytes:
-    buf = io.BytesIO()
-    np.savez(buf, **arrays)
-    return buf.getvalue()
 
 
 @pytest.fixture(scope="module")
@@ -96,15 +92,6 @@ def output(resp: dict, name: str) -> np.ndarray:
     o = next(o for o in resp["outputs"] if o["name"] == name)
     return np.array(o["data"]).reshape(o["shape"])
 
-
-def wait_for(predicate, timeout: float, what: str):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        got = predicate()
-        if got:
-            return got
-        time.sleep(0.05)
-    raise AssertionError(f"not within {timeout}s: {what}")
 
 
 # ---- protocol and predictions ----
