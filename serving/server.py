@@ -132,7 +132,8 @@ class Handler(BaseHTTPRequestHandler):
         if model is None:
             return self._error(503, f"not ready: {self._why_not_ready()}")
         try:
-            x, k, rid, outputs = parse_infer(body, max_batch=cfg.max_batch, max_k=cfg.max_k)
+            x, k, rid, outputs = parse_infer(body, max_batch=cfg.max_batch, max_k=cfg.max_k,
+                                             json_length=self.headers.get("Inference-Header-Content-Length"))
         except ProtocolError as e:
             return self._error(e.status, e.message, model)
         if k > model.gallery_size:

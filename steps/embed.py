@@ -44,24 +44,6 @@ def embed(model_dir: str, npz_path: str, out_path: str, batch_size: int = 0,
             "seconds": round(time.time() - t0, 2)}
 
 
-def knn_vote(gallery: np.ndarray, gallery_y: np.ndarray, query: np.ndarray, k: int = 5,
-             chunk: int = 1024) -> np.ndarray:
-    """Labels by a cosine-similarity-weighted vote of the k nearest gallery rows (k=1: the
-    nearest's label). Exact search in chunks, so 10k x 60k never sits in memory at once."""
-    import torch
-
-    g = torch.from_numpy(np.ascontiguousarray(gallery, dtype=np.float32))
-    gy = torch.from_numpy(np.asarray(gallery_y).astype(np.int64))
-    n_cls = int(gy.max()) + 1
-    out = []
-    for i in range(0, len(query), chunk):
-        sims, ids = (torch.from_numpy(np.ascontiguousarray(query[i:i + chunk], dtype=np.float32)) @ g.T).topk(k, dim=1)
-        votes = torch.zeros(len(ids), n_cls).scatter_add_(1, gy[ids], sims.clamp_min(0))
-        votes[torch.arange(len(ids)), gy[ids[:, 0]]] += 1e-6  # ties go to the nearest
-        out.append(votes.argmax(1))
-    return torch.cat(out).numpy()
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m steps.embed", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -1,7 +1,7 @@
 """kNN evaluation on the fixed eval set and the deploy decision.
 
     python -m steps.evaluate --index-dir I --eval-emb eval_emb.npz --out-dir O
-                             [--production-version 3 --production-top1 0.9821] [--k 1]
+                             [--production-version 3 --production-top1 0.9821] [--k 5]
                              [--store ROOT --model NAME --eval-npz eval.npz]
 
 Writes metrics.json, confusion.csv and confusion.png (a labelled heatmap with counts).
@@ -25,24 +25,34 @@ import numpy as np
 from steps.layout import METRICS_JSON
 
 N_CLASSES = 10
+# The vote evaluated is the one served (serving.model.LoadedModel.predict, default k=5).
+# Similarity-weighted k=5 against k=1, full MNIST, same embeddings: 99.49% vs 99.42%.
+DEFAULT_K = 5
 CONFUSION_PNG, CONFUSION_CSV = "confusion.png", "confusion.csv"
 
 
-def knn_predict(index, gallery_labels: np.ndarray, queries: np.ndarray, k: int = 1) -> np.ndarray:
-    """k=1: label of the nearest neighbour. k>1: majority vote of the k nearest, ties
-    going to the label with the larger summed similarity."""
+def knn_predict(index, gallery_labels: np.ndarray, queries: np.ndarray, k: int = DEFAULT_K) -> np.ndarray:
+    """Label per query by vote() of its k nearest gallery rows."""
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     k = min(k, index.ntotal)
     sims, ids = index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
-    labels = gallery_labels[np.clip(ids, 0, None)].astype(np.int64)
-    if k == 1:
-        return labels[:, 0]
-    valid = ids >= 0  # approximate indexes may return fewer than k hits (-1)
-    votes = np.zeros((len(queries), max(N_CLASSES, int(labels.max()) + 1)))
-    rows = np.repeat(np.arange(len(queries)), k).reshape(len(queries), k)
-    np.add.at(votes, (rows[valid], labels[valid]), 1.0 + 1e-4 * sims[valid])
-    return votes.argmax(1)
+    return vote(sims, ids, gallery_labels)
+
+
+def vote(sims: np.ndarray, ids: np.ndarray, gallery_labels: np.ndarray) -> np.ndarray:
+    """Each neighbour votes for its label with its cosine similarity (k=1: the nearest's
+    label); ties go to the nearest. -1 ids (approximate indexes come up short) do not vote."""
+    n, k = ids.shape
+    valid = ids >= 0
+    labels = np.where(valid, gallery_labels[np.clip(ids, 0, None)].astype(np.int64), -1)
+    n_cls = max(N_CLASSES, int(labels.max(initial=0)) + 1)
+    weight = np.where(valid, np.clip(sims, 0.0, None), 0.0)
+    weight[:, 0] += 1e-6
+    # bincount over (row, class) cells: np.add.at did the same at 4x the cost.
+    cells = (np.arange(n)[:, None] * n_cls + labels)[valid]
+    votes = np.bincount(cells, weights=weight[valid], minlength=n * n_cls).reshape(n, n_cls)
+    return votes.argmax(1).astype(np.int64)
 
 
 def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray) -> np.ndarray:
@@ -101,7 +111,7 @@ def write_confusion_csv(cm: np.ndarray, path: str | Path) -> None:
 
 
 def evaluate(index_dir: str, eval_emb_path: str, out_dir: str, *, production: dict | None = None,
-             floor: float = 0.97, tolerance: float = 0.002, k: int = 1) -> dict:
+             floor: float = 0.97, tolerance: float = 0.002, k: int = DEFAULT_K) -> dict:
     from steps.index import load_index
 
     t0 = time.time()
@@ -131,7 +141,7 @@ def evaluate(index_dir: str, eval_emb_path: str, out_dir: str, *, production: di
     return result
 
 
-def evaluate_package(package_dir: str, eval_npz: str, k: int = 1) -> float:
+def evaluate_package(package_dir: str, eval_npz: str, k: int = DEFAULT_K) -> float:
     """Top-1 of a published model package (its own export and index) on an eval set of
     images (npz x, y): how the production model is measured on the same eval set."""
     from steps.index import load_index
@@ -144,7 +154,7 @@ def evaluate_package(package_dir: str, eval_npz: str, k: int = 1) -> float:
     return float((knn_predict(index, labels, emb, k) == y).mean())
 
 
-def measure_production(store, model_name: str, eval_npz: str, k: int = 1) -> dict | None:
+def measure_production(store, model_name: str, eval_npz: str, k: int = DEFAULT_K) -> dict | None:
     """{"version", "top1"} of the production model on eval_npz; None before the first
     deploy. A torn production package fails the step: a comparison against it would be
     meaningless, and deploying over it unmeasured could replace a better model."""
@@ -165,7 +175,7 @@ def measure_production(store, model_name: str, eval_npz: str, k: int = 1) -> dic
 
 def evaluate_against_production(store_root: str, model_name: str, index_dir: str, eval_emb: str,
                                 eval_npz: str, out_dir: str, *, floor: float = 0.97,
-                                tolerance: float = 0.002, k: int = 1) -> dict:
+                                tolerance: float = 0.002, k: int = DEFAULT_K) -> dict:
     """evaluate() with production measured on the same eval set (images in eval_npz; the
     candidate's own embeddings of them in eval_emb)."""
     from steps.storage import open_store
@@ -208,7 +218,7 @@ def main(argv=None) -> int:
     ap.add_argument("--production-top1", type=float)
     ap.add_argument("--floor", type=float, default=0.97)
     ap.add_argument("--tolerance", type=float, default=0.002)
-    ap.add_argument("--k", type=int, default=1)
+    ap.add_argument("--k", type=int, default=DEFAULT_K, help="neighbours that vote (similarity-weighted)")
     ap.add_argument("--store", help="compare with this registry's production model")
     ap.add_argument("--model", default="mnist-arcface")
     ap.add_argument("--eval-npz", help="the eval images (x, y) behind --eval-emb; with --store")

@@ -69,11 +69,12 @@ class ArcFace(nn.Module):
     """
 
     def __init__(self, embedding_dim: int, n_classes: int = 10, scale: float = 30.0,
-                 margin: float = 0.5):
+                 margin: float = 0.5, label_smoothing: float = 0.0):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(n_classes, embedding_dim))
         nn.init.xavier_uniform_(self.weight)
         self.scale, self.margin = float(scale), float(margin)
+        self.label_smoothing = float(label_smoothing)
 
     def cosine(self, emb: torch.Tensor) -> torch.Tensor:
         return F.linear(F.normalize(emb, dim=1), F.normalize(self.weight, dim=1))
@@ -96,7 +97,9 @@ class ArcFace(nn.Module):
     def loss_and_cosine(self, emb: torch.Tensor, labels: torch.Tensor):
         """(loss, detached cosines): training reports accuracy from the same matmul."""
         cos = self.cosine(emb)
-        return F.cross_entropy(self._margin_logits(cos, labels), labels.long()), cos.detach()
+        loss = F.cross_entropy(self._margin_logits(cos, labels), labels.long(),
+                               label_smoothing=self.label_smoothing)
+        return loss, cos.detach()
 
 
 def available_cpus() -> int:

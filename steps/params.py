@@ -40,6 +40,8 @@ _RANGES: dict[str, tuple] = {
                "c16,p,c32,p,c64s2,c128", "c16s2,c32,p,c64,c128", "c32,p,c64,p,c128"),
     "warmup": (0.0, 0.5),
     "min_steps": (1, 1000),
+    "label_smoothing": (0.0, 0.5),
+    "ema": (0.0, 0.9999),
 }
 
 
@@ -67,6 +69,8 @@ class TrainParams:
     layers: str = _f("c16,p,c32,p,c64,c128", "network: c<N> = 3x3 conv to N channels (s2: stride 2), p = 2x2 max-pool")
     warmup: float = _f(0.2, "share of the steps spent raising the learning rate to its peak")
     min_steps: int = _f(20, "optimiser steps per epoch at least: small data gets smaller batches (>= 16)")
+    label_smoothing: float = _f(0.0, "share of the ArcFace target spread over the other classes")
+    ema: float = _f(0.0, "decay of an exponential moving average of the weights, kept as the model (0 = off)")
 
     @classmethod
     def valid_keys(cls) -> list[str]:

@@ -114,8 +114,8 @@ def test_health_metadata_and_the_client_helper(server):
 def test_predictions_on_real_digits_match_the_pipeline_evaluation(server, world):
     x, y = world["x"], world["y"]
     labels = []
-    for i in range(0, len(x), 150):   # k=1: what evaluate measured top-1 with
-        status, resp = infer(server.url, tensor(x[i:i + 150], parameters={"k": 1}, id=f"b{i}"))
+    for i in range(0, len(x), 150):   # the default k: what evaluate measured top-1 with
+        status, resp = infer(server.url, tensor(x[i:i + 150], id=f"b{i}"))
         assert status == 200, resp
         assert resp["model_version"] == "1" and resp["id"] == f"b{i}" and resp["model_name"] == MODEL
         labels.append(output(resp, "label"))
@@ -145,6 +145,52 @@ def test_outputs_shapes_and_both_input_forms_agree(server, world):
     status, k5 = infer(server.url, tensor(fp, "FP32"))
     assert output(k5, "label").tolist() == output(u8, "label").tolist()
     assert np.allclose(output(k5, "neighbor_distances"), nd, atol=1e-4)
+
+
+def binary_infer(url, images: np.ndarray, datatype: str = "UINT8", size=None, json_length=None, **tensor_extra):
+    """The binary data extension, as KServe's and Triton's clients send it."""
+    raw = images.astype(np.uint8 if datatype == "UINT8" else "<f4").tobytes()
+    t = {"name": "images", "shape": list(images.shape), "datatype": datatype,
+         "parameters": {"binary_data_size": len(raw) if size is None else size}, **tensor_extra}
+    head = json.dumps({"inputs": [t], "parameters": {"k": 3}}).encode()
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    try:
+        conn.request("POST", f"/v2/models/{MODEL}/infer", head + raw,
+                     {"Content-Type": "application/octet-stream",
+                      "Inference-Header-Content-Length": str(len(head) if json_length is None else json_length)})
+        r = conn.getresponse()
+        return r.status, json.loads(r.read())
+    finally:
+        conn.close()
+
+
+def test_binary_tensors_give_the_same_answers_as_json(server, world):
+    x = world["x"][:20]
+    status, js = infer(server.url, tensor(x, parameters={"k": 3}))
+    assert status == 200
+    status, u8 = binary_infer(server.url, x)
+    assert status == 200 and u8["model_version"] == "1"
+    assert output(u8, "label").tolist() == output(js, "label").tolist()
+    assert np.array_equal(output(u8, "neighbor_distances"), output(js, "neighbor_distances"))
+    status, f32 = binary_infer(server.url, (x.astype(np.float32) / 255).reshape(20, 1, 28, 28), "FP32")
+    assert status == 200 and output(f32, "label").tolist() == output(js, "label").tolist()
+
+
+BAD_BINARY = [
+    ("size mismatch", dict(size=100), "binary data is 784 bytes (binary_data_size 100)"),
+    ("header length not a number", dict(json_length="abc"), "Inference-Header-Content-Length must be"),
+    ("header length past the body", dict(json_length=10**6), "Inference-Header-Content-Length must be"),
+    ("data and binary both", dict(data=[0] * 784), "no 'data' in the JSON"),
+]
+
+
+@pytest.mark.parametrize("what, kw, message", BAD_BINARY, ids=[b[0] for b in BAD_BINARY])
+def test_bad_binary_input_gets_a_400_saying_what_was_wrong(server, world, what, kw, message):
+    status, resp = binary_infer(server.url, world["x"][:1], **kw)
+    assert (status, message in resp["error"]) == (400, True), resp
+    status, resp = binary_infer(server.url, np.full((1, 28, 28), 2.0, np.float32), "FP32")
+    assert status == 400 and "FP32 values must be in [0, 1]" in resp["error"]
 
 
 def _one(**over) -> dict:

@@ -37,6 +37,7 @@ DEFAULTS = {
     # the model server's section (issue 10)
     "serving.url": "", "serving.host": "127.0.0.1", "serving.port": 8080, "serving.poll_seconds": 2.0,
     "serving.max_body_bytes": 8 << 20, "serving.max_batch": 256, "serving.threads": 1,
+    "serving.search": "ivf",
     # who may act (issue 8): secure by default for deploy, rollback and approve
     "access.train": ["*"], "access.deploy": [], "access.rollback": [], "access.cancel": ["*"],
     "access.schedule": ["*"], "access.approve": [], "access.channels": [], "access.team_id": "",
@@ -123,7 +124,7 @@ def test_a_section_key_has_its_ct_variable():
 
 SECTION_SAMPLES = {"serving.url": "http://model:8080", "serving.host": "0.0.0.0", "serving.port": "9090",
                    "serving.poll_seconds": "0.5", "serving.max_body_bytes": "2048", "serving.max_batch": "8",
-                   "serving.threads": "0"}
+                   "serving.threads": "0", "serving.search": "exact"}
 
 
 @pytest.mark.parametrize("key", sorted(SECTION_SAMPLES))

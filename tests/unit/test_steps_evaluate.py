@@ -76,11 +76,13 @@ def test_knn_vote_and_top1_on_known_embeddings(tmp_path):
     q = np.array([[1, 0, 0], [0, 0.1, 1]], np.float32)
     q /= np.linalg.norm(q, axis=1, keepdims=True)
     assert knn_predict(index, labels, q, k=1).tolist() == [2, 7]
-    assert knn_predict(index, labels, q, k=5).tolist() == [1, 1]  # 3 votes of class 1 beat 2
-    assert knn_predict(index, labels, q, k=4).tolist() == [2, 1]  # 2-2 tie: class 2 is closer
+    # Votes weigh by similarity: three near votes for class 1 beat two nearer ones for 2...
+    assert knn_predict(index, labels, q, k=5).tolist() == [1, 7]
+    # ...a 2-2 split goes to the nearer pair, and far neighbours never outvote a near one.
+    assert knn_predict(index, labels, q, k=4).tolist() == [2, 7]
 
     np.savez(tmp_path / "q.npz", emb=q, y=np.array([1, 7]))
-    r = evaluate(str(tmp_path / "idx"), str(tmp_path / "q.npz"), str(tmp_path / "out"), floor=0.4)
+    r = evaluate(str(tmp_path / "idx"), str(tmp_path / "q.npz"), str(tmp_path / "out"), floor=0.4, k=1)
     assert r["top1"] == 0.5 and r["n"] == 2 and r["k"] == 1
     assert r["per_class"]["1"] == 0.0 and r["per_class"]["7"] == 1.0 and r["per_class"]["0"] is None
     assert r["confusion"][1][2] == 1 and r["confusion"][7][7] == 1 and sum(map(sum, r["confusion"])) == 2
