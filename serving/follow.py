@@ -80,6 +80,8 @@ class AliasFollower:
         how = f"; search {searching['search']}" if searching.get("search") else ""
         if searching.get("nlist"):
             how += f", {searching['nprobe']} of {searching['nlist']} lists a query"
+        if searching.get("runtime"):
+            how += f"; embeds with {searching['runtime']}"
         log.info("%s now serving v%d (was %s), loaded in %.2fs%s%s", self.model, version,
                  f"v{old}" if old else "nothing", time.time() - t0, how,
                  "" if loaded.verified else ", no manifest to check")

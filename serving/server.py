@@ -112,6 +112,8 @@ class Handler(BaseHTTPRequestHandler):
         meta = model_metadata(cfg.model, model.version if model else None, cfg.max_batch, cfg.max_k)
         if model is None:
             meta["state"] = self._why_not_ready()
+        else:   # how this version searches and embeds, for whoever tunes it
+            meta["parameters"]["serving"] = {**model.search, "gallery": model.gallery_size}
         return self._send(200, meta, model)
 
     def _post(self):

@@ -103,6 +103,8 @@ def test_health_metadata_and_the_client_helper(server):
     status, meta = call(server.url, "GET", f"/v2/models/{MODEL}")
     assert status == 200 and meta["name"] == MODEL and meta["versions"] == ["1"]
     assert {o["name"] for o in meta["outputs"]} == {"label", "score", "neighbor_labels", "neighbor_distances"}
+    # a 1,000-image gallery is searched exactly; the embedder is the TorchScript one
+    assert meta["parameters"]["serving"] == {"search": "exact", "n": 1000, "gallery": 1000, "runtime": "torchscript"}
     assert call(server.url, "GET", f"/v2/models/{MODEL}/ready")[0] == 200
     assert call(server.url, "GET", f"/v2/models/{MODEL}/versions/1/ready")[0] == 200
     status, err = call(server.url, "GET", "/v2/models/other-model")

@@ -79,6 +79,21 @@ def test_same_seed_same_weights_on_cpu(data_dir, tmp_path):
     assert not all(torch.equal(a[k], c[k]) for k in a)
 
 
+def test_ema_saves_the_average_and_label_smoothing_changes_the_loss(data_dir, tmp_path):
+    plain = train(str(data_dir), str(tmp_path / "plain"), TrainParams.from_dict(TINY))
+    train(str(data_dir), str(tmp_path / "ema"), TrainParams.from_dict({**TINY, "ema": 0.9}))
+    a, e = (torch.load(tmp_path / n / MODEL_FILE, weights_only=True)["state_dict"] for n in ("plain", "ema"))
+    conv = next(k for k in a if k.endswith("weight") and a[k].dim() == 4)
+    assert not torch.equal(a[conv], e[conv]) and torch.isfinite(e[conv]).all()
+    # what is saved is what is exported: the averaged weights, BatchNorm statistics included
+    x = to_input(np.random.default_rng(0).integers(0, 256, (4, 28, 28), dtype=np.uint8))
+    ckpt, export = load_embedder(tmp_path / "ema", prefer="checkpoint"), load_embedder(tmp_path / "ema")
+    with torch.inference_mode():
+        assert torch.allclose(ckpt(x), export(x), atol=1e-5)
+    smooth = train(str(data_dir), str(tmp_path / "ls"), TrainParams.from_dict({**TINY, "label_smoothing": 0.2}))
+    assert smooth["final_loss"] != plain["final_loss"]
+
+
 def test_epoch_lines_on_stdout_and_cli(data_dir, tmp_path):
     r = subprocess.run([sys.executable, "-m", "steps.train", "--data-dir", str(data_dir),
                         "--out-dir", str(tmp_path), "--param", "epochs=1", "--param", "batch_size=64",
