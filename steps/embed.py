@@ -21,7 +21,7 @@ def embed(model_dir: str, npz_path: str, out_path: str, batch_size: int = 0,
           *, prefer: str = "export", threads: int = 0) -> dict:
     import torch
 
-    from steps.model import EMBED_BATCH, available_cpus, embed_images, load_embedder
+    from steps.model import EMBED_BATCH, available_cpus, embed_images, load_embedder, optimize_for_cpu
 
     t0 = time.time()
     torch.set_num_threads(threads or available_cpus())
@@ -32,7 +32,7 @@ def embed(model_dir: str, npz_path: str, out_path: str, batch_size: int = 0,
         x = x.reshape(-1, 28, 28)
     if x.ndim != 3 or x.shape[1:] != (28, 28):
         raise ValueError(f"{npz_path}: x must be (N,28,28) images, got {x.shape}")
-    fn = load_embedder(model_dir, prefer=prefer)
+    fn, runtime = optimize_for_cpu(load_embedder(model_dir, prefer=prefer))
     emb = embed_images(fn, x, batch_size=batch_size or EMBED_BATCH).numpy().astype(np.float32)
     # The network normalises already; renormalising guards inner-product search against drift.
     emb /= np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
@@ -40,7 +40,7 @@ def embed(model_dir: str, npz_path: str, out_path: str, batch_size: int = 0,
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out, "wb") as f:  # an explicit handle keeps numpy from appending '.npz'
         np.savez(f, emb=emb, y=y)
-    return {"n": int(len(emb)), "dim": int(emb.shape[1]), "out": str(out),
+    return {"n": int(len(emb)), "dim": int(emb.shape[1]), "out": str(out), "runtime": runtime,
             "seconds": round(time.time() - t0, 2)}
 
 

@@ -4,11 +4,13 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from steps.embed import embed
 from steps.evaluate import decide, evaluate, evaluate_package, knn_predict
 from steps.index import build_index, load_index
+from steps.model import load_embedder, optimize_for_cpu
 from steps.synthetic import make_digits
 from steps.train import train
 
@@ -162,3 +164,16 @@ def test_clis_embed_index_evaluate(pipeline, tmp_path):
     assert r["k"] == 3 and r["production"] == {"version": 3, "top1": better} and r["top1"] == top1
     assert r["decision"] == "hold" and f"vs production v3 ({100 * better:.2f}%)" in r["reason"]
     assert (tmp_path / "ev" / "confusion.png").is_file()
+
+
+def test_cpu_optimised_embedder_matches_the_program_or_steps_aside(pipeline):
+    program = load_embedder(pipeline / "model")
+    fast, runtime = optimize_for_cpu(program)
+    assert runtime == "torchscript" and fast is not program
+    x = torch.rand(9, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        assert torch.allclose(fast(x), program(x), atol=1e-5)
+
+    def untraceable(batch):   # leaves torch: tracing it fails, so it serves as it is
+        return torch.from_numpy(batch.numpy() * 1.0)
+    assert optimize_for_cpu(untraceable) == (untraceable, "export")
