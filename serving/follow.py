@@ -18,6 +18,14 @@ from steps import deploy
 log = logging.getLogger("serving.follow")
 
 
+def settle_heap() -> None:
+    """Move what is alive now (the model, torch's modules) out of the collector's sight:
+    a full collection otherwise walks it all in the middle of some request."""
+    import gc
+    gc.collect()
+    gc.freeze()
+
+
 class ModelHolder:
     def __init__(self):
         self.current = None          # serving.model.LoadedModel or None
@@ -75,6 +83,7 @@ class AliasFollower:
             return False
         old = current.version if current else None
         self.holder.current = loaded   # the atomic swap
+        settle_heap()
         self.holder.last_error = None
         searching = getattr(loaded, "search", None) or {}
         how = f"; search {searching['search']}" if searching.get("search") else ""
