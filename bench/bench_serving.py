@@ -58,7 +58,7 @@ def agreement(served, exact, xt: np.ndarray, yt: np.ndarray) -> dict:
     xf = (xt.astype(np.float32) / 255.0).reshape(-1, 1, 28, 28)
     a = np.concatenate([served.predict(xf[i:i + 250])["label"] for i in range(0, len(xf), 250)])
     b = np.concatenate([exact.predict(xf[i:i + 250])["label"] for i in range(0, len(xf), 250)])
-    return {"search": served.search, "same_label": float((a == b).mean()), "n": len(xt),
+    return {"search": served.how, "same_label": float((a == b).mean()), "n": len(xt),
             "top1_served": float((a == yt).mean()), "top1_exact": float((b == yt).mean())}
 
 

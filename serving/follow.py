@@ -20,8 +20,10 @@ log = logging.getLogger("serving.follow")
 
 def settle_heap() -> None:
     """Move what is alive now (the model, torch's modules) out of the collector's sight:
-    a full collection otherwise walks it all in the middle of some request."""
+    a full collection otherwise walks it all in the middle of some request. Unfrozen
+    first, so the model just swapped out can still be collected."""
     import gc
+    gc.unfreeze()
     gc.collect()
     gc.freeze()
 
@@ -85,12 +87,10 @@ class AliasFollower:
         self.holder.current = loaded   # the atomic swap
         settle_heap()
         self.holder.last_error = None
-        searching = getattr(loaded, "search", None) or {}
-        how = f"; search {searching['search']}" if searching.get("search") else ""
-        if searching.get("nlist"):
-            how += f", {searching['nprobe']} of {searching['nlist']} lists a query"
-        if searching.get("runtime"):
-            how += f"; embeds with {searching['runtime']}"
+        how = getattr(loaded, "how", None) or {}   # test loaders may not say
+        how = "".join([f"; search {how['search']}" if "search" in how else "",
+                       f" ({how['nprobe']} of {how['nlist']} lists a query)" if "nlist" in how else "",
+                       f"; embeds with {how['runtime']}" if "runtime" in how else ""])
         log.info("%s now serving v%d (was %s), loaded in %.2fs%s%s", self.model, version,
                  f"v{old}" if old else "nothing", time.time() - t0, how,
                  "" if loaded.verified else ", no manifest to check")

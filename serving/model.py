@@ -33,7 +33,7 @@ class LoadedModel:
     labels: np.ndarray          # gallery label per index row
     meta: dict = field(default_factory=dict)
     verified: bool = False      # checked against a manifest
-    search: dict = field(default_factory=dict)   # how it searches (serving_index) and embeds ("runtime")
+    how: dict = field(default_factory=dict)   # how it searches (serving_index) and embeds ("runtime")
 
     @property
     def gallery_size(self) -> int:
@@ -59,10 +59,11 @@ class LoadedModel:
 def vote(sims: np.ndarray, ids: np.ndarray, gallery_labels: np.ndarray) -> dict:
     """The label by steps.evaluate.vote (the vote the pipeline evaluated), with its score
     (similarity of the nearest neighbour of that label) and the neighbours themselves."""
+    from steps.evaluate import neighbour_labels
     from steps.evaluate import vote as label_vote
 
     valid = ids >= 0
-    nb = np.where(valid, gallery_labels[np.clip(ids, 0, None)].astype(np.int64), -1)
+    nb = neighbour_labels(ids, gallery_labels)
     label = label_vote(sims, ids, gallery_labels)
     best = np.where(nb == label[:, None], sims, -np.inf).max(1)
     score = np.where(np.isfinite(best), best, 0.0).astype(np.float32)
@@ -138,7 +139,7 @@ def load_version(store, model: str, version: int, workdir: str | None = None,
             index, searching = serving_index(index, search)
             meta = json.loads((tmp / "meta.json").read_text()) if (tmp / "meta.json").is_file() else {}
             loaded = LoadedModel(model, version, embed, index, np.asarray(labels), meta,
-                                 verified=manifest is not None, search={**searching, "runtime": runtime})
+                                 verified=manifest is not None, how={**searching, "runtime": runtime})
             if loaded.gallery_size != len(loaded.labels) or loaded.gallery_size == 0:
                 raise ValueError(f"index has {loaded.gallery_size} rows but {len(loaded.labels)} labels")
             # Warm up: the first calls of an export program are slow; do them before the swap.

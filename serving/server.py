@@ -113,7 +113,7 @@ class Handler(BaseHTTPRequestHandler):
         if model is None:
             meta["state"] = self._why_not_ready()
         else:   # how this version searches and embeds, for whoever tunes it
-            meta["parameters"]["serving"] = {**model.search, "gallery": model.gallery_size}
+            meta["parameters"]["serving"] = {**model.how, "gallery": model.gallery_size}
         return self._send(200, meta, model)
 
     def _post(self):

@@ -40,12 +40,17 @@ def knn_predict(index, gallery_labels: np.ndarray, queries: np.ndarray, k: int =
     return vote(sims, ids, gallery_labels)
 
 
+def neighbour_labels(ids: np.ndarray, gallery_labels: np.ndarray) -> np.ndarray:
+    """Label of each neighbour; -1 where an approximate index came up short (id -1)."""
+    return np.where(ids >= 0, gallery_labels[np.clip(ids, 0, None)].astype(np.int64), -1)
+
+
 def vote(sims: np.ndarray, ids: np.ndarray, gallery_labels: np.ndarray) -> np.ndarray:
     """Each neighbour votes for its label with its cosine similarity (k=1: the nearest's
-    label); ties go to the nearest. -1 ids (approximate indexes come up short) do not vote."""
+    label); ties go to the nearest. -1 ids do not vote."""
     n, k = ids.shape
     valid = ids >= 0
-    labels = np.where(valid, gallery_labels[np.clip(ids, 0, None)].astype(np.int64), -1)
+    labels = neighbour_labels(ids, gallery_labels)
     n_cls = max(N_CLASSES, int(labels.max(initial=0)) + 1)
     weight = np.where(valid, np.clip(sims, 0.0, None), 0.0)
     weight[:, 0] += 1e-6

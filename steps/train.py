@@ -203,7 +203,7 @@ class _Ema:
     updated after every step with one fused lerp."""
 
     def __init__(self, net, decay: float):
-        self.net, self.decay = net, float(decay)
+        self.decay = float(decay)
         self.live = [t for t in net.state_dict().values() if t.is_floating_point()]
         self.avg = [t.detach().clone() for t in self.live]
         self.steps = 0
