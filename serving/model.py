@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from steps import deploy, layout
+from steps.evaluate import neighbour_labels, vote_row
 
 log = logging.getLogger("serving.model")
 
@@ -48,27 +49,26 @@ class LoadedModel:
         k = max(1, min(int(k), self.gallery_size))
         with torch.inference_mode():
             emb = self.embed(torch.from_numpy(x)).float().numpy()
+        # No renormalising: the network ends in F.normalize, and a query's own scale
+        # changes neither its neighbours nor their vote.
         emb = np.ascontiguousarray(emb, dtype=np.float32)
-        # The network normalises already; this guards inner-product search against drift
-        # (steps/embed.py does the same for the gallery).
-        emb /= np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
         sims, ids = self.index.search(emb, k)
         return vote(sims, ids, self.labels)
 
 
 def vote(sims: np.ndarray, ids: np.ndarray, gallery_labels: np.ndarray) -> dict:
-    """The label by steps.evaluate.vote (the vote the pipeline evaluated), with its score
-    (similarity of the nearest neighbour of that label) and the neighbours themselves."""
-    from steps.evaluate import neighbour_labels
-    from steps.evaluate import vote as label_vote
-
-    valid = ids >= 0
+    """The label by steps.evaluate.vote_row (the vote the pipeline evaluated), with its
+    score (similarity of the nearest neighbour of that label) and the neighbours."""
     nb = neighbour_labels(ids, gallery_labels)
-    label = label_vote(sims, ids, gallery_labels)
-    best = np.where(nb == label[:, None], sims, -np.inf).max(1)
-    score = np.where(np.isfinite(best), best, 0.0).astype(np.float32)
-    dist = np.where(valid, 1.0 - sims, np.inf).astype(np.float32)
-    return {"label": label, "score": score, "neighbor_labels": nb, "neighbor_distances": dist}
+    label, score = [], []
+    for row_sims, row_labels in zip(sims.tolist(), nb.tolist(), strict=True):
+        c = vote_row(row_sims, row_labels)
+        label.append(c)
+        # Neighbours come nearest first: the first with the label is its best.
+        score.append(next((s for s, lab in zip(row_sims, row_labels, strict=True) if lab == c), 0.0))
+    dist = np.where(nb >= 0, 1.0 - sims, np.inf).astype(np.float32)
+    return {"label": np.array(label, np.int64), "score": np.array(score, np.float32),
+            "neighbor_labels": nb, "neighbor_distances": dist}
 
 
 def _sha256(path: Path) -> str:

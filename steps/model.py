@@ -23,8 +23,8 @@ MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 # stride 2, "p" = 2x2 max-pool; then global average pool and a linear projection.
 # ~114k parameters, most of the FLOPs at 7x7, yet leaner stacks saved at most ~11% of the
 # CPU per epoch (2026-11-30, batch 512): per-layer overheads dominate at this size. Full
-# MNIST kNN top-1 (k=5 vote): 99.51% with preset v0 (8 epochs), 99.53% with the defaults
-# (5 epochs, rotation and zoom), bench/bench_model.py, 2026-11-30.
+# MNIST kNN top-1 (k=5 vote): 99.51% with preset v0 (8 epochs), 99.54% with the defaults
+# (4 epochs, rotation and zoom), bench/bench_model.py, 2026-12-01.
 DEFAULT_LAYERS = ("c16", "p", "c32", "p", "c64", "c128")
 
 MODEL_FILE = "model.pt"

@@ -12,9 +12,9 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 
 # Named parameter sets, applied under any explicit key=value. ``v0`` is the recipe the
 # first release shipped with, kept so anyone can rerun the comparison against it.
-# Measured on full MNIST by bench/bench_model.py (k=5 vote, 2026-11-30): the defaults 99.53%
-# (seeds 0/1/2: 99.53/99.51/99.50) at 0.70x v0's wall in one process; fast 99.44% at 0.44x;
-# v0 99.51%.
+# Measured on full MNIST by bench/bench_model.py (k=5 vote, 2026-12-01): the defaults 99.54%
+# (seeds 0/1/2: 99.54/99.52/99.43) at 0.47x v0's wall in one process, 0.56x through the
+# pipeline; fast 99.47%; v0 99.51%.
 PRESETS: dict[str, dict] = {
     "fast": {"epochs": 3},
     "v0": {"epochs": 8, "batch_size": 256, "lr": 4e-3, "lr_schedule": "onecycle",
@@ -55,9 +55,9 @@ def _f(default, help: str):
 
 @dataclass
 class TrainParams:
-    epochs: int = _f(5, "passes over the training data")
-    batch_size: int = _f(512, "images per optimiser step (global, split across GPUs under DDP)")
-    lr: float = _f(8e-3, "peak learning rate (AdamW)")
+    epochs: int = _f(4, "passes over the training data")
+    batch_size: int = _f(256, "images per optimiser step (global, split across GPUs under DDP)")
+    lr: float = _f(5e-3, "peak learning rate (AdamW)")
     lr_schedule: str = _f("onecycle", "learning-rate schedule over the whole run")
     weight_decay: float = _f(5e-4, "AdamW decoupled weight decay")
     embedding_dim: int = _f(128, "size of the L2-normalised embedding")

@@ -254,6 +254,44 @@ def test_body_over_the_limit_is_413_without_reading_it(server):
     assert "over the 8388608-byte limit" in json.loads(body)["error"]
 
 
+def raw_exchange(url: str, data: bytes) -> list[bytes]:
+    """Send bytes as they are; return each response's head (status line and headers),
+    read until the server closes or goes quiet."""
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        s.sendall(data)
+        s.settimeout(1.0)
+        raw = b""
+        try:
+            while chunk := s.recv(65536):
+                raw += chunk
+        except TimeoutError:
+            pass
+    return [part.split(b"\r\n\r\n")[0] for part in raw.split(b"HTTP/1.")[1:]]
+
+
+def test_request_heads_the_way_clients_send_them(server, world):
+    """The server reads headers itself (the stdlib's parser cost a tenth of a request):
+    any letter case, keep-alive, HTTP/1.0, Expect: 100-continue, and malformed heads."""
+    body = json.dumps(tensor(world["x"][:1])).encode()
+    path = f"/v2/models/{MODEL}/infer"
+    two = (f"POST {path} HTTP/1.1\r\nhost: x\r\ncontent-LENGTH: {len(body)}\r\n\r\n".encode() + body) * 2
+    assert [h.split(b"\r\n")[0] for h in raw_exchange(server.url, two)] == [b"1 200 OK", b"1 200 OK"]
+    old = f"POST {path} HTTP/1.0\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body
+    (head,) = raw_exchange(server.url, old)   # HTTP/1.0 without keep-alive: closed after one
+    assert head.startswith(b"1 200") and b"Connection: close" in head
+    expect = f"POST {path} HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+    heads = raw_exchange(server.url, expect + body)
+    assert [h.split(b"\r\n")[0] for h in heads] == [b"1 100 Continue", b"1 200 OK"]
+    folded = f"POST {path} HTTP/1.1\r\nContent-Length: {len(body)}\r\n  folded\r\n\r\n".encode() + body
+    assert raw_exchange(server.url, folded)[0].startswith(b"1 400")
+    many = b"GET /v2/health/live HTTP/1.1\r\n" + b"".join(b"X-%d: y\r\n" % i for i in range(101)) + b"\r\n"
+    assert raw_exchange(server.url, many)[0].startswith(b"1 431")
+    assert raw_exchange(server.url, b"GET /v2/health/live HTTP/2.0\r\n\r\n")[0].startswith(b"1 505")
+    assert raw_exchange(server.url, b"NONSENSE\r\n\r\n")[0].startswith(b"1 400")
+    assert raw_exchange(server.url, b"PATCH /v2 HTTP/1.1\r\n\r\n")[0].startswith(b"1 501")
+
+
 # ---- readiness and following the alias ----
 
 def copy_candidate(src, dst, run_id="run-1"):

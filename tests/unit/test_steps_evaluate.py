@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from steps.embed import embed
-from steps.evaluate import decide, evaluate, evaluate_package, knn_predict
+from steps.evaluate import decide, evaluate, evaluate_package, knn_predict, vote, vote_row
 from steps.index import build_index, load_index
 from steps.model import load_embedder, optimize_for_cpu
 from steps.synthetic import make_digits
@@ -177,3 +177,21 @@ def test_cpu_optimised_embedder_matches_the_program_or_steps_aside(pipeline):
     def untraceable(batch):   # leaves torch: tracing it fails, so it serves as it is
         return torch.from_numpy(batch.numpy() * 1.0)
     assert optimize_for_cpu(untraceable) == (untraceable, "export")
+
+
+def test_vote_row_ties_and_empty_neighbourhoods():
+    assert vote_row([0.9, 0.5, 0.5], [3, 4, 4]) == 4            # 1.0 beats 0.9
+    assert vote_row([0.3] * 5, [1, 6, 2, 6, 2]) == 6       # 6 and 2 tie exactly: the nearer pair
+    assert vote_row([0.5, 0.0, 0.0], [-1, 8, 7]) == 8          # only zero weights: the nearest that votes
+    assert vote_row([-0.2, -0.3], [5, 6]) == 5                 # dissimilar neighbours still name one
+    assert vote_row([0.4, 0.3], [-1, -1]) == 0                 # nobody votes: class 0, as before
+    sims = np.random.default_rng(0).random((500, 5)).astype(np.float32)
+    sims = -np.sort(-sims, axis=1)
+    ids = np.random.default_rng(1).integers(0, 50, (500, 5))
+    labels = np.arange(50) % 10
+    # Against the weighted count written out with numpy, on continuous similarities.
+    w = sims.astype(np.float64)
+    w[:, 0] += 1e-6
+    counts = np.zeros((500, 10))
+    np.add.at(counts, (np.repeat(np.arange(500), 5), labels[ids].ravel()), w.ravel())
+    assert (vote(sims, ids, labels) == counts.argmax(1)).all()
