@@ -266,7 +266,7 @@ def raw_exchange(url: str, data: bytes) -> list[bytes]:
             while chunk := s.recv(65536):
                 raw += chunk
         except TimeoutError:
-            pass
+            pass   # a keep-alive connection stays open: quiet for a second is the end
     return [part.split(b"\r\n\r\n")[0] for part in raw.split(b"HTTP/1.")[1:]]
 
 
