@@ -1,6 +1,6 @@
 """Model benchmark: ctbot's defaults against today's (v0) and two outside recipes, side by side.
 
-    .venv/bin/python bench/bench_model.py [--rows 1,2,3,4] [--pipeline] [--limit N] [--threads 2]
+    .venv/bin/python bench/bench_model.py [--rows 1,2,3,4] [--pipeline] [--votes] [--limit N] [--threads 2]
 
 Rows, each in its own process (so peak RSS is the row's own), in one run on one machine:
   1 new    ctbot's default TrainParams: ingest -> validate -> train -> embed -> index -> evaluate
@@ -71,7 +71,46 @@ def knn_top1(gallery, g_y, query, q_y, metric: str, k: int = 1) -> float:
 # --------------------------------------------------------------------- rows 1 and 2: the steps
 
 
-def row_steps(train_npz, test_npz, work: Path, tokens: list[str], threads: int) -> dict:
+def vote_variants(work: Path, test_npz: Path) -> dict:
+    """Top-1 of other ways to vote, on the row's own gallery and eval embeddings: k and
+    weighting, an edited gallery (training images their own 5 neighbours outvote
+    dropped, Wilson 1972) and test-time augmentation (each query the mean embedding of
+    itself and its four 1-pixel shifts). Same model: only the vote changes."""
+    import faiss
+    import numpy as np
+
+    from steps.evaluate import vote
+    from steps.model import embed_images, load_embedder
+
+    with np.load(work / "data.npz.emb.npz") as g, np.load(work / "eval.npz.emb.npz") as q:
+        gallery, g_y, query, q_y = g["emb"], g["y"].astype(np.int64), q["emb"], q["y"]
+    index = faiss.IndexFlatIP(gallery.shape[1])
+    index.add(gallery)
+
+    def top1(idx, labels, queries, k, weight=None) -> float:
+        sims, ids = idx.search(queries, k)
+        return float((vote(weight(sims) if weight else sims, ids, labels) == q_y).mean())
+
+    soft = lambda s: np.exp(30.0 * (s - s[:, :1]))  # noqa: E731 - the ArcFace head's own scale
+    out = {f"k={k}": top1(index, g_y, query, k) for k in (1, 3, 5, 7, 10)}
+    out.update({f"k={k} exp(30 cos)": top1(index, g_y, query, k, soft) for k in (5, 10)})
+    sims, ids = index.search(gallery, 6)
+    keep = vote(sims[:, 1:], ids[:, 1:], g_y) == g_y
+    edited = faiss.IndexFlatIP(gallery.shape[1])
+    edited.add(gallery[keep])
+    out.update({f"edited gallery (-{int((~keep).sum())}) k={k}": top1(edited, g_y[keep], query, k) for k in (1, 5)})
+    with np.load(test_npz) as d:
+        x = np.pad(d["x"], ((0, 0), (1, 1), (1, 1)))
+    fn = load_embedder(work / "model")
+    shifted = [embed_images(fn, np.ascontiguousarray(x[:, dy:dy + 28, dx:dx + 28])).numpy()
+               for dy, dx in ((1, 1), (0, 1), (2, 1), (1, 0), (1, 2))]
+    mean = np.mean(shifted, axis=0)
+    mean /= np.linalg.norm(mean, axis=1, keepdims=True)
+    out["TTA 5 shifts k=5"] = top1(index, g_y, np.ascontiguousarray(mean, dtype=np.float32), 5)
+    return {k: round(v, 5) for k, v in out.items()}
+
+
+def row_steps(train_npz, test_npz, work: Path, tokens: list[str], threads: int, votes: bool = False) -> dict:
     t_start = time.time()
     import numpy as np
     import torch
@@ -104,7 +143,8 @@ def row_steps(train_npz, test_npz, work: Path, tokens: list[str], threads: int) 
     metrics = step("evaluate", evaluate, str(work / "index"), str(work / "eval.npz.emb.npz"), str(work / "eval"))
     with np.load(work / "data.npz.emb.npz") as g, np.load(work / "eval.npz.emb.npz") as q:
         top1_k1 = knn_top1(g["emb"], g["y"], q["emb"], q["y"], "ip")
-    return {"top1": metrics["top1"], "top1_k1": top1_k1, "train_s": t["train"], "embed_s": t["embed"],
+    extra = {"votes": vote_variants(work, test_npz)} if votes else {}
+    return {**extra, "top1": metrics["top1"], "top1_k1": top1_k1, "train_s": t["train"], "embed_s": t["embed"],
             "wall_s": sum(t.values()), "cpu_s": sum(cpu.values()), "train_cpu_s": cpu["train"],
             "imports_s": imports,
             "train_rss_mb": trained.get("peak_rss_mb"), "steps": {k: round(v, 2) for k, v in t.items()},
@@ -240,9 +280,9 @@ def run_row(args) -> dict:
     try:
         train_npz, test_npz = Path(args.train_npz), Path(args.test_npz)
         if args.row == 1:
-            out = row_steps(train_npz, test_npz, work, args.param, args.threads)
+            out = row_steps(train_npz, test_npz, work, args.param, args.threads, args.votes)
         elif args.row == 2:
-            out = row_steps(train_npz, test_npz, work, ["preset=v0", *args.param], args.threads)
+            out = row_steps(train_npz, test_npz, work, ["preset=v0", *args.param], args.threads, args.votes)
         elif args.row == 3:
             out = row_seed(train_npz, test_npz, args.threads)
         elif args.row == 4:
@@ -289,6 +329,9 @@ def main(argv=None) -> int:
     ap.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
                     help="override a TrainParams key in rows 1 and 2 (repeatable)")
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    ap.add_argument("--votes", action="store_true",
+                    help="rows 1 and 2 also print other votes on their embeddings (k, weighting, "
+                         "an edited gallery, test-time shifts)")
     ap.add_argument("--budget", type=float, default=0.0, help="row 4's train CPU seconds (default: row 1's)")
     # internal: run one row in this process and print its RESULT line
     ap.add_argument("--row", type=int, help=argparse.SUPPRESS)
@@ -316,7 +359,8 @@ def main(argv=None) -> int:
         for r in rows:
             cmd = [sys.executable, __file__, "--row", str(r), "--train-npz", str(train_npz),
                    "--test-npz", str(data / "test.npz"), "--scratch", str(scratch),
-                   "--threads", str(args.threads)] + [f"--param={p}" for p in args.param]
+                   "--threads", str(args.threads)] + [f"--param={p}" for p in args.param] + \
+                (["--votes"] if args.votes else [])
             if r == 4:
                 cmd += ["--budget", str(args.budget or results[1]["train_cpu_s"])]
             print(f"[row {r}] {NAMES[r] if r < 10 else 'pipeline ' + NAMES[r - 10]} ...", flush=True)
@@ -335,6 +379,10 @@ def main(argv=None) -> int:
     print(f"\ntrain images: {n}, eval 10000, {args.threads} threads, bench wall {time.time() - t0:.0f}s, "
           f"load average at the end {load[0]:.1f}/{load[1]:.1f}/{load[2]:.1f} on {os.cpu_count()} cores")
     print_table(results)
+    for r, v in results.items():
+        if "votes" in v:
+            print(f"row {r} votes (top-1 on the same embeddings): "
+                  + ", ".join(f"{k} {a:.2%}" for k, a in v["votes"].items()))
     print("RESULT " + json.dumps({str(k): v for k, v in results.items()}))
     return 0
 

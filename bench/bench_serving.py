@@ -7,7 +7,9 @@ training images, 60k like production on full MNIST), publishes it to a local sto
 starts `ctbot serve-model` in a subprocess, and measures in the same run, in
 alternating rounds so both see the same machine load:
 
-  - one image per request at concurrency 1 and 8 (p50 / p99),
+  - one image per request at concurrency 1 and 8 (p50 / p99), through http.client, and at
+    concurrency 1 also through a plain socket (http.client's own header parsing on the
+    client's side costs about 0.8 ms a request here, which is not the server's);
   - batches of 64 at concurrency 2 (images/s), as JSON numbers and as binary tensors
     (the v2 binary data extension),
   - the raw model call on the same inputs in this process: the torch.export program
@@ -26,6 +28,7 @@ import http.client
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -114,13 +117,62 @@ class Client:
         return dt
 
 
-def served(host, port, bodies, concurrency: int, n_per_client: int) -> list[float]:
+class SocketClient:
+    """The same request over a plain socket: the request bytes built before the clock
+    starts, the response read by its Content-Length. What is left is the server's time
+    plus the kernel's, without http.client's own (email-parser) header handling."""
+
+    def __init__(self, host: str, port: int):
+        self.sock = socket.create_connection((host, port), timeout=30)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.head = (f"POST /v2/models/{MODEL}/infer HTTP/1.1\r\nHost: {host}:{port}\r\n"
+                     "Content-Type: application/json\r\nContent-Length: ").encode()
+        self.buf = b""
+
+    def infer(self, body: bytes, headers: dict | None = None) -> float:
+        request = self.head + str(len(body)).encode() + b"\r\n\r\n" + body
+        t = time.perf_counter()
+        self.sock.sendall(request)
+        buf = self.buf
+        while (end := buf.find(b"\r\n\r\n")) < 0:
+            buf += self._recv()
+        head = buf[:end].decode("latin-1").lower()
+        length = int(head.split("content-length:", 1)[1].split("\r\n", 1)[0])
+        while len(buf) < end + 4 + length:
+            buf += self._recv()
+        dt = time.perf_counter() - t
+        data, self.buf = buf[end + 4:end + 4 + length], buf[end + 4 + length:]
+        if not head.startswith("http/1.1 200"):
+            raise RuntimeError(f"{head.splitlines()[0]}: {data[:200]!r}")
+        json.loads(data)
+        return dt
+
+    def _recv(self) -> bytes:
+        chunk = self.sock.recv(65536)
+        if not chunk:
+            raise ConnectionError("the server closed the connection")
+        return chunk
+
+
+def phase_totals(host: str, port: int) -> dict[str, float]:
+    """Sums and counts of the server's phase histograms (serving.metrics), from GET /metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    conn = http.client.HTTPConnection(host, port, timeout=30)
+    conn.request("GET", "/metrics")
+    text = conn.getresponse().read().decode()
+    conn.close()
+    return {s.name: s.value for fam in text_string_to_metric_families(text) for s in fam.samples
+            if s.name.startswith("request_") and s.name.endswith(("_sum", "_count"))}
+
+
+def served(host, port, bodies, concurrency: int, n_per_client: int, client=Client) -> list[float]:
     lat: list[float] = []
     lock = threading.Lock()
     start = threading.Barrier(concurrency)
 
     def worker(i):
-        c = Client(host, port)
+        c = client(host, port)
         c.infer(bodies[i % len(bodies)])  # connect + warm
         start.wait()
         mine = [c.infer(bodies[(i * 7919 + j) % len(bodies)]) for j in range(n_per_client)]
@@ -287,7 +339,8 @@ def main(argv=None) -> int:
             time.sleep(PACE_S)
             return raw(xb)
 
-        raw_lat, paced_lat, s1, s8 = [], [], [], []
+        raw_lat, paced_lat, s1, s1_socket, s8 = [], [], [], [], []
+        phases: dict[str, float] = {}   # the server's own phase timings over the socket rounds
         srv_tp_n = [0]
         raw_tp, srv_tp, bin_tp = [], [], []
         for r in range(args.rounds):
@@ -295,6 +348,10 @@ def main(argv=None) -> int:
             paced_lat += [raw_paced(xf[(r * 31 + j) % 256:(r * 31 + j) % 256 + 1]) for j in range(args.n)]
             s1 += measured("1", served, host, port, singles, 1, args.n)
             srv_cpu["1"][1] += args.n + 1
+            before = phase_totals(host, port)
+            s1_socket += served(host, port, singles, 1, args.n, SocketClient)
+            for key, v in phase_totals(host, port).items():
+                phases[key] = phases.get(key, 0.0) + v - before.get(key, 0.0)
             s8 += served(host, port, singles, 8, args.n // 2)
             t_end, n_img, t0 = time.perf_counter() + args.seconds, 0, time.perf_counter()
             while time.perf_counter() < t_end:
@@ -326,7 +383,8 @@ def main(argv=None) -> int:
     print(f"{'one image':<34}{'p50 ms':>9}{'p99 ms':>9}{'n':>7}")
     rows = [("raw call (export + faiss), in-process", raw_lat),
             (f"raw call, {PACE_S * 1e3:g} ms idle before each", paced_lat),
-            ("served, concurrency 1", s1), ("served, concurrency 8", s8)]
+            ("served, concurrency 1", s1), ("served, c1, plain-socket client", s1_socket),
+            ("served, concurrency 8", s8)]
     for name, lat in rows:
         print(f"{name:<34}{pct(lat, 50):>9.2f}{pct(lat, 99):>9.2f}{len(lat):>7}")
     over = pct(s1, 50) - pct(raw_lat, 50)
@@ -334,6 +392,16 @@ def main(argv=None) -> int:
     print(f"server overhead at p50, concurrency 1: {over:.2f} ms over the raw call back to back "
           f"({pct(s1, 50) / pct(raw_lat, 50):.2f}x); {over_paced:.2f} ms over the raw call paced like requests "
           f"({pct(s1, 50) / pct(paced_lat, 50):.2f}x)")
+    over_socket = pct(s1_socket, 50) - pct(raw_lat, 50)
+    print(f"through a plain-socket client (no http.client header parsing on the client's side): "
+          f"{over_socket:.2f} ms over the raw call back to back ({pct(s1_socket, 50) / pct(raw_lat, 50):.2f}x), "
+          f"{pct(s1_socket, 50) - pct(paced_lat, 50):.2f} ms over it paced")
+    mean = {p: 1e3 * phases.get(f"request_{p}_seconds_sum", 0.0) / max(phases.get(f"request_{p}_seconds_count", 0.0), 1)
+            for p in ("preprocess", "predict", "postprocess")}
+    print(f"inside the server, mean per request of those socket rounds (its /metrics): preprocess "
+          f"{mean['preprocess']:.3f} ms, predict {mean['predict']:.3f} ms, postprocess {mean['postprocess']:.3f} ms, "
+          f"sum {sum(mean.values()):.3f} ms; client-side mean {1e3 * np.mean(s1_socket):.3f} ms; the raw call's mean "
+          f"{1e3 * np.mean(raw_lat):.3f} ms back to back, {1e3 * np.mean(paced_lat):.3f} ms paced")
     tp_raw, tp_srv, tp_bin = float(np.median(raw_tp)), float(np.median(srv_tp)), float(np.median(bin_tp))
     print(f"batches of 64 (concurrency 2): served {tp_srv:,.0f} images/s as JSON numbers, {tp_bin:,.0f} as "
           f"binary tensors; raw call {tp_raw:,.0f} images/s on one thread "
@@ -349,12 +417,18 @@ def main(argv=None) -> int:
               f"{2e3 / cpu['64']:,.0f}", f"{2e3 / cpu['64b']:,.0f}", f"{2e3 / rcpu['64']:,.0f}"))
     goals = {"p99_c1_ms<=5": pct(s1, 99) <= 5.0, "batched_img_s>=3000": max(tp_srv, tp_bin) >= 3000,
              "overhead_p50_ms<=1": over <= 1.0}
-    print("goals: " + ", ".join(f"{k} {'met' if v else 'MISSED'}" for k, v in goals.items()))
+    print("goals (http.client, raw back to back): " + ", ".join(
+        f"{k} {'met' if v else 'MISSED'}" for k, v in goals.items()))
+    socket_goals = {"p99_c1_ms<=5": pct(s1_socket, 99) <= 5.0, "overhead_p50_ms<=1": over_socket <= 1.0,
+                    "overhead_vs_paced_p50_ms<=1": pct(s1_socket, 50) - pct(paced_lat, 50) <= 1.0}
+    print("goals (plain-socket client): " + ", ".join(
+        f"{k} {'met' if v else 'MISSED'}" for k, v in socket_goals.items()))
     print("RESULT " + json.dumps({
         "raw_p50_ms": round(pct(raw_lat, 50), 3), "raw_p99_ms": round(pct(raw_lat, 99), 3),
         "c1_p50_ms": round(pct(s1, 50), 3), "c1_p99_ms": round(pct(s1, 99), 3),
         "c8_p50_ms": round(pct(s8, 50), 3), "c8_p99_ms": round(pct(s8, 99), 3),
-        "overhead_p50_ms": round(over, 3), "raw_paced_p50_ms": round(pct(paced_lat, 50), 3),
+        "overhead_p50_ms": round(over, 3), "c1_socket_p50_ms": round(pct(s1_socket, 50), 3),
+        "c1_socket_p99_ms": round(pct(s1_socket, 99), 3), "server_phase_mean_ms": mean, "overhead_socket_p50_ms": round(over_socket, 3), "raw_paced_p50_ms": round(pct(paced_lat, 50), 3),
         "overhead_vs_paced_p50_ms": round(over_paced, 3), "batch64_img_s": round(tp_srv), "batch64_binary_img_s": round(tp_bin),
         "raw_batch64_img_s": round(tp_raw), "search": agree["search"], "same_label_as_exact": agree["same_label"],
         "cpu_ms_per_request_c1": round(cpu["1"], 3), "raw_cpu_ms_c1": round(rcpu["1"], 3),

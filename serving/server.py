@@ -7,6 +7,7 @@ ThreadingHTTPServer (HTTP/1.1 keep-alive, one thread per connection).
     GET  /v2/models/{name}             model metadata; "versions" is what is served now
     GET  /v2/models/{name}/ready
     POST /v2/models/{name}/infer       (also under /versions/{v}/ for the served v)
+    GET  /metrics                      Prometheus (serving.metrics)
 
 Bad input is a 4xx with {"error": "what was wrong"}; every body carries model_version.
 """
@@ -17,9 +18,11 @@ import logging
 import re
 import socket
 import threading
+import time
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+from serving import metrics
 from serving.follow import ModelHolder
 from serving.protocol import ProtocolError, infer_response, model_metadata, parse_infer
 
@@ -106,8 +109,12 @@ class Handler(BaseHTTPRequestHandler):
             model = self.server.holder.current
         if "model_version" not in body:
             body["model_version"] = str(model.version) if model is not None else None
-        data = json.dumps(body, separators=(",", ":")).encode()
-        head = [f"HTTP/1.1 {status} {HTTPStatus(status).phrase}", "Content-Type: application/json",
+        if getattr(self, "command", None) == "POST":
+            metrics.INFER_REQUESTS.labels(self.server.config.model, str(status)).inc()
+        self._send_bytes(status, json.dumps(body, separators=(",", ":")).encode(), "application/json")
+
+    def _send_bytes(self, status: int, data: bytes, content_type: str) -> None:
+        head = [f"HTTP/1.1 {status} {HTTPStatus(status).phrase}", f"Content-Type: {content_type}",
                 f"Content-Length: {len(data)}"]
         if self.close_connection:
             head.append("Connection: close")
@@ -146,6 +153,9 @@ class Handler(BaseHTTPRequestHandler):
             return self._send(200, {"live": True})
         if path == "/v2/health/ready":
             return self._ready()
+        if path == "/metrics":
+            current = holder.current
+            return self._send_bytes(200, *metrics.exposition(cfg.model, current.version if current else None))
         if path in ("/v2", "/v2/"):
             return self._send(200, {"name": "ctbot-serving", "version": "1", "extensions": []})
         m = _MODEL_PATH.match(path)
@@ -182,6 +192,7 @@ class Handler(BaseHTTPRequestHandler):
             return
         if model is None:
             return self._error(503, f"not ready: {self._why_not_ready()}")
+        t0 = time.perf_counter()
         try:
             x, k, rid, outputs = parse_infer(body, max_batch=cfg.max_batch, max_k=cfg.max_k,
                                              json_length=self.headers.get("Inference-Header-Content-Length"))
@@ -190,8 +201,11 @@ class Handler(BaseHTTPRequestHandler):
         if k > model.gallery_size:
             return self._error(400, f"parameter k={k} is more than the {model.gallery_size} "
                                     f"gallery images of v{model.version}", model)
+        t1 = time.perf_counter()
         result = model.predict(x, k)
+        t2 = time.perf_counter()
         self._send(200, infer_response(cfg.model, model.version, result, outputs, rid), model)
+        metrics.infer_done(cfg.model, t1 - t0, t2 - t1, time.perf_counter() - t2)
 
     # ---- helpers ----
 

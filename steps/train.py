@@ -167,8 +167,11 @@ def _shift_all(x_pad, shift: int, gen):
     return out
 
 
-def _affine_all(x_u8, rotate: float, scale: float, shift: int, gen, chunk: int = 8192):
-    """Random rotation/zoom/translation of every image (bilinear, zero fill), once per epoch."""
+def _affine_all(x_u8, rotate: float, scale: float, shift: int, gen, elastic: float = 0.0,
+                chunk: int = 8192):
+    """Random rotation/zoom/translation of every image (bilinear, zero fill), once per epoch.
+    elastic > 0 adds a smooth random warp of up to that many pixels: a 4x4 field of random
+    offsets, upsampled, the cheap cousin of Simard et al.'s Gaussian-smoothed distortions."""
     import torch
     import torch.nn.functional as F
 
@@ -184,6 +187,11 @@ def _affine_all(x_u8, rotate: float, scale: float, shift: int, gen, chunk: int =
         t = theta[i:i + chunk].to(x_u8.device)
         xb = x_u8[i:i + chunk].float()
         grid = F.affine_grid(t, list(xb.shape), align_corners=False)
+        if elastic:
+            m = len(xb)
+            field = (torch.rand(m, 2, 4, 4, generator=gen) * 2 - 1) * (2.0 * elastic / w)
+            field = F.interpolate(field, size=(h, w), mode="bicubic", align_corners=True)
+            grid = grid + field.permute(0, 2, 3, 1).to(grid.device)
         out[i:i + chunk] = F.grid_sample(xb, grid, align_corners=False).round_().clamp_(0, 255).to(torch.uint8)
     return out
 
@@ -313,8 +321,9 @@ def _fit(x, y, out_dir, params: TrainParams, device, rank, world, emit) -> dict:
         te = time.time()
         model.train()
         perm = torch.randperm(n_tr, generator=gen)[rank::world][:steps_per_epoch * batch].to(device)
-        if params.augment_rotate or params.augment_scale:
-            x_epoch = _affine_all(x_tr, params.augment_rotate, params.augment_scale, shift, gen)
+        if params.augment_rotate or params.augment_scale or params.augment_elastic:
+            x_epoch = _affine_all(x_tr, params.augment_rotate, params.augment_scale, shift, gen,
+                                  params.augment_elastic)
         else:
             x_epoch = _shift_all(x_pad, shift, gen) if shift else x_tr
         # Sums stay tensors: .item() per step would sync with the device every step.

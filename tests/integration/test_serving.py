@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -239,6 +240,35 @@ def test_unknown_model_and_route_are_404(server):
     assert status == 404 and "not served here (serving v" in resp["error"]
     assert call(server.url, "GET", "/v3/whatever")[0] == 404
     assert call(server.url, "GET", f"/v2/models/{MODEL}/infer")[0] == 405
+
+
+def scrape(url: str) -> dict:
+    """(name, sorted label items) -> value, for every sample of GET /metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(url + "/metrics", timeout=10) as r:
+        assert r.status == 200 and r.headers["Content-Type"].startswith("text/plain")
+        text = r.read().decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for fam in text_string_to_metric_families(text) for s in fam.samples}
+
+
+def test_metrics_time_each_phase_and_count_answers(server, world):
+    m = (("model_name", MODEL),)
+    before = scrape(server.url)
+    assert infer(server.url, tensor(world["x"][:3]))[0] == 200
+    assert infer(server.url, {"inputs": []})[0] == 400
+    after = scrape(server.url)
+
+    def delta(name, labels=m):
+        return after.get((name, labels), 0.0) - before.get((name, labels), 0.0)
+    for phase in ("preprocess", "predict", "postprocess"):   # KServe's names: its dashboards apply
+        assert delta(f"request_{phase}_seconds_count") == 1    # the 400 is not timed as an inference
+        assert delta(f"request_{phase}_seconds_sum") > 0
+    assert delta("ctbot_serving_infer_requests_total", (("code", "200"),) + m) == 1
+    assert delta("ctbot_serving_infer_requests_total", (("code", "400"),) + m) == 1
+    assert after[("ctbot_serving_model_version", m)] == 1
+    assert ("process_cpu_seconds_total", ()) in after
 
 
 def test_body_over_the_limit_is_413_without_reading_it(server):

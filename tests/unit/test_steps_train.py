@@ -163,6 +163,22 @@ def test_affine_augmentation_identity_and_variation():
     assert 0.8 < ratio < 1.2
 
 
+def test_elastic_warp_moves_ink_by_at_most_its_amplitude():
+    from steps.train import _affine_all
+    x, _ = make_digits(32, seed=7)
+    xt = torch.from_numpy(x).unsqueeze(1)
+    warped = _affine_all(xt, 0.0, 0.0, 0, torch.Generator().manual_seed(0), elastic=2.0)
+    assert all(not torch.equal(warped[i], xt[i]) for i in range(32))
+
+    def centre(imgs):
+        w = imgs.float().squeeze(1)
+        grid = torch.arange(28, dtype=torch.float32)
+        mass = w.sum((1, 2))
+        return torch.stack([(w.sum(2) * grid).sum(1) / mass, (w.sum(1) * grid).sum(1) / mass], 1)
+    moved = (centre(warped) - centre(xt)).abs().max()
+    assert 0.0 < moved <= 2.0   # a warp of up to 2 px moves no image's ink further on average
+
+
 def test_available_cpus_respects_affinity():
     import os
 
