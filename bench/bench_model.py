@@ -16,7 +16,8 @@ RSS, and wall and accuracy relative to row 2. Rows 3 and 4 have no ingest/valida
 their whole wall is train + embed + search. ``--pipeline`` adds rows 1 and 2 through the real
 pipeline (``ctbot pipeline run --runner local``) with its wall against the sum of step times.
 
-Machines differ and are shared, so read the ratios, not the seconds. ``--limit N`` trains on
+Machines differ and are shared, so read the ratios, not the seconds; rows run one after
+another and the machine's speed drifts, so rerun with ``--rows 2,1`` (v0 first) to see it. ``--limit N`` trains on
 N of the 60k images (seeded), for a quick look on a busy machine. Needs the bench extra for
 row 4 (``pip install -e .[bench]``). Data: ../shared/data/mnist/{train,test}.npz, never copied
 into the repo; scratch goes to a temporary directory.
@@ -323,7 +324,7 @@ def print_table(results: dict[int, dict]) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data-dir", default=str(DEFAULT_DATA), help="folder with train.npz and test.npz")
-    ap.add_argument("--rows", default="1,2,3,4", help="which rows, comma-separated (1 first: 4 needs its time)")
+    ap.add_argument("--rows", default="1,2,3,4", help="which rows, comma-separated, in this order (with 4, 1 goes first: 4 needs its time)")
     ap.add_argument("--pipeline", action="store_true", help="also rows 1 and 2 through ctbot pipeline run")
     ap.add_argument("--limit", type=int, default=0, help="train on this many images (0: all)")
     ap.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
@@ -350,7 +351,11 @@ def main(argv=None) -> int:
     rows = [int(r) for r in args.rows.split(",")]
     if 4 in rows and not args.budget and 1 not in rows:
         ap.error("row 4 needs row 1 (or --budget)")
-    rows = sorted(rows, key=lambda r: (r != 1, r)) + ([11, 12] if args.pipeline else [])
+    if 4 in rows:   # row 4 takes row 1's CPU time as its budget
+        rows = sorted(rows, key=lambda r: (r != 1, r))
+    # Otherwise the order given, pipeline rows too: `--rows 2,1` runs v0 first, so a
+    # second run in reverse order shows how much the machine's drift moved the ratio.
+    rows += [10 + r for r in rows if r in (1, 2)] if args.pipeline else []
     scratch = Path(tempfile.mkdtemp(prefix="bench-model-"))
     results: dict[int, dict] = {}
     t0 = time.time()
