@@ -17,8 +17,8 @@ their whole wall is train + embed + search. ``--pipeline`` adds rows 1 and 2 thr
 pipeline (``ctbot pipeline run --runner local``) with its wall against the sum of step times.
 
 Machines differ and are shared, so read the ratios, not the seconds; rows run one after
-another and the machine's speed drifts, so rerun with ``--rows 2,1`` (v0 first) to see it. ``--limit N`` trains on
-N of the 60k images (seeded), for a quick look on a busy machine. Needs the bench extra for
+another and the machine's speed drifts, so rerun with ``--rows 2,1`` (v0 first) to see it.
+``--limit N`` trains on N of the 60k images (seeded), for a quick look on a busy machine. Needs the bench extra for
 row 4 (``pip install -e .[bench]``). Data: ../shared/data/mnist/{train,test}.npz, never copied
 into the repo; scratch goes to a temporary directory.
 """

@@ -15,6 +15,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from steps.params import TrainParams
+
 log = logging.getLogger("steps.model")
 
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
@@ -25,7 +27,7 @@ MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 # trained in about 0.8x the time of the c128 stack (preset v0's) at the same three-seed
 # accuracy (README, "Leaner last layers"). Full MNIST kNN top-1 (k=5 vote): 99.56% with
 # the defaults (4 epochs), 99.51% with preset v0 (8 epochs), bench/bench_model.py, 2026-12-01.
-DEFAULT_LAYERS = ("c16", "p", "c32", "p", "c64", "c64")
+DEFAULT_LAYERS = tuple(TrainParams.layers.split(","))   # one default: TrainParams
 
 MODEL_FILE = "model.pt"
 EXPORT_FILE = "model_export.pt"

@@ -13,9 +13,9 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 # Named parameter sets, applied under any explicit key=value. ``v0`` is the recipe the
 # first release shipped with, kept so anyone can rerun the comparison against it.
 # Measured on full MNIST by bench/bench_model.py (k=5 vote, 2026-12-01, two runs, one in
-# each row order): the defaults 99.56% (seeds 0/1/2: 99.56/99.50/99.46) at 0.42-0.48x v0's
-# wall in one process and 0.40-0.43x through the pipeline; fast 99.51%; v0 99.51%. The c64 last layer
-# costs about 0.8x the c128 one's time at the same three-seed accuracy.
+# each row order): the defaults 99.56% (seeds 0/1/2: 99.56/99.50/99.46) at 0.42-0.48x
+# v0's wall in one process and 0.40-0.43x through the pipeline; fast 99.51%; v0 99.51%.
+# The c64 last layer costs about 0.8x the c128 one's time at the same three-seed accuracy.
 PRESETS: dict[str, dict] = {
     "fast": {"epochs": 3},
     "v0": {"epochs": 8, "batch_size": 256, "lr": 4e-3, "lr_schedule": "onecycle",
