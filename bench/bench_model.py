@@ -201,7 +201,7 @@ def row_seed(train_npz, test_npz, threads: int) -> dict:
     torch.manual_seed(0)
     x, y, ex, ey = _load(train_npz, test_npz)
     c0 = time.process_time()
-    net = EmbeddingNet(arch_config(128, ("c16", "p", "c32", "p", "c64", "c128"))).to(memory_format=torch.channels_last)
+    net = EmbeddingNet(arch_config(128)).to(memory_format=torch.channels_last)
     head = ArcFace(128, 10, 30.0, 0.5)
     opt = torch.optim.SGD(list(net.parameters()) + list(head.parameters()), lr=0.01, momentum=0.0)
     t = time.time()
@@ -209,8 +209,8 @@ def row_seed(train_npz, test_npz, threads: int) -> dict:
     train_s = time.time() - t
 
     def raw(xb):  # the embedding before its L2 normalisation, as the seed searched it
-        h = net.features((xb - net.mean) / net.std).mean(dim=(2, 3))
-        return net.bn(net.project(h))
+        h = net.features((xb - net.mean) / net.std)
+        return net.bn(net.project(h.flatten(1) if net.flatten else h.mean(dim=(2, 3))))
     net.eval()
     t = time.time()
     g, q = embed_images(raw, x).numpy(), embed_images(raw, ex).numpy()
@@ -232,7 +232,7 @@ def row_pml(train_npz, test_npz, threads: int, budget_s: float) -> dict:
     torch.manual_seed(0)
     x, y, ex, ey = _load(train_npz, test_npz)
     c0 = time.process_time()
-    net = EmbeddingNet(arch_config(128, ("c16", "p", "c32", "p", "c64", "c128"))).to(memory_format=torch.channels_last)
+    net = EmbeddingNet(arch_config(128)).to(memory_format=torch.channels_last)
     loss_fn = losses.ArcFaceLoss(num_classes=10, embedding_size=128)  # margin 28.6 (degrees), scale 64
     opts = [torch.optim.Adam(net.parameters(), lr=1e-3),
             torch.optim.SGD(loss_fn.parameters(), lr=0.01)]  # the docs' separate loss optimizer

@@ -69,6 +69,18 @@ def test_export_loads_without_project_code_and_matches_the_checkpoint(trained, t
     np.testing.assert_allclose(np.load(tmp_path / "e.npy"), via_ckpt.detach().numpy(), atol=1e-5)
 
 
+@pytest.mark.parametrize("layers, n_params", [("c16,p,c32,p,c64,c64,p,f", 134_384),  # 64*3*3 inputs to the projection
+                                              ("c16,p,c32,p,c64,c64", 68_848)])       # their average: 64
+def test_flattened_and_averaged_heads_train_export_and_reload(data_dir, tmp_path, layers, n_params):
+    result = train(str(data_dir), str(tmp_path), TrainParams.from_dict({**TINY, "layers": layers}))
+    assert result["n_params"] == n_params
+    x, _ = make_digits(5, seed=98)
+    via_ckpt = load_embedder(tmp_path, prefer="checkpoint")(to_input(x))
+    via_export = load_embedder(tmp_path)(to_input(x))
+    assert via_export.shape == (5, 128)
+    np.testing.assert_allclose(via_export.detach().numpy(), via_ckpt.detach().numpy(), atol=1e-5)
+
+
 def test_same_seed_same_weights_on_cpu(data_dir, tmp_path):
     params = TrainParams.from_dict(TINY)
     train(str(data_dir), str(tmp_path / "a"), params)
