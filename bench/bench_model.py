@@ -208,12 +208,10 @@ def row_seed(train_npz, test_npz, threads: int) -> dict:
     epochs, _ = _loop(net, lambda e, yb: head(e, yb), [opt], x, y, batch=64, epochs=1)
     train_s = time.time() - t
 
-    def raw(xb):  # the embedding before its L2 normalisation, as the seed searched it
-        h = net.features((xb - net.mean) / net.std)
-        return net.bn(net.project(h.flatten(1) if net.flatten else h.mean(dim=(2, 3))))
     net.eval()
     t = time.time()
-    g, q = embed_images(raw, x).numpy(), embed_images(raw, ex).numpy()
+    # The embedding before its L2 normalisation, as the seed searched it.
+    g, q = embed_images(net.unnormalised, x).numpy(), embed_images(net.unnormalised, ex).numpy()
     embed_s = time.time() - t
     t = time.time()
     top1 = knn_top1(g, y, q, ey, "l2")

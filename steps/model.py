@@ -36,7 +36,8 @@ EXPORT_FILE = "model_export.pt"
 
 
 def arch_config(embedding_dim: int = 128, layers=DEFAULT_LAYERS) -> dict:
-    return {"arch": "cnn-gap", "layers": list(layers), "embedding_dim": int(embedding_dim),
+    arch = "cnn-flat" if list(layers)[-1:] == ["f"] else "cnn-gap"   # for readers of model.pt
+    return {"arch": arch, "layers": list(layers), "embedding_dim": int(embedding_dim),
             "input": {"shape": [1, 28, 28], "dtype": "float32", "range": [0.0, 1.0]},
             "normalize": {"mean": MNIST_MEAN, "std": MNIST_STD}}
 
@@ -65,11 +66,13 @@ class EmbeddingNet(nn.Module):
         self.mean = config["normalize"]["mean"]
         self.std = config["normalize"]["std"]
 
+    def unnormalised(self, x: torch.Tensor) -> torch.Tensor:
+        """The embedding before its L2 normalisation."""
+        h = self.features((x - self.mean) / self.std)
+        return self.bn(self.project(h.flatten(1) if self.flatten else h.mean(dim=(2, 3))))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = (x - self.mean) / self.std
-        h = self.features(x)
-        h = h.flatten(1) if self.flatten else h.mean(dim=(2, 3))
-        return F.normalize(self.bn(self.project(h)), dim=1)
+        return F.normalize(self.unnormalised(x), dim=1)
 
 
 class ArcFace(nn.Module):
