@@ -13,7 +13,7 @@ import logging
 
 from bot import blocks
 from bot.blocks.common import esc
-from bot.listeners.forms import on_train_without_arguments
+from bot.listeners.form_open import on_train_without_arguments
 from bot.listeners.guard import error_reply, replying_on_error
 from bot.listeners.parse import Parsed, UnknownSubcommand, UsageError, parse
 from core.access import Actor
