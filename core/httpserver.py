@@ -61,6 +61,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         super().connection_made(transport)
         self._in_head, self._head_bytes, self._raw_head_bytes, self._n_headers = True, 0, 0, 0
         self._deadline: asyncio.TimerHandle | None = None
+        self._receiving_head = self._draining = False
         self._arm_deadline()        # a connection that never sends a whole request is closed too
 
     def connection_lost(self, exc) -> None:
@@ -101,6 +102,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._in_head, self._head_bytes, self._raw_head_bytes, self._n_headers = True, 0, 0, 0
+        self._receiving_head = True
         self._arm_deadline()
 
     def on_url(self, url: bytes) -> None:
@@ -115,8 +117,18 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         super().on_header(name, value)
 
     def on_headers_complete(self) -> None:
-        self._in_head = False
+        self._in_head = self._receiving_head = False
         super().on_headers_complete()
+        if self._draining and self.cycle is not None:
+            self.cycle.keep_alive = False
+
+    def shutdown(self) -> None:
+        """Graceful stop: a request whose head is still arriving is in flight too (uvicorn
+        would drop it); it is answered, then the connection closes. Its deadline bounds it."""
+        self._draining = True
+        if self._receiving_head and (self.cycle is None or self.cycle.response_complete):
+            return
+        super().shutdown()
 
     def on_message_complete(self) -> None:
         self._disarm_deadline()
