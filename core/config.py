@@ -173,6 +173,7 @@ class Settings(BaseSettings):
     serving: ServingSection = Field(default_factory=ServingSection)
     http: HttpSection = Field(default_factory=HttpSection)
     outbox_drain_seconds: float = Field(2.0, gt=0)       # how often owed Slack messages are retried
+    home_refresh_seconds: float = Field(10.0, gt=0)      # least time between republishing everyone's Home tab
     command_resume_seconds: float = Field(10.0, gt=0)    # how often commands cut off by a crash are resumed
     command_stale_seconds: float = Field(300.0, gt=0)    # a started command silent this long is resumed
     finish_retry_seconds: float = Field(30.0, gt=0)      # a run's finish cut short by a crash is redone after this

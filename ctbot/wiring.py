@@ -103,7 +103,8 @@ def build_deps(settings: Settings, *, state=None, store=None, runner=None, clien
     outbox = Outbox(state, clock)
     delivery = build_delivery(settings, client, state, store, outbox)
     if notifier is None and delivery is not None:
-        notifier = OutboxNotifier(outbox, delivery)
+        from bot.homes import HomeRefreshingNotifier
+        notifier = HomeRefreshingNotifier(OutboxNotifier(outbox, delivery), state)   # changes mark Home tabs stale
     safe = SafeNotifier(notifier)
     schedule = WeeklySchedule(settings, clock)
     service = TrainingService(settings, state, store, runner, safe, clock=clock,
@@ -111,6 +112,9 @@ def build_deps(settings: Settings, *, state=None, store=None, runner=None, clien
     watch = DataWatch(settings, state, store, service, safe, clock=clock)
     jobs = Jobs(settings, state, service, watch, safe, schedule=schedule, clock=clock)
     drain = [("slack_outbox", delivery.drain, settings.outbox_drain_seconds)] if delivery else []
+    if delivery is not None:
+        from bot.homes import HomeTab
+        drain.append(("home_tabs", HomeTab(service, client, settings).flush, min(2.0, settings.home_refresh_seconds)))
     return Deps(settings, state, store, runner, client, safe, outbox, delivery, service, jobs,
                 CtScheduler(settings, jobs, extra_jobs=drain))
 
