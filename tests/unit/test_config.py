@@ -42,6 +42,9 @@ DEFAULTS = {
     "access.train": ["*"], "access.deploy": [], "access.rollback": [], "access.cancel": ["*"],
     "access.schedule": ["*"], "access.approve": [], "access.channels": [], "access.team_id": "",
     "deploy.require_approval": False, "deploy.allow_self_approval": False, "deploy.approval_timeout_hours": 72.0,
+    # the outbox gives up only after a day (issue 18)
+    "outbox.give_up_hours": 24.0, "outbox.max_backoff_seconds": 300.0, "outbox.time_scale": 1.0,
+    "audit.archive_seconds": 60.0,
 }
 
 
