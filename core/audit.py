@@ -30,6 +30,7 @@ import uuid
 from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime, timedelta
 
+from core import metrics
 from steps import layout
 from steps.storage import PreconditionFailed
 
@@ -65,7 +66,12 @@ class AuditArchive:
         try:
             n = 0
             for _ in range(max_batches):
-                wrote = self._one_batch()
+                try:
+                    wrote = self._one_batch()
+                except Exception as e:   # the store or Redis away: the next pass carries on from the cursor
+                    log.warning("archiving the audit failed after %d entries; the next pass retries: %s", n, e)
+                    metrics.dependency_error(e)
+                    break
                 if wrote is None:
                     break
                 n += wrote
