@@ -67,6 +67,26 @@ proc = build_bot(build_deps(Settings.from_env()), with_scheduler=False)
 proc.app.background.start()
 proc.app.start(port=int(sys.argv[1]), path="/slack/events", http_server_logger_enabled=False)
 """
+# The same app under uvicorn through Bolt's own ASGI adapter, which runs app.dispatch on
+# the event loop; /livez and /readyz answered on that loop too (constant, no check).
+BOLT_ASGI_SERVER = """
+import logging, sys, uvicorn
+from slack_bolt.adapter.asgi import SlackRequestHandler
+from ctbot.wiring import build_bot, build_deps
+from core.config import Settings
+logging.basicConfig(level=logging.WARNING)
+proc = build_bot(build_deps(Settings.from_env()), with_scheduler=False)
+proc.app.background.start()
+bolt = SlackRequestHandler(proc.app)
+async def app(scope, receive, send):
+    if scope["type"] == "http" and scope["path"] in ("/livez", "/readyz", "/healthz"):
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]})
+        await send({"type": "http.response.body", "body": b'{"ok": true}'})
+        return
+    await bolt(scope, receive, send)
+uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]), http="httptools", loop="uvloop", lifespan="off",
+            log_level="warning", access_log=False, backlog=2048)
+"""
 
 
 def seed_active_run(redis_url: str, store_dir: Path) -> tuple[str, subprocess.Popen]:
@@ -108,12 +128,13 @@ def children(pid: int) -> list[str]:
     return path.read_text().split() if path.exists() else []
 
 
-def start_bot(env: dict, builtin: bool, extra: list[str]) -> tuple[subprocess.Popen, str, float]:
-    """Start the bot process; returns (proc, events url, seconds until /healthz answered)."""
+def start_bot(env: dict, kind: str, extra: list[str]) -> tuple[subprocess.Popen, str, float]:
+    """Start the bot process (``kind``: ours, bolt-dev, bolt-asgi); returns (proc, events
+    url, seconds until /healthz answered)."""
     port = free_port()
     args = [sys.executable, "-m", "ctbot.cli", "serve", "--port", str(port), "--log-level", "WARNING"] + extra
-    if builtin:   # the same app and job workers, served by Bolt's own app.start()
-        args = [sys.executable, "-c", BOLT_DEV_SERVER, str(port)]
+    if kind != "ours":   # the same app and job workers, served by Bolt's app.start() or its ASGI adapter
+        args = [sys.executable, "-c", BOLT_DEV_SERVER if kind == "bolt-dev" else BOLT_ASGI_SERVER, str(port)]
     t0 = time.perf_counter()
     proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     probe = f"http://127.0.0.1:{port}/healthz"
@@ -329,28 +350,30 @@ def main() -> int:
     probe_base = f"http://127.0.0.1:{env['CT_HTTP__PROBE_PORT']}"
     rows, info, failed = [], {}, False
     try:
-        configs = (("ctbot serve, job processes", False, []),
-                   ("ctbot serve, job threads", False, ["--job-workers", "0"]),
-                   ("Bolt app.start(), job procs", True, []))
+        configs = (("ctbot serve, job processes", "ours", []),
+                   ("ctbot serve, job threads", "ours", ["--job-workers", "0"]),
+                   ("uvicorn + Bolt ASGI adapter", "bolt-asgi", []),
+                   ("Bolt app.start(), job procs", "bolt-dev", []))
         if a.smoke:
             configs = configs[:1]
-        for name, builtin, extra in configs:
-            proc, url, startup = start_bot(env, builtin, extra)
+        for name, kind, extra in configs:
+            proc, url, startup = start_bot(env, kind, extra)
             try:
-                if not builtin and not extra:
+                deployed = kind == "ours" and not extra
+                if deployed:
                     info["startup"] = startup
                     h = health(url)
                     info["imports"] = h["imports"]
                 port = urllib.parse.urlsplit(url).port
                 for _ in range(10):                          # warm-up: Bolt's auth.test, first imports
                     send(port, build_request(standin, port, "help")[0])
-                ours_now = not builtin and not extra
                 plan = [(1, a.single, 0), (a.clients, a.requests_per_client, 0)]
-                if ours_now:
+                if kind != "bolt-dev" and not extra:
                     plan.append((a.clients, a.requests_per_client, a.slow))
                 for clients, per, slow_n in plan:
                     slow = SlowClients(port, slow_n) if slow_n else None
-                    prober = Prober(probe_base) if ours_now else None
+                    prober = None if kind == "bolt-dev" or extra else \
+                        Prober(probe_base if deployed else f"http://127.0.0.1:{port}")
                     cpu0 = cpu_seconds(proc.pid)
                     r = load(standin, url, clients, per)
                     r["delivered"] = lazy_delivered(standin, r["slow_rids"])
@@ -360,7 +383,7 @@ def main() -> int:
                         r["held"] = slow.held()
                         slow.close()
                     rows.append((name + (f" + {slow_n} slow" if slow_n else ""), clients, r))
-                if not builtin and not extra:
+                if deployed:
                     info["rss"], info["hwm"] = rss_mb(proc.pid)
                     info["children_rss"] = [rss_mb(int(p))[0] for p in children(proc.pid)]
                     info["children_torch"] = [maps_torch(int(p)) for p in children(proc.pid)]
