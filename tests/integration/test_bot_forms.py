@@ -3,20 +3,10 @@ command's trigger_id), a bad submission gets errors next to its fields, a good o
 starts exactly one run, as `/ct train key=value …` would."""
 from __future__ import annotations
 
-import pytest
-
 from bot import ids
 from bot.blocks.forms import FEATURED, MORE_BLOCK, PRESET_BLOCK, field_block
 from core.config import AccessSection
-from tests.slack_helpers import ALICE, BOB, message_text, put_training_data, start_bot
-
-
-@pytest.fixture
-def bot(tmp_path, redis_url):
-    b = start_bot(tmp_path, redis_url)
-    put_training_data(b.store)
-    yield b
-    b.close()
+from tests.slack_helpers import ALICE, BOB, message_text, start_bot
 
 
 def open_form(bot, user=ALICE) -> dict:

@@ -12,15 +12,7 @@ from PIL import Image
 
 from steps import layout
 from tests.recording import finish_run
-from tests.slack_helpers import ALICE, message_text, put_training_data, start_bot
-
-
-@pytest.fixture
-def bot(tmp_path, redis_url):
-    b = start_bot(tmp_path, redis_url)
-    put_training_data(b.store)
-    yield b
-    b.close()
+from tests.slack_helpers import ALICE, message_text
 
 
 def test_a_sweep_submits_every_combination_as_one_run(bot):
