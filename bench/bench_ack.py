@@ -334,6 +334,8 @@ def main() -> int:
     ap.add_argument("--requests-per-client", type=int, default=30, help="requests per client at 20 clients")
     ap.add_argument("--clients", type=int, default=20)
     ap.add_argument("--slow", type=int, default=300, help="slow clients holding connections in the last row")
+    ap.add_argument("--configs", default="threads,bolt-asgi,bolt-dev",
+                    help="servers beside the deployed one: threads (jobs on threads), bolt-asgi, bolt-dev; '' none")
     ap.add_argument("--smoke", action="store_true", help="a few requests each, to see that it runs; nothing judged")
     a = ap.parse_args()
     if a.smoke:
@@ -350,12 +352,11 @@ def main() -> int:
     probe_base = f"http://127.0.0.1:{env['CT_HTTP__PROBE_PORT']}"
     rows, info, failed = [], {}, False
     try:
-        configs = (("ctbot serve, job processes", "ours", []),
-                   ("ctbot serve, job threads", "ours", ["--job-workers", "0"]),
-                   ("uvicorn + Bolt ASGI adapter", "bolt-asgi", []),
-                   ("Bolt app.start(), job procs", "bolt-dev", []))
-        if a.smoke:
-            configs = configs[:1]
+        others = {"threads": ("ctbot serve, job threads", "ours", ["--job-workers", "0"]),
+                  "bolt-asgi": ("uvicorn + Bolt ASGI adapter", "bolt-asgi", []),
+                  "bolt-dev": ("Bolt app.start(), job procs", "bolt-dev", [])}
+        wanted = [] if a.smoke else [k for k in a.configs.split(",") if k in others]
+        configs = [("ctbot serve, job processes", "ours", [])] + [others[k] for k in wanted]
         for name, kind, extra in configs:
             proc, url, startup = start_bot(env, kind, extra)
             try:
