@@ -88,11 +88,12 @@ class SlackDelivery:
 
     def _deliver_run(self, run_id: str) -> None:
         try:
-            self._show_run(run_id)
+            answered = self._show_run(run_id)
         except Exception as e:
             if not self._slack_unavailable(e, f"run {run_id}"):
                 self.outbox.retry_run(run_id, _describe(e))
-        else:
+            return
+        if answered:   # a deferral says nothing about Slack: the backoff stands
             self.outbox.slack_answered()
 
     def _slack_unavailable(self, e: Exception, what: str) -> bool:
@@ -111,25 +112,26 @@ class SlackDelivery:
         log.warning("delivering %s failed: %s", what, e, exc_info=True)
         return False
 
-    def _show_run(self, run_id: str) -> None:
+    def _show_run(self, run_id: str) -> bool:
+        """Bring the run's message up to date; False when it did not get as far as Slack."""
         entry = self.outbox.run_entry(run_id)
         gen = int(entry.get("gen") or 0)
         run = self.state.get_run(run_id)
         if run is None or int(entry.get("delivered") or 0) >= gen:   # nothing new to show
             self.outbox.run_delivered(run_id, gen)
-            return
+            return False
         if entry.get("final") and run.active:
             # The service is marking it finished right now (or crashed doing so and will
             # redo it): wait for the final record rather than show progress again.
             self.outbox.defer_run(run_id, 1.0)
-            return
+            return False
         throttle = self.state.k("slack", "throttle", run_id)
         if run.active and run.slack_ts and self.min_update_seconds > 0:
             # Shared by every replica: chat.update is rate limited per message.
             if not self.state.r.set(throttle, "1", nx=True, px=int(self.min_update_seconds * 1000)):
                 wait = max(self.state.r.pttl(throttle), 50) / 1000
                 self.outbox.defer_run(run_id, wait)
-                return
+                return False
         steps = read_steps(self.store, run_id)
         final = run.state in ("succeeded", "failed")
         report = self._report(run) if final else None
@@ -137,13 +139,14 @@ class SlackDelivery:
         where = self._ensure_message(run, view)
         if where is None:
             self.outbox.defer_run(run_id, 2.0)  # someone else's first post is in flight
-            return
+            return False
         if where != "posted":
             self._update(run, where, view)
         if final:
             crash_point("final_slack_call")
             self._thread_parts(run, report, steps)
         self.outbox.run_delivered(run_id, gen)
+        return True
 
     def _report(self, run: RunRecord) -> dict:
         report = read_report(self.store, run.run_id)

@@ -186,6 +186,7 @@ class Settings(BaseSettings):
     serving: ServingSection = Field(default_factory=ServingSection)
     http: HttpSection = Field(default_factory=HttpSection)
     outbox_drain_seconds: float = Field(2.0, gt=0)       # how often owed Slack messages are retried
+    home_refresh_seconds: float = Field(10.0, gt=0)      # least time between republishing everyone's Home tab
     outbox: OutboxSection = Field(default_factory=OutboxSection)
     audit: AuditSection = Field(default_factory=AuditSection)
     command_resume_seconds: float = Field(10.0, gt=0)    # how often commands cut off by a crash are resumed

@@ -53,5 +53,6 @@ def run(args: argparse.Namespace) -> int:
     if not entries and not as_json:
         filters = [f"--{k} {v}" for k, v in (("since", args.since), ("user", args.user), ("action", args.action),
                                               ("outcome", args.outcome)) if v]
-        print("no audit entries" + (" match " + " ".join(filters) if filters else ""))
+        print("no audit entries" + (" match " + " ".join(filters) if filters else "")
+              + ("" if since else " in Redis's recent entries; --since also searches the store's archive"))
     return 0

@@ -306,3 +306,15 @@ def test_new_data_alert_and_say_once_each(world, standin):
     assert buttons(alert.blocks)[ids.RETRAIN_NEW_DATA]["value"] == "alert-9"
     assert line.text == "<@U0BOB0001> paused the weekly retrain."
     assert "@bob paused the weekly retrain." in standin.transcript()
+
+
+def test_a_deferred_run_does_not_reset_the_outage_backoff(world, standin):
+    w = world()
+    run = a_run()
+    w.state.create_run(run)
+    w.notifier.run_finished(run)          # owed first, but held until its record says final
+    standin.outage(status=500)
+    w.notifier.say("x")
+    w.clock.t += 300
+    w.delivery.drain()                    # the run is deferred again, "x" fails again
+    assert w.outbox.slack_outage()["failures"] == "2" and w.outbox.paused()
