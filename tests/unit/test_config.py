@@ -358,3 +358,9 @@ def test_bad_config_stops_a_command_with_one_line(args, env):
     assert line.startswith("ctbot: config error: ")
     if env.get("CT_HTTP_PORT"):
         assert line.endswith("got 'abc' (from env CT_HTTP_PORT)")
+
+
+@pytest.mark.parametrize("var, raw", [("CT_ACCESS", "{bad"), ("CT_ACCESS__DEPLOY", "[bad")])
+def test_bad_json_from_the_environment_names_the_variable(var, raw):
+    [p] = problems(env={var: raw})
+    assert p.startswith("access: not valid JSON in " + var)
