@@ -52,6 +52,13 @@ def unknown_subcommand(command: str, sub: str, suggestions: list[str]) -> dict:
                  f"Subcommands: {', '.join(f'`{s}`' for s in SUBCOMMANDS)}. Try `{command} help`.")
 
 
+def other_command(command: str, served: str) -> dict:
+    """The answer to a slash command routed to ctbot that it does not serve."""
+    return error(f"ctbot does not serve `{command[:40]}`: its command is `{served}`.",
+                 f"Try `{served} help`. Whoever runs ctbot can point `{command[:40]}` elsewhere in the "
+                 "app's settings, or set `slash_command` to serve it.")
+
+
 def help_message(command: str, params: dict) -> dict:
     """Usage of every subcommand and the training parameters (cached: it never changes)."""
     return copy.deepcopy(_help_message(command, json.dumps(params, sort_keys=True)))

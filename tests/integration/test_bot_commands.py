@@ -2,13 +2,14 @@
 Redis and store; Slack's side is the local stand-in."""
 from __future__ import annotations
 
+import json
 import logging
 
 import pytest
 
 from steps import deploy
 from tests.recording import finish_run
-from tests.slack_helpers import ALICE, BOB, message_text, put_training_data, start_bot
+from tests.slack_helpers import ALICE, BOB, command_body, message_text, post, put_training_data, start_bot
 
 
 @pytest.fixture
@@ -211,3 +212,19 @@ def test_redis_down_gets_a_specific_answer_and_nothing_changes(tmp_path, caplog)
         assert b.runner.submits == []
     finally:
         b.close()
+
+
+# ---- commands ctbot does not serve ------------------------------------------------------------
+
+def test_another_command_routed_here_is_answered_not_404(bot):
+    """A second command name pointed at the same URL: Slack would show "dispatch_failed"
+    for a 404; the user learns which command ctbot serves instead."""
+    rurl = bot.standin.response_url(bot.channel, ALICE)
+    status, raw = post(bot.url, command_body("train epochs=2", user=ALICE, channel_id=bot.channel,
+                                             response_url=rurl, command="/train"))
+    assert status == 200
+    body = json.loads(raw)
+    text = message_text(body)
+    assert "ctbot does not serve `/train`: its command is `/ct`" in text and "`/ct help`" in text
+    assert body.get("response_type") in (None, "ephemeral")
+    assert bot.runner.submits == [] and bot.standin.calls("response") == []
