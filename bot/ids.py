@@ -12,3 +12,4 @@ RETRY_FIRE = "ct_retry_fire"               # value: fire id ("weekly:2026-W48")
 
 ALL = (RETRAIN_NEW_DATA, DISMISS_ALERT, PROMOTE, ROLLBACK, VIEW_RUN, RETRAIN, CANCEL_RUN, APPROVE_DEPLOY,
        REJECT_DEPLOY, RETRY_FIRE)
+TRAIN_FORM = "ct_train_form"              # callback_id of the training form (modal)

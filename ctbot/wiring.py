@@ -60,6 +60,23 @@ def build_runner(settings: Settings, store):
     raise ValueError(f"unknown runner {settings.runner!r}: use 'local' or 'kfp'")
 
 
+def runner_problem(runner) -> str | None:
+    """Checked at start-up: why the runner cannot work (a KFP backend too old for the
+    pipeline), or None. An unreachable KFP API is only logged: Slack still needs its
+    answers while it is down, and each submit reports its own failure."""
+    check = getattr(runner, "check_backend", None)
+    if check is None:
+        return None
+    from pipelines.kfp_runner import KfpBackendTooOld
+    try:
+        log.info("KFP backend %s", check() or "(no release named)")
+    except KfpBackendTooOld as e:
+        return str(e)
+    except Exception as e:
+        log.warning("could not read the KFP backend's version at start-up: %s: %s", type(e).__name__, e)
+    return None
+
+
 def build_slack_client(settings: Settings):
     """The Web API client, or None when neither a token nor a stand-in URL is set."""
     if not (reveal(settings.slack_bot_token) or settings.slack_api_url):

@@ -13,6 +13,7 @@ import logging
 
 from bot import blocks
 from bot.blocks.common import esc
+from bot.listeners.form_open import on_train_without_arguments
 from bot.listeners.guard import STATE_ERRORS, error_reply, replying_on_error, state_lost_reply
 from bot.listeners.parse import Parsed, UnknownSubcommand, UsageError, parse
 from core.access import Actor
@@ -41,6 +42,9 @@ def register(app, service, settings) -> None:
         on it' and the rest in the background. The command is recorded in Redis before
         that promise, so a crash after the ack resumes it instead of dropping it."""
         reply, parsed = _quick(service, body.get("text", ""), command)
+        if parsed is not None and parsed.sub == "train" and not parsed.args:
+            on_train_without_arguments(app, service, settings, body, ack, actor_of(body))   # the form
+            return
         if parsed is None:
             ack(**reply)
             return
