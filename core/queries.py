@@ -48,7 +48,7 @@ class RunQueries:
         return None
 
     def status(self) -> dict:
-        active = self.active_run()
+        active, outbox = self.active_run(), Outbox(self.state)
         return {
             "active": active,
             "steps": self._read_steps(active.run_id) if active else {},
@@ -56,7 +56,8 @@ class RunQueries:
             "next_retrain": self._next_retrain(),
             "schedule_paused": self.state.schedule_paused(),
             "pending": self.state.pending(),
-            "undelivered": Outbox(self.state).failures(3),   # Slack messages given up on
+            "undelivered": outbox.failures(3),   # Slack messages given up on
+            "owed": {"count": outbox.pending_count(), "oldest_seconds": outbox.oldest_age()},
             "serving": self.serving(),
         }
 

@@ -43,6 +43,9 @@ DEFAULTS = {
     "access.train": ["*"], "access.deploy": [], "access.rollback": [], "access.cancel": ["*"],
     "access.schedule": ["*"], "access.approve": [], "access.channels": [], "access.team_id": "",
     "deploy.require_approval": False, "deploy.allow_self_approval": False, "deploy.approval_timeout_hours": 72.0,
+    # the outbox gives up only after a day (issue 18)
+    "outbox.give_up_hours": 24.0, "outbox.max_backoff_seconds": 300.0, "outbox.time_scale": 1.0,
+    "audit.archive_seconds": 60.0,
     # the bot's front door and the ack path's Redis timeout (issue 19)
     "redis_ack_timeout_seconds": 0.3, "redis_timeout_seconds": 5.0,
     "http.probe_port": 3001, "http.max_header_bytes": 16 << 10, "http.max_headers": 100,
