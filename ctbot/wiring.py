@@ -121,7 +121,8 @@ def build_deps(settings: Settings, *, state=None, store=None, runner=None, clien
     outbox = Outbox.from_settings(state, settings, clock)
     delivery = build_delivery(settings, client, state, store, outbox)
     if notifier is None and delivery is not None:
-        notifier = OutboxNotifier(outbox, delivery)
+        from bot.homes import HomeRefreshingNotifier
+        notifier = HomeRefreshingNotifier(OutboxNotifier(outbox, delivery), state)   # changes mark Home tabs stale
     safe = SafeNotifier(notifier)
     schedule = WeeklySchedule(settings, clock)
     service = TrainingService(settings, state, store, runner, safe, clock=clock,
@@ -131,6 +132,9 @@ def build_deps(settings: Settings, *, state=None, store=None, runner=None, clien
     extra = [("audit_archive", AuditArchive(state, store).archive, settings.audit.archive_seconds)]
     if delivery:
         extra.append(("slack_outbox", delivery.drain, settings.outbox_drain_seconds))
+    if delivery is not None:
+        from bot.homes import HomeTab
+        extra.append(("home_tabs", HomeTab(service, client, settings).flush, min(2.0, settings.home_refresh_seconds)))
     return Deps(settings, state, store, runner, client, safe, outbox, delivery, service, jobs,
                 CtScheduler(settings, jobs, extra_jobs=extra))
 

@@ -1078,7 +1078,7 @@ EMOJI = {"white_check_mark": "✅", "heavy_check_mark": "✔️", "x": "❌", "w
          "robot_face": "🤖", "bell": "🔔", "hand": "✋", "raised_hand": "✋", "weight_lifter": "🏋️",
          "arrows_counterclockwise": "🔄", "information_source": "ℹ️", "fire": "🔥",
          "calendar": "📅", "double_vertical_bar": "⏸️", "arrow_forward": "▶️", "inbox_tray": "📥",
-         "satellite_antenna": "📡", "no_entry_sign": "🚫", "rewind": "⏪"}
+         "satellite_antenna": "📡", "no_entry_sign": "🚫", "rewind": "⏪", "large_green_circle": "🟢"}
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".gif", ".webp")
 EARLIER_VERSIONS_SHOWN = 8      # a run's message is edited once per step and epoch
 AVATAR_COLOURS = ("#e8912d", "#2eb67d", "#e01e5a", "#36c5f0", "#4a154b", "#1264a3")
