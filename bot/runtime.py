@@ -66,6 +66,7 @@ class BotProcess:
             metrics.seed(self.service.list_runs(50))
         except Exception as e:   # metrics must never keep the bot from starting
             log.warning("could not seed metrics from past runs: %s", e)
+        metrics.follow_production(self.service.production)   # promotes and rollbacks run in job workers
         host = host or self.settings.http_host
         port = self.settings.http_port if port is None else port
         ready = Readiness(self.health)
@@ -79,6 +80,7 @@ class BotProcess:
         return self
 
     def stop(self) -> None:
+        metrics.follow_production(None)
         if self.scheduler is not None:
             self.scheduler.shutdown(wait=False)
         if self.server is not None:
