@@ -9,6 +9,7 @@ the data watch) is recorded in the bot process. Suggested alerts: docs/operation
 """
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterable
 
@@ -74,15 +75,20 @@ for _outcome in ("succeeded", "failed", "canceled"):
 # The production gauges follow the registry's alias, whichever process moved it: a promote
 # or rollback runs in a job worker (its gauges are never scraped), a pipeline deploy in
 # the pipeline. The process that serves /metrics sets them when it learns of a move (a
-# finished run, its own promote) and reads the alias again on a scrape older than this.
+# finished run, its own promote), and a scrape more than this after the last read starts
+# another read of the alias, off the scrape's thread (the ack path's event loop serves
+# /metrics too), so the following scrape shows it.
 PRODUCTION_MAX_AGE = 5.0
-_production_source: dict = {"read": None, "at": float("-inf")}
+_production_source: dict = {"read": None, "at": float("-inf"), "busy": False}
+_production_lock = threading.Lock()
 
 
 def follow_production(read=None) -> None:
     """``read() -> {"version", "top1"} | None`` (TrainingService.production) is asked at
-    most every PRODUCTION_MAX_AGE seconds by a scrape; None stops following."""
-    _production_source.update(read=read, at=float("-inf"))
+    most every PRODUCTION_MAX_AGE seconds, in the background of a scrape; None stops."""
+    with _production_lock:
+        _production_source.update(read=read, at=float("-inf"))
+    _refresh_production()   # the first scrape already sees the alias, as far as it can
 
 
 def production(version, top1) -> None:
@@ -94,16 +100,24 @@ def production(version, top1) -> None:
 
 
 def _refresh_production() -> None:
-    read, now = _production_source["read"], time.monotonic()
-    if read is None or now - _production_source["at"] < PRODUCTION_MAX_AGE:
-        return
-    _production_source["at"] = now
+    with _production_lock:
+        read, now = _production_source["read"], time.monotonic()
+        if read is None or _production_source["busy"] or now - _production_source["at"] < PRODUCTION_MAX_AGE:
+            return
+        _production_source.update(at=now, busy=True)
+    threading.Thread(target=_read_production, args=(read,), name="ctbot-production-gauges", daemon=True).start()
+
+
+def _read_production(read) -> None:
     try:
         prod = read()
-    except Exception as e:  # the scrape answers with the last known values
+    except Exception as e:  # scrapes answer with the last known values
         dependency_error(e)
-        return
-    if prod:   # no alias yet: the values a finished run set stand
+        prod = None
+    finally:
+        with _production_lock:
+            _production_source["busy"] = False
+    if prod and _production_source["read"] is read:   # no alias yet: what a finished run set stands
         production(prod.get("version"), prod.get("top1"))
 
 

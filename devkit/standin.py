@@ -1161,10 +1161,17 @@ def _element_html(e: dict, users: dict, channels: dict) -> str:
     return f'<span class="unknown">[{_h(kind)}]</span>'
 
 
-def _input_html(b: dict, error: str, users: dict, channels: dict) -> str:
-    """An input block as a form field: label, the element filled in as the user sees it,
-    the hint, and the error Slack shows under it after a refused submission."""
-    el = b.get("element") or {}
+def _input_html(b: dict, error: str, users: dict, channels: dict, state: dict | None = None) -> str:
+    """An input block as a form field: label, the element filled in as the user sees it
+    (``state``: what they entered, else the initial value), the hint, and the error Slack
+    shows under it after a refused submission."""
+    el = dict(b.get("element") or {})
+    entered = (state or {}).get(el.get("action_id"))
+    if entered is not None:
+        if entered.get("type") == "static_select":
+            el["initial_option"] = entered.get("selected_option")
+        else:
+            el["initial_value"] = entered.get("value") or ""
     label = _text_html(b.get("label"), users, channels) + ("" if not b.get("optional")
                                                             else ' <span class="optional">(optional)</span>')
     if el.get("type") == "static_select":
@@ -1182,7 +1189,7 @@ def _input_html(b: dict, error: str, users: dict, channels: dict) -> str:
 
 
 def blocks_html(blocks: list, users: dict | None = None, channels: dict | None = None,
-                errors: dict | None = None) -> str:
+                errors: dict | None = None, state: dict | None = None) -> str:
     """Block Kit as HTML: header, section (text, fields, accessory), context, divider,
     actions, image, input (with ``errors`` by block_id); anything else shows its type."""
     users, channels, errors = users or {}, channels or {}, errors or {}
@@ -1190,7 +1197,8 @@ def blocks_html(blocks: list, users: dict | None = None, channels: dict | None =
     for b in blocks:
         kind = b.get("type")
         if kind == "input":
-            out.append(_input_html(b, errors.get(b.get("block_id", ""), ""), users, channels))
+            out.append(_input_html(b, errors.get(b.get("block_id", ""), ""), users, channels,
+                                   (state or {}).get(b.get("block_id", ""))))
         elif kind == "header":
             out.append(f'<div class="b-header">{_text_html(b.get("text"), users, channels)}</div>')
         elif kind == "section":
@@ -1280,7 +1288,8 @@ def render_view_page(standin: SlackStandin, kept: dict, user: str) -> str:
     """A modal over a dimmed workspace, or a user's Home tab, as Slack shows them (called
     with the stand-in's lock held)."""
     view, users, channels = kept["view"], standin.users, standin._channels
-    body = blocks_html(view.get("blocks") or [], users, channels, kept.get("errors"))
+    body = blocks_html(view.get("blocks") or [], users, channels, kept.get("errors"),
+                       (kept.get("state") or {}).get("values"))
     general = (kept.get("errors") or {}).get("")
     if general:
         body = f'<div class="f-error banner">⚠ {_h(general)}</div>' + body

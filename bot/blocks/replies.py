@@ -9,7 +9,7 @@ from bot.blocks.common import code_table, context, esc, header, msg, section
 
 SUBCOMMANDS = {
     "help": ("", "this help"),
-    "train": ("[key=value …]", "start a training run now, optionally overriding parameters"),
+    "train": ("[key=value …]", "start a training run now with these parameters; alone, it opens a form"),
     "status": ("", "active run, production model, schedule and pending data"),
     "runs": ("[N]", "the last N runs (default 10, at most 50)"),
     "data": ("", "new data waiting for training, and what recent runs trained on"),
