@@ -6,6 +6,7 @@ import threading
 import pytest
 
 from core.config import Settings
+from core.fires import Fires
 from core.state import StateStore
 from scheduler.data_watch import DataWatch
 from tests.recording import RecordingNotifier, RecordingRunner, finish_run, make_service
@@ -89,9 +90,12 @@ def test_new_data_during_a_run_waits_for_it(parts, bucket):
     res = watch.tick()
     assert not res.run and active.run_id in res.skip_reason and "1 new object(s) wait" in res.skip_reason
     assert len(runner.submits) == 1
+    assert watch.tick().skip_reason == "no new objects"   # the fire owns them now, queued
     finish_run(store, runner, active.run_id)
-    res = watch.tick()  # nothing new listed, but the waiting object now gets its run
-    assert res.run and res.listed == 0 and res.new.keys == ["data/2026-11-22/y.npz"]
+    service.refresh(active.run_id)
+    started = Fires(service).tick()    # the run watch's tick: the queued fire gets its run
+    assert [f.outcome for f in started] == ["launched"]
+    assert store.uri("data/2026-11-22/y.npz") in started[0].run.data_uris
     assert len(runner.submits) == 2
 
 
