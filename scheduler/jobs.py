@@ -83,6 +83,7 @@ class Jobs:
         names the weeks; unless schedule.catch_up is off. Claimed fires are skipped, so
         this happens once however many replicas start."""
         self._adopt_legacy_queue()
+        self._retry_failed_new_data()
         now = self.now()
         prev = previous_fire(self.trigger, now)
         if prev is None or not self.settings.schedule.catch_up:
@@ -106,6 +107,13 @@ class Jobs:
         if fire and fire.outcome == "launched":
             log.info("caught up weekly retrain(s) %s in run %s", ", ".join(fire.covers), fire.run.run_id)
         return fire
+
+    def _retry_failed_new_data(self) -> None:
+        """New-data auto-retrains that failed get a fresh round of tries at start-up (failed
+        weekly fires are folded into the weekly catch-up instead)."""
+        for rec in self.fires.owed("new_data", "failed"):
+            out = self.fires.attempt(rec.id, fresh=True)
+            log.info("start-up retry of %s: %s", rec.id, out.outcome)
 
     def _adopt_legacy_queue(self) -> None:
         """A weekly fire queued by a ctbot from before fire records (one marker, one fire)

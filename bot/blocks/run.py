@@ -129,7 +129,9 @@ class _Final:
                    metrics=metrics, top1=metrics.get("top1", run.top1),
                    prod=report.get("production") or None,
                    decision=report.get("decision") or run.decision,
-                   reason=report.get("reason") or run.decision_reason,
+                   # a deploy held by a moved production: the service's words name who moved it
+                   reason=(report.get("held") and run.decision_reason) or report.get("reason")
+                   or run.decision_reason,
                    version=report.get("model_version") or run.model_version,   # approved after the report
                    data=data, counts=data.get("counts") or {})
 
@@ -198,7 +200,7 @@ def _approval(f: _Final) -> dict:
                          + (f" → *v{f.version}* is production" if f.version else ""),
              "rejected": f"Rejected by <@{esc(run.approval_by)}> at {when(run.approval_at)}; nothing was deployed.",
              "expired": f"Nobody answered before {when(run.approval_at)}; nothing was deployed. "
-                        "`/ct deploy` can still publish it."}.get(run.approval, "")
+                        f"An approver can still publish it with `/ct deploy {esc(run.run_id)}`."}.get(run.approval, "")
     buttons = []
     if run.approval == "pending":
         buttons = [button("Approve deploy", ids.APPROVE_DEPLOY, run.run_id, style="primary",

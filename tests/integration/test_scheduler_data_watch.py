@@ -171,3 +171,27 @@ def test_concurrent_ticks_do_not_overlap(parts, bucket):
     assert len(notifier.named("new_data")) == 1
     assert state.pending()["objects"] == 1
     assert sorted(r.action for r in results) == ["alert", "skip"]
+
+
+def test_an_auto_retrain_that_failed_is_retried_at_start_up(parts, bucket, redis_url):
+    """The runner refuses the submit past the retry window: the fire is announced with a
+    Retry button; the next start-up's catch-up retries it, into one run."""
+    from ctbot.wiring import build_deps
+
+    state, store, _, notifier = parts
+    settings = settings_for(bucket, auto_retrain=True, schedule={"retry_window_minutes": 0})
+    broken = RecordingRunner(fail_with="KFP API answered 503")
+    watch, service = watch_for(settings, state, store, broken, notifier)
+    watch.tick()
+    store.put_bytes("data/2026-11-22/w.npz", b"w")
+    res = watch.tick()
+    assert not res.run and "503" in res.skip_reason
+    [(fire_id, text)] = notifier.named("fire_failed")
+    assert fire_id.startswith("new_data:nd-") and "could not start" in text
+
+    runner = RecordingRunner()
+    jobs = build_deps(settings, state=state, store=store, runner=runner, notifier=notifier).jobs
+    jobs.catch_up()
+    assert len(runner.submits) == 1 and Fires(service).get(fire_id).state == "started"
+    jobs.catch_up()                                     # another start-up: nothing owed any more
+    assert len(runner.submits) == 1
