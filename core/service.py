@@ -427,7 +427,9 @@ class TrainingService(RunQueries):
         why = self.access.place_refusal(actor) if action is None else \
             self.access.refusal(action, actor, owner=owner)
         if why:
-            self.state.audit("refused", actor, requested=action or "read", outcome="refused", reason=why)
+            # action None is the ack's own check: its audit must not wait on a hung Redis
+            audit = self.state.audit_quick if action is None else self.state.audit
+            audit("refused", actor, requested=action or "read", outcome="refused", reason=why)
             raise Forbidden(why)
 
     # ---- Slack's retries and double clicks: accepted once, done once --------------------
