@@ -30,7 +30,7 @@ from core.outbox import Outbox
 from core.serving_client import serving_status
 from core.types import NewData, RunRecord
 from steps.crashpoints import crash_point
-from steps.results import read_confusion_png, read_report, read_steps
+from steps.results import TRIAL_PREFIX, read_confusion_png, read_report, read_steps, read_trials
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +133,8 @@ class SlackDelivery:
                 self.outbox.defer_run(run_id, wait)
                 return False
         steps = read_steps(self.store, run_id)
+        if run.active:   # a sweep's trials, each with its own progress line
+            steps.update({f"{TRIAL_PREFIX}{i}": doc for i, doc in read_trials(self.store, run_id).items()})
         final = run.state in ("succeeded", "failed")
         report = self._report(run) if final else None
         view = blocks.final_report(run, report) if final else blocks.run_progress(run, steps, self.wall_clock())
