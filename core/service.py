@@ -502,8 +502,9 @@ class TrainingService(RunQueries):
         except GroupLookupFailed as e:   # fail closed, and say it was the lookup that failed
             why, rule = str(e), f"access: the {e.group} group could not be resolved"
         if why:
-            self.state.audit("refused", actor, requested=action or "read", outcome="refused", rule=rule,
-                             reason=why)
+            # action None is the ack's own check: its audit must not wait on a hung Redis
+            audit = self.state.audit_quick if action is None else self.state.audit
+            audit("refused", actor, requested=action or "read", outcome="refused", rule=rule, reason=why)
             raise Forbidden(why)
 
     def _approving(self, run_id: str, actor: Actor) -> bool:
