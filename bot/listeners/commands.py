@@ -157,7 +157,7 @@ def _execute(service, client, settings, p: Parsed, who: Actor, cmd_id: str = "",
     owner = ""
     if p.sub == "cancel":
         owner = service.get_run(p.run_id).requested_by
-    service.authorize(action, who, owner=owner)
+    service.authorize(action, who, owner=owner, run_id=p.run_id if p.sub == "deploy" else "")
     if p.sub == "audit":
         return blocks.audit_message(service.audit_log(p.n))
     if p.sub == "status":
