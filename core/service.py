@@ -551,10 +551,12 @@ class TrainingService(RunQueries):
     def dismiss_alert(self, alert_id: str, by: str) -> None:
         self.state.audit("alert_dismissed", by, alert_id=alert_id)
 
-    def set_schedule_paused(self, paused: bool, by: str) -> None:
+    def set_schedule_paused(self, paused: bool, by: str, *, attempt: str = "") -> None:
+        """``attempt`` names the request (a command id): a resumed command announces once."""
         self.state.set_schedule_paused(paused)
         self.state.audit("schedule_paused" if paused else "schedule_resumed", by)
-        self.notifier.say(f"{who(by)} {'paused' if paused else 'resumed'} the weekly retrain.")
+        self.notifier.say(f"{who(by)} {'paused' if paused else 'resumed'} the weekly retrain.",
+                          key=f"schedule-{attempt}" if attempt else None)
 
 
 def _msg(e: Exception) -> str:
