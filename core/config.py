@@ -81,7 +81,14 @@ class DeploySection(Section):
 
 
 class ScheduleSection(Section):
-    catch_up: bool = True               # a weekly fire missed while no scheduler ran is run once, however late
+    catch_up: bool = True               # weekly fires missed while no scheduler ran are run once (coalesced), however late
+    # A weekly or new-data fire whose run could not start for a transient reason (the store,
+    # Redis, the runner) is tried again after retry_first_seconds, doubling up to
+    # retry_max_seconds, for retry_window_minutes from its first try; then it is announced
+    # with a Retry button (docs/operations.md, "Fires").
+    retry_window_minutes: float = Field(360.0, ge=0)
+    retry_first_seconds: float = Field(30.0, gt=0)
+    retry_max_seconds: float = Field(900.0, gt=0)
 
 
 class ServingSection(Section):

@@ -80,3 +80,6 @@ class Notifier(Protocol):
     def say(self, text: str, key: str | None = None) -> None:
         """A plain line in the channel (audit-worthy events: promote, rollback...); with
         ``key``, said once however often it is asked."""
+
+    def fire_failed(self, fire_id: str, text: str) -> None:
+        """A scheduled or automatic run that could not start, with a Retry button."""
