@@ -19,7 +19,7 @@ def run(args: argparse.Namespace) -> int:
     from core.config import load_settings
     from core.logs import configure_logging
     from ctbot.lifetime import until_signalled
-    from ctbot.wiring import build_bot, build_deps, check_bot_settings
+    from ctbot.wiring import build_bot, build_deps, check_bot_settings, runner_problem
 
     # Acks are ~1 ms of CPU each; with CPython's default 5 ms GIL slice one busy thread
     # makes a burst of concurrent acks queue behind it (bench/bench_ack.py: p99 halved).
@@ -27,12 +27,18 @@ def run(args: argparse.Namespace) -> int:
     settings = load_settings(getattr(args, "config", None))
     configure_logging(settings, args.log_level)
     check_bot_settings(settings)
-    proc = build_bot(build_deps(settings), with_scheduler=not args.no_scheduler,
+    deps = build_deps(settings)
+    if problem := runner_problem(deps.runner):
+        print(f"ctbot serve: {problem}", file=sys.stderr)
+        return 2
+    proc = build_bot(deps, with_scheduler=not args.no_scheduler,
                      job_workers=args.job_workers)
     proc.start(host=args.host, port=args.port)
     where = proc.server.events_url if proc.server else "Socket Mode"
     # One machine-readable line: tests and the bench read the chosen port from it.
     print(f"ctbot serve: serving {where}", flush=True)
+    if proc.server:
+        print(f"ctbot serve: probes at {proc.server.probe_url}", flush=True)
     until_signalled()
     proc.stop()
     return 0

@@ -46,7 +46,8 @@ def build_state(settings: Settings):
     from core.state import StateStore
     if not settings.redis_url:
         raise ValueError("REDIS_URL is not set: ctbot keeps runs, locks and cursors in Redis")
-    return StateStore.from_url(settings.redis_url)
+    return StateStore.from_url(settings.redis_url, timeout=settings.redis_timeout_seconds,
+                               ack_timeout=settings.redis_ack_timeout_seconds)
 
 
 def build_runner(settings: Settings, store):
@@ -57,6 +58,23 @@ def build_runner(settings: Settings, store):
         from pipelines.kfp_runner import KfpRunner
         return KfpRunner(settings, store)
     raise ValueError(f"unknown runner {settings.runner!r}: use 'local' or 'kfp'")
+
+
+def runner_problem(runner) -> str | None:
+    """Checked at start-up: why the runner cannot work (a KFP backend too old for the
+    pipeline), or None. An unreachable KFP API is only logged: Slack still needs its
+    answers while it is down, and each submit reports its own failure."""
+    check = getattr(runner, "check_backend", None)
+    if check is None:
+        return None
+    from pipelines.kfp_runner import KfpBackendTooOld
+    try:
+        log.info("KFP backend %s", check() or "(no release named)")
+    except KfpBackendTooOld as e:
+        return str(e)
+    except Exception as e:
+        log.warning("could not read the KFP backend's version at start-up: %s: %s", type(e).__name__, e)
+    return None
 
 
 def build_slack_client(settings: Settings):

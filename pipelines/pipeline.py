@@ -14,13 +14,25 @@ so the compiled YAML carries them while local runs stay free of Kubernetes setti
 # No `from __future__ import annotations`: kfp reads the real annotation objects.
 import json
 import os
+from importlib.metadata import PackageNotFoundError, version
 
 from kfp import dsl
 from kfp.dsl import ClassificationMetrics, Dataset, Input, Metrics, Model, Output, PipelineTaskFinalStatus
 
 from pipelines import resources as res
 
-IMAGE = os.environ.get("CT_IMAGE", "ghcr.io/ctbot/ctbot:latest")
+
+def default_image() -> str:
+    """The trainer image (torch, faiss, the steps) of this very release: the bot's own image
+    has no torch, and ``:latest`` would let a cluster run steps of another version."""
+    try:
+        tag = version("ctbot")
+    except PackageNotFoundError:   # a source tree never installed: no release to name
+        tag = "dev"
+    return f"ghcr.io/ctbot/ctbot-trainer:{tag}"
+
+
+IMAGE = os.environ.get("CT_IMAGE") or default_image()
 PIPELINE_NAME = "ctbot-mnist-arcface"
 SWEEP_PIPELINE_NAME = "ctbot-mnist-arcface-sweep"
 
@@ -213,17 +225,19 @@ def evaluate(run_id: str, store: str, model_name: str, floor: float, tolerance: 
 
 @component
 def deploy(run_id: str, store: str, model_name: str, keep_versions: int, requested_by: str) -> int:
+    """Publishes only if production is still the version evaluate compared against;
+    otherwise the run holds (summary "held"), and the report says who moved it. Returns
+    the version, 0 when held."""
     from pipelines.status import track
     from steps import deploy as registry
-    from steps import layout
+    from steps.crashpoints import pause_point
     from steps.storage import open_store
 
     with track(store, run_id, "deploy") as st:
-        version = registry.publish(open_store(store), model_name, layout.candidate_prefix(run_id),
-                                   run_id=run_id, by=requested_by or "ctbot",
-                                   keep=int(keep_versions))  # top1 from the package's metrics
-        st.summary = {"version": int(version)}
-    return int(version)
+        pause_point("before_deploy")
+        st.summary = registry.deploy_candidate(open_store(store), model_name, run_id,
+                                               by=requested_by or "ctbot", keep=int(keep_versions))
+    return int(st.summary.get("version") or 0)
 
 
 @component

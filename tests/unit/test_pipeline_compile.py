@@ -15,6 +15,7 @@ import yaml
 
 from core.config import Settings
 from pipelines.compile import compile_pipeline
+from pipelines.pipeline import default_image
 from steps.layout import STEPS
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
@@ -103,7 +104,7 @@ def test_no_pip_and_no_cache(compiled):
     for name, ex in compiled["deploymentSpec"]["executors"].items():
         command = " ".join(ex["container"]["command"])
         assert "pip install" not in command, name
-        assert ex["container"]["image"] == os.environ.get("CT_IMAGE", "ghcr.io/ctbot/ctbot:latest")
+        assert ex["container"]["image"] == (os.environ.get("CT_IMAGE") or default_image())
     for tasks in dags(compiled).values():
         for name, t in tasks.items():
             assert not t.get("cachingOptions", {}).get("enableCache"), name
@@ -185,6 +186,11 @@ def _normalised(doc: dict) -> dict:
         ex["container"].pop("command", None)  # the embedded component source
         ex["container"].pop("image", None)    # $CT_IMAGE
     return doc
+
+
+def test_default_image_is_the_trainer_of_this_release():
+    from ctbot import __version__
+    assert default_image() == f"ghcr.io/ctbot/ctbot-trainer:{__version__}"
 
 
 def test_matches_saved_yaml(compiled, tmp_path):
