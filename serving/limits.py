@@ -75,6 +75,7 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         self._head_parsed = 0          # bytes of request line and headers parsed
         self._header_count = 0
         self._body_bytes = 0
+        self._cycle_is_current = False   # self.cycle belongs to the request being received
 
     # ---- connections ----
 
@@ -112,23 +113,20 @@ class LimitedHttpProtocol(HttpToolsProtocol):
 
     def _request_timed_out(self) -> None:
         self._deadline = None
-        if self.transport.is_closing():
-            return
-        if self.cycle is not None and self.cycle.response_started and not self.cycle.response_complete:
-            self.transport.close()
-            return
-        self._reject(408, f"the request did not arrive within {self.limits.request_seconds:g}s")
+        if not self.transport.is_closing():
+            self._reject(408, f"the request did not arrive within {self.limits.request_seconds:g}s")
 
     def _reject(self, status: int, message: str) -> None:
         """Answer now, close, read nothing more."""
         self._rejected = True
         self._disarm_deadline()
-        if self.cycle is not None and not self.cycle.response_complete:
-            if self.cycle.response_started:   # too late for a status: just close
+        cycle = self.cycle if self._cycle_is_current else None   # else: an earlier request's
+        if cycle is not None:
+            if cycle.response_started:   # too late for a status: just close
                 self.transport.close()
                 return
-            self.cycle.disconnected = True   # the app's receive() ends, its send() writes nothing
-            self.cycle.message_event.set()
+            cycle.disconnected = True   # the app's receive() ends, its send() writes nothing
+            cycle.message_event.set()
         body = json.dumps({"error": message}).encode()
         self.transport.write(b"".join([STATUS_LINE[status], b"content-type: application/json\r\n",
                                        b"content-length: %d\r\nconnection: close\r\n\r\n" % len(body), body]))
@@ -159,6 +157,7 @@ class LimitedHttpProtocol(HttpToolsProtocol):
 
     def on_message_begin(self) -> None:
         self._in_head, self._head_parsed, self._header_count, self._body_bytes = True, 0, 0, 0
+        self._cycle_is_current = False
         self._arm_deadline()
         super().on_message_begin()
 
@@ -184,6 +183,7 @@ class LimitedHttpProtocol(HttpToolsProtocol):
             self._reject(*problem)
             raise _Rejected
         super().on_headers_complete()
+        self._cycle_is_current = True
 
     def _framing_problem(self) -> tuple[int, str] | None:
         names = {name for name, _ in self.headers}

@@ -68,6 +68,7 @@ class ModelServer:
             probe_port = self.sockets[1].getsockname()[1]
         config.probe_port = probe_port
         self.config = config
+        self._address = self.sockets[0].getsockname()[:2]   # still known after stop()
         limits = replace(limits or HttpLimits(), max_body_bytes=config.max_body_bytes, probe_port=probe_port)
         self.app = InferenceApp(holder, config, infer_threads=infer_threads)
         import uvicorn
@@ -76,7 +77,7 @@ class ModelServer:
 
     @property
     def address(self) -> tuple[str, int]:
-        return self.sockets[0].getsockname()[:2]
+        return self._address
 
     @property
     def url(self) -> str:

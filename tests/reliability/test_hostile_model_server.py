@@ -129,16 +129,16 @@ def no_tracebacks(request):
             assert srv.tracebacks() == [], srv.log.read_text()[-3000:]
 
 
-def exchange(port: int, data: bytes, *, read_timeout: float = 30) -> tuple[list[bytes], bool]:
-    """Send bytes as they are; read until the server closes (True) or stays quiet for a
-    while after a complete answer (False: the connection is still open). Returns each
-    response head's status line."""
+def exchange(port: int, data: bytes, *, read_timeout: float = 30, quiet: float = 1.0) -> tuple[list[bytes], bool]:
+    """Send bytes as they are; read until the server closes (True) or stays quiet for
+    ``quiet`` seconds after a complete answer (False: the connection is still open).
+    Returns each response head's status line."""
     with socket.create_connection(("127.0.0.1", port), timeout=read_timeout) as s:
         s.sendall(data)
         raw, closed = b"", False
         deadline = time.monotonic() + read_timeout
         while time.monotonic() < deadline:
-            s.settimeout(1.0 if raw.endswith(b"}") else read_timeout)
+            s.settimeout(quiet if raw.endswith(b"}") else read_timeout)
             try:
                 chunk = s.recv(65536)
             except TimeoutError:
@@ -294,6 +294,11 @@ def test_a_request_that_never_finishes_arriving_gets_408(server, ledger):
         assert statuses == [b"HTTP/1.1 408 Request Timeout"] and closed
     with socket.create_connection(("127.0.0.1", server.port), timeout=REQUEST_SECONDS * 10) as s:
         assert s.recv(100).startswith(b"HTTP/1.1 408")   # a connection that never says anything
+    # the second request of a keep-alive connection, left unfinished
+    live = b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n"
+    statuses, closed = exchange(server.port, live + live[:20], read_timeout=REQUEST_SECONDS * 10,
+                                quiet=REQUEST_SECONDS * 10)
+    assert statuses == [b"HTTP/1.1 200 OK", b"HTTP/1.1 408 Request Timeout"] and closed
     ledger.survived_since(mark)
 
 
