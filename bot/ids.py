@@ -12,3 +12,8 @@ REJECT_DEPLOY = "ct_reject_deploy"         # value: run id
 ALL = (RETRAIN_NEW_DATA, DISMISS_ALERT, PROMOTE, ROLLBACK, VIEW_RUN, RETRAIN, CANCEL_RUN, APPROVE_DEPLOY,
        REJECT_DEPLOY)
 TRAIN_FORM = "ct_train_form"              # callback_id of the training form (modal)
+# The Home tab's own buttons (its Cancel, Approve and Reject are the run message's, above).
+HOME_TRAIN = "ct_home_train"               # opens the training form
+HOME_ROLLBACK_TO = "ct_home_rollback_to"   # value: "<version>:<production version at render time>"
+HOME_PAUSE = "ct_home_pause"               # value: "pause"
+HOME_RESUME = "ct_home_resume"             # value: "resume"

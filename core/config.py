@@ -114,6 +114,19 @@ class ServingSection(Section):
     graceful_seconds: float = Field(25.0, ge=0)    # on SIGTERM, how long requests in flight may take
 
 
+class OutboxSection(Section):
+    """Messages owed to Slack (core/outbox.py): retried with a backoff capped at
+    max_backoff_seconds for give_up_hours, then logged and kept for /ct status."""
+    give_up_hours: float = Field(24.0, gt=0)
+    max_backoff_seconds: float = Field(300.0, gt=0, le=300)   # at most 5 minutes between tries
+    time_scale: float = Field(1.0, ge=1)   # divides those durations: drills and tests compress an outage
+
+
+class AuditSection(Section):
+    """The audit trail's archive in the store (core/audit.py)."""
+    archive_seconds: float = Field(60.0, gt=0)   # how often new entries are copied from Redis to the store
+
+
 class HttpSection(Section):
     """The bot's HTTP front door (`ctbot serve`, uvicorn; docs/http.md says which limit is
     enforced where). Beyond a limit a request gets its 4xx and the connection is closed,
@@ -183,6 +196,9 @@ class Settings(BaseSettings):
     serving: ServingSection = Field(default_factory=ServingSection)
     http: HttpSection = Field(default_factory=HttpSection)
     outbox_drain_seconds: float = Field(2.0, gt=0)       # how often owed Slack messages are retried
+    home_refresh_seconds: float = Field(10.0, gt=0)      # least time between republishing everyone's Home tab
+    outbox: OutboxSection = Field(default_factory=OutboxSection)
+    audit: AuditSection = Field(default_factory=AuditSection)
     command_resume_seconds: float = Field(10.0, gt=0)    # how often commands cut off by a crash are resumed
     command_stale_seconds: float = Field(300.0, gt=0)    # a started command silent this long is resumed
     finish_retry_seconds: float = Field(30.0, gt=0)      # a run's finish cut short by a crash is redone after this

@@ -140,3 +140,24 @@ def data_watch_tick(found: dict | None = None, now: float | None = None) -> None
               for e in (found or {}).values() if e.get("last_modified")]
     if stamps:
         DATA_WATCH_LAG.set(max(0.0, now - min(stamps)))
+
+
+# ---- what ctbot owes Slack (core/outbox.py) -------------------------------------------
+# Read from Redis at each scrape, so every replica shows the one shared outbox.
+OUTBOX_PENDING = Gauge("ctbot_outbox_pending", "Messages owed to Slack and not yet delivered", registry=REGISTRY)
+OUTBOX_OLDEST = Gauge("ctbot_outbox_oldest_seconds", "How long the oldest message owed to Slack has waited",
+                      registry=REGISTRY)
+
+
+def watch_outbox(outbox) -> None:
+    """Serve the outbox gauges from ``outbox`` (core.outbox.Outbox); NaN while Redis is away."""
+    def read(fn):
+        def value() -> float:
+            try:
+                return float(fn())
+            except Exception as e:   # a scrape must answer
+                dependency_error(e)
+                return float("nan")
+        return value
+    OUTBOX_PENDING.set_function(read(outbox.pending_count))
+    OUTBOX_OLDEST.set_function(read(outbox.oldest_age))

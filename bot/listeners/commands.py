@@ -22,7 +22,7 @@ from steps.crashpoints import crash_point
 
 log = logging.getLogger(__name__)
 
-WORKING = {"train": "Starting a training run", "status": "Checking", "runs": "Fetching runs",
+WORKING = {"train": "Starting a training run", "status": "Checking", "runs": "Fetching runs", "history": "Reading the model history",
            "data": "Looking at the data", "deploy": "Promoting", "rollback": "Rolling back",
            "schedule": "Updating the schedule", "cancel": "Canceling", "audit": "Reading the audit"}
 
@@ -162,6 +162,8 @@ def _execute(service, client, settings, p: Parsed, who: Actor, cmd_id: str = "",
         return blocks.status_message(service.status())
     if p.sub == "runs":
         return blocks.runs_message(service.list_runs(p.n))
+    if p.sub == "history":
+        return blocks.history_message(service.model_history(p.n), settings.slash_command)
     if p.sub == "data":
         return blocks.data_message(service.data_summary())
     if p.sub == "train":

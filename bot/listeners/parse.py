@@ -8,7 +8,7 @@ from bot.blocks.replies import SUBCOMMANDS
 
 # Words people reach for, mapped to what they probably meant.
 ALIASES = {"promote": "deploy", "start": "train", "retrain": "train", "run": "train", "stop": "cancel",
-           "abort": "cancel", "list": "runs", "history": "runs", "undo": "rollback", "revert": "rollback",
+           "abort": "cancel", "list": "runs", "versions": "history", "undo": "rollback", "revert": "rollback",
            "pause": "schedule pause", "resume": "schedule resume", "info": "status", "?": "help"}
 MAX_RUNS = 50
 
@@ -58,12 +58,12 @@ def parse(text: str, command: str = "/ct") -> Parsed:
     p = Parsed(sub, args)
     if sub in ("help", "status", "data") and args:
         raise UsageError(f"`{command} {sub}` takes no arguments (got “{' '.join(args)}”).", _usage(command, sub))
-    if sub in ("runs", "audit"):
+    if sub in ("runs", "audit", "history"):
         if len(args) > 1:
             raise UsageError(f"`{command} {sub}` takes at most one number.", _usage(command, sub))
         if args:
             if not is_ascii_number(args[0]) or not 1 <= int(args[0]) <= MAX_RUNS:
-                what = "runs" if sub == "runs" else "entries"
+                what = {"runs": "runs", "history": "versions"}.get(sub, "entries")
                 raise UsageError(f"“{args[0]}” is not a number of {what} between 1 and {MAX_RUNS}.",
                                  _usage(command, sub))
             p.n = int(args[0])

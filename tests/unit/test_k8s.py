@@ -131,6 +131,12 @@ def test_bot_probes_token_and_secret_refs(overlay):
     assert c["livenessProbe"]["httpGet"]["path"] == "/livez"
     assert c["readinessProbe"]["httpGet"]["path"] == "/readyz"
     assert c["startupProbe"]["httpGet"]["path"] == "/livez"
+    # probes on their own listener; SIGTERM after a preStop delay, within the grace period
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    assert {c[k]["httpGet"]["port"] for k in ("livenessProbe", "readinessProbe", "startupProbe")} == {"probes"}
+    assert ports == {"http": 3000, "probes": 3001}
+    assert c["lifecycle"]["preStop"]["exec"]["command"] == ["sleep", "5"]
+    assert pod["terminationGracePeriodSeconds"] >= 5 + 20 + 10
     env = {e["name"]: e for e in c["env"]}
     assert env["REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": "ctbot", "key": "REDIS_PASSWORD"}
     assert env["REDIS_URL"]["value"] == "redis://:$(REDIS_PASSWORD)@ctbot-redis:6379/0"
