@@ -46,7 +46,8 @@ def limits_of(args: argparse.Namespace):
     from serving.limits import HttpLimits
     return HttpLimits(max_header_bytes=args.max_header_bytes, max_headers=args.max_headers,
                       max_body_bytes=args.max_body_bytes, max_connections=args.max_connections,
-                      keepalive_seconds=args.keepalive_seconds, request_seconds=args.request_seconds)
+                      keepalive_seconds=args.keepalive_seconds, request_seconds=args.request_seconds,
+                      shutdown_seconds=args.graceful_seconds)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -19,36 +19,26 @@ import json
 import logging
 import os
 import shutil
-import socket
 import tempfile
 import threading
 import time
 import urllib.request
 from dataclasses import dataclass, replace
 
+from core.httpserver import bind, raise_open_files_limit
 from serving.asgi import InferenceApp, ServerConfig
 from serving.follow import ModelHolder
 from serving.limits import HttpLimits, LimitedConfig
 
 log = logging.getLogger("serving.server")
 
-__all__ = ["ModelServer", "ServerConfig", "WorkerSpec", "bind", "run_workers"]
+__all__ = ["ModelServer", "ServerConfig", "WorkerSpec", "run_workers"]
 
 
-def bind(host: str, port: int) -> socket.socket:
-    """A bound (not yet listening) TCP socket that worker processes can inherit."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
-    sock.set_inheritable(True)
-    return sock
-
-
-def _uvicorn_config(app, limits: HttpLimits, graceful_seconds: float, workers: int = 1) -> LimitedConfig:
-    return LimitedConfig(app, limits=limits, loop="uvloop", lifespan="on", workers=workers,
-                         log_config=None, access_log=False, server_header=False, proxy_headers=False, backlog=2048,
-                         timeout_graceful_shutdown=graceful_seconds)
+def _uvicorn_config(app, limits: HttpLimits, workers: int = 1) -> LimitedConfig:
+    raise_open_files_limit(limits.max_connections + limits.max_probe_connections + 256)   # workers inherit it
+    return LimitedConfig(app, limits=limits, loop="uvloop", lifespan="on", workers=workers, interface="asgi3",
+                         log_config=None, access_log=False, server_header=False, proxy_headers=False, backlog=2048)
 
 
 def _url(host: str, port: int) -> str:
@@ -69,10 +59,11 @@ class ModelServer:
         config.probe_port = probe_port
         self.config = config
         self._address = self.sockets[0].getsockname()[:2]   # still known after stop()
-        limits = replace(limits or HttpLimits(), max_body_bytes=config.max_body_bytes, probe_port=probe_port)
+        limits = replace(limits or HttpLimits(), max_body_bytes=config.max_body_bytes, probe_port=probe_port,
+                         shutdown_seconds=graceful_seconds)
         self.app = InferenceApp(holder, config, infer_threads=infer_threads)
         import uvicorn
-        self.uvicorn = uvicorn.Server(_uvicorn_config(self.app, limits, graceful_seconds))
+        self.uvicorn = uvicorn.Server(_uvicorn_config(self.app, limits))
         self._thread: threading.Thread | None = None
 
     @property
@@ -177,7 +168,8 @@ def run_workers(spec: WorkerSpec, workers: int, host: str, port: int, *, limits:
         sockets.append(bind(host, probe_port))
         probe_port = sockets[1].getsockname()[1]
     spec = replace(spec, probe_port=probe_port)
-    limits = replace(limits or HttpLimits(), max_body_bytes=spec.max_body_bytes, probe_port=probe_port)
+    limits = replace(limits or HttpLimits(), max_body_bytes=spec.max_body_bytes, probe_port=probe_port,
+                     shutdown_seconds=graceful_seconds)
     url = _url(host, sockets[0].getsockname()[1])
     probe_url = _url(host, probe_port) if probe_port is not None else None
     metrics_dir = tempfile.mkdtemp(prefix="ctbot-serving-metrics-")
@@ -205,7 +197,7 @@ def run_workers(spec: WorkerSpec, workers: int, host: str, port: int, *, limits:
                                                          _url("127.0.0.1", sockets[0].getsockname()[1]), spec.model))
 
     try:
-        Workers(_uvicorn_config(WorkerApp(spec), limits, graceful_seconds, workers), sockets).run()
+        Workers(_uvicorn_config(WorkerApp(spec), limits, workers), sockets).run()
     finally:
         for s in sockets:
             s.close()
