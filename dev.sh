@@ -95,7 +95,7 @@ setup_podman() {
 BASE_IMAGE=localhost/ctbot-base:bookworm-1
 ensure_base_image() {
   podman image exists "$BASE_IMAGE" && return
-  echo "dev.sh: making $BASE_IMAGE with mmdebstrap (once, about a minute)" >&2
+  echo "dev.sh: making $BASE_IMAGE with mmdebstrap (once, a few minutes)" >&2
   local tar; tar=$(mktemp --suffix=.tar)
   # no manuals, docs or translations in an image (copyright files stay)
   as_root mmdebstrap --quiet --variant=minbase --include=python3,python3-venv,ca-certificates \

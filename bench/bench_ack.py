@@ -21,10 +21,12 @@ called over loopback here):
   * the same 20 clients again while --slow (300) more connections each send a request
     head one byte a second (held: the bot's whole-request deadline is raised for the run);
   * meanwhile a prober times GET /livez and /readyz on the probe listener every 20 ms;
+  * stops Redis (SIGSTOP) and times /readyz turning 503 and 20 acks answering that the
+    state store can't be reached;
   * checks the slow work still happened after the acks (response_url replies arrived).
 Bar: p99 <= 50 ms at 20 concurrent clients for the deployed configuration, with and
-without the slow clients; probes p99 <= 100 ms throughout; torch and faiss never
-imported. Exit code 1 if any is missed.
+without the slow clients; probes p99 <= 100 ms throughout; with Redis hung, /readyz
+503 within 2 s and each ack within 1 s; torch and faiss never imported. Exit code 1 if any is missed.
 """
 from __future__ import annotations
 
@@ -225,6 +227,47 @@ class Prober:
         return out
 
 
+def wait_ready(probe_base: str) -> None:
+    for _ in range(600):
+        try:
+            urllib.request.urlopen(probe_base + "/readyz", timeout=10).read()
+            return
+        except OSError:
+            time.sleep(0.05)
+
+
+def hung_redis(redis, standin: SlackStandin, url: str, probe_base: str, n: int) -> dict:
+    """SIGSTOP Redis (connections hang rather than fail); time how long /readyz takes to
+    say 503 and ``n`` signed `/ct status` acks one after another; SIGCONT."""
+    import signal
+    port = urllib.parse.urlsplit(url).port
+    os.kill(redis.proc.pid, signal.SIGSTOP)
+    t0, to_503 = time.perf_counter(), None
+    try:
+        for _ in range(3000):      # every 10 ms, 30 s at most
+            try:
+                urllib.request.urlopen(probe_base + "/readyz", timeout=10).read()
+            except urllib.error.HTTPError as e:
+                if e.code == 503:
+                    to_503 = time.perf_counter() - t0
+                    break
+            time.sleep(0.01)
+        acks, specific = [], 0
+        for _ in range(n):
+            raw = build_request(standin, port, "status")[0]
+            t = time.perf_counter()
+            with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+                s.sendall(raw)
+                out = b""
+                while chunk := s.recv(65536):
+                    out += chunk
+            acks.append((time.perf_counter() - t) * 1000)
+            specific += b"can't reach its state store; nothing was changed" in out
+    finally:
+        os.kill(redis.proc.pid, signal.SIGCONT)
+    return {"to_503": to_503, "acks": acks, "specific": specific}
+
+
 def health(events_url: str) -> dict:
     with urllib.request.urlopen(events_url.replace("/slack/events", "/healthz"), timeout=5) as r:
         return json.loads(r.read())
@@ -333,7 +376,12 @@ def main() -> int:
     ap.add_argument("--single", type=int, default=200, help="requests from 1 client")
     ap.add_argument("--requests-per-client", type=int, default=30, help="requests per client at 20 clients")
     ap.add_argument("--clients", type=int, default=20)
+    ap.add_argument("--ack-threads", type=lambda v: [int(x) for x in v.split(",") if x], default=[],
+                    help="also run the deployed server with these http.ack_threads, e.g. 2,8")
+    ap.add_argument("--rounds", type=int, default=1, help="rounds of the 20-client rows, with and without slow clients")
     ap.add_argument("--slow", type=int, default=300, help="slow clients holding connections in the last row")
+    ap.add_argument("--configs", default="threads,bolt-asgi,bolt-dev",
+                    help="servers beside the deployed one: threads (jobs on threads), bolt-asgi, bolt-dev; '' none")
     ap.add_argument("--smoke", action="store_true", help="a few requests each, to see that it runs; nothing judged")
     a = ap.parse_args()
     if a.smoke:
@@ -350,16 +398,18 @@ def main() -> int:
     probe_base = f"http://127.0.0.1:{env['CT_HTTP__PROBE_PORT']}"
     rows, info, failed = [], {}, False
     try:
-        configs = (("ctbot serve, job processes", "ours", []),
-                   ("ctbot serve, job threads", "ours", ["--job-workers", "0"]),
-                   ("uvicorn + Bolt ASGI adapter", "bolt-asgi", []),
-                   ("Bolt app.start(), job procs", "bolt-dev", []))
-        if a.smoke:
-            configs = configs[:1]
-        for name, kind, extra in configs:
-            proc, url, startup = start_bot(env, kind, extra)
+        others = {"threads": ("ctbot serve, job threads", "ours", ["--job-workers", "0"]),
+                  "bolt-asgi": ("uvicorn + Bolt ASGI adapter", "bolt-asgi", []),
+                  "bolt-dev": ("Bolt app.start(), job procs", "bolt-dev", [])}
+        wanted = [] if a.smoke else [k for k in a.configs.split(",") if k in others]
+        configs = [("ctbot serve, job processes", "ours", [])] + [others[k] for k in wanted]
+        for n in a.ack_threads:    # the deployed server with other http.ack_threads, to choose the default
+            configs.append((f"ctbot serve, {n} ack threads", "ours", [], {"CT_HTTP__ACK_THREADS": str(n)}))
+        for i, (name, kind, extra, *env_extra) in enumerate(configs):
+            proc, url, startup = start_bot({**env, **(env_extra[0] if env_extra else {})}, kind, extra)
             try:
-                deployed = kind == "ours" and not extra
+                deployed = i == 0      # the figures judged and the process's own
+                ours = kind == "ours" and not extra
                 if deployed:
                     info["startup"] = startup
                     h = health(url)
@@ -367,13 +417,15 @@ def main() -> int:
                 port = urllib.parse.urlsplit(url).port
                 for _ in range(10):                          # warm-up: Bolt's auth.test, first imports
                     send(port, build_request(standin, port, "help")[0])
-                plan = [(1, a.single, 0), (a.clients, a.requests_per_client, 0)]
-                if kind != "bolt-dev" and not extra:
-                    plan.append((a.clients, a.requests_per_client, a.slow))
+                plan = [(1, a.single, 0)]
+                for _ in range(a.rounds):     # with and without slow clients, alternating
+                    plan.append((a.clients, a.requests_per_client, 0))
+                    if kind != "bolt-dev" and not extra:
+                        plan.append((a.clients, a.requests_per_client, a.slow))
                 for clients, per, slow_n in plan:
                     slow = SlowClients(port, slow_n) if slow_n else None
                     prober = None if kind == "bolt-dev" or extra else \
-                        Prober(probe_base if deployed else f"http://127.0.0.1:{port}")
+                        Prober(probe_base if ours else f"http://127.0.0.1:{port}")
                     cpu0 = cpu_seconds(proc.pid)
                     r = load(standin, url, clients, per)
                     r["delivered"] = lazy_delivered(standin, r["slow_rids"])
@@ -384,6 +436,8 @@ def main() -> int:
                         slow.close()
                     rows.append((name + (f" + {slow_n} slow" if slow_n else ""), clients, r))
                 if deployed:
+                    info["hung"] = hung_redis(redis, standin, url, probe_base, 5 if a.smoke else 20)
+                    wait_ready(probe_base)
                     info["rss"], info["hwm"] = rss_mb(proc.pid)
                     info["children_rss"] = [rss_mb(int(p))[0] for p in children(proc.pid)]
                     info["children_torch"] = [maps_torch(int(p)) for p in children(proc.pid)]
@@ -426,13 +480,26 @@ def main() -> int:
           f"torch imported: {info['imports_after']['torch']}, faiss imported: {info['imports_after']['faiss']} "
           f"(job workers: {any(info['children_torch'])})")
     print("bot CPU ms/req: CPU time of the bot process (not its job workers) per request")
+    hung = info["hung"]
+    print(f"Redis hung (SIGSTOP): /readyz said 503 after {hung['to_503']:.2f} s; {len(hung['acks'])} acks one after "
+          f"another: p50 {statistics.median(hung['acks']):.0f} ms, max {max(hung['acks']):.0f} ms, "
+          f"{hung['specific']} with the specific 'state store' answer")
 
-    ours = next(r for name, c, r in rows if c == a.clients and name == configs[0][0])
-    slowed = next(r for name, c, r in rows if c == a.clients and name.startswith(configs[0][0] + " +"))
-    print(f"ack p99 with {a.slow} slow clients / without: {slowed['p99'] / ours['p99']:.2f}x")
+    # The judged figures: the median round's (by p99) of the deployed server, with and without.
+    def median_row(slow_rows: bool) -> dict:
+        picked = sorted((r for name, c, r in rows if c == a.clients and name.startswith(configs[0][0])
+                         and (" slow" in name) == slow_rows), key=lambda r: r["p99"])
+        return picked[len(picked) // 2]
+    ours, slowed = median_row(False), median_row(True)
+    print(f"ack p99 with {a.slow} slow clients / without (median rounds): {slowed['p99'] / ours['p99']:.2f}x")
     if a.smoke:
         print("smoke run: nothing judged")
         return 0
+    if hung["to_503"] is None or hung["to_503"] > 2 or max(hung["acks"]) > 1000 or hung["specific"] != len(hung["acks"]):
+        print("FAIL: with Redis hung, /readyz must say 503 within 2 s and every ack the specific answer within 1 s")
+        failed = True
+    else:
+        print("PASS: with Redis hung, /readyz 503 within 2 s, every ack specific within 1 s")
     if info["imports_after"]["torch"] or info["imports_after"]["faiss"] or any(info["children_torch"]):
         print("FAIL: torch/faiss imported in the bot process")
         failed = True

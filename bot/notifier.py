@@ -301,6 +301,8 @@ class SlackDelivery:
             message = blocks.new_data_alert(found, payload["alert_id"], auto_retrain=self.auto_retrain)
         elif kind == "say":
             message = {"text": payload["text"]}
+        elif kind == "fire_failed":
+            message = blocks.fire_failed(payload["fire_id"], payload["text"])
         else:
             raise ValueError(f"unknown outbox message kind {kind!r}")
         self._post_once(msg_id, self.channel, None, blocks.fit_message(message))

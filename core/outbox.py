@@ -310,3 +310,7 @@ class OutboxNotifier:
     def say(self, text: str) -> None:
         self.outbox.put("say", {"text": text})
         self._kick()
+
+    def fire_failed(self, fire_id: str, text: str) -> None:
+        self.outbox.put("fire_failed", {"fire_id": fire_id, "text": text})
+        self._kick()

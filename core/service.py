@@ -19,7 +19,7 @@ import uuid
 from core import metrics
 from core.access import AccessPolicy, Actor, Forbidden
 from core.config import Settings
-from core.errors import Conflict, ParamError, ServiceError, UnknownRun
+from core.errors import Conflict, ParamError, ServiceError, Unavailable, UnknownRun
 from core.notify import SafeNotifier
 from core.queries import RunQueries
 from core.serving_client import serving_text
@@ -160,7 +160,7 @@ class TrainingService(RunQueries):
                                   error=f"submit failed: {e}")
             self.state.release_lock(self.model, run.run_id)
             self.state.audit("train_submit_failed", run.requested_by, run_id=run.run_id, error=str(e))
-            raise ServiceError(f"Could not start run `{run.run_id}`: {e}") from e
+            raise Unavailable(f"Could not start run `{run.run_id}`: {e}") from e
         run = self.state.update_run(run.run_id, state="running", started_at=self.clock(),
                                     external_id=str(external_id or ""),
                                     external_url=external_url or "")
@@ -550,6 +550,13 @@ class TrainingService(RunQueries):
 
     def dismiss_alert(self, alert_id: str, by: str) -> None:
         self.state.audit("alert_dismissed", by, alert_id=alert_id)
+
+    def retry_fire(self, fire_id: str, by: str):
+        """The Retry button on a fire that could not start (the caller has authorized the
+        clicker for ``train``): through the fires' own claims (core/fires.py), so a click
+        racing the catch-up or another replica still makes one run. A FireOutcome."""
+        from core.fires import Fires
+        return Fires(self).retry(fire_id, str(by))
 
     def set_schedule_paused(self, paused: bool, by: str) -> None:
         self.state.set_schedule_paused(paused)

@@ -351,11 +351,13 @@ def check_dev_overlay(world: World, workdir: Path, bot_image: str) -> None:
     from devkit.localservices import free_port
 
     docs = render("dev")
-    bot_port, redis_port = free_port(), free_port()
+    bot_port, probe_port, redis_port = free_port(), free_port(), free_port()
     config = config_map(docs, "ctbot-config")["data"]
-    config.update(CT_HTTP_HOST="127.0.0.1", CT_HTTP_PORT=str(bot_port), CT_KFP_HOST=world.kfp.url,
-                  SLACK_API_URL=world.slack.api_url)
-    say(f"config: the bot on 127.0.0.1:{bot_port}, KFP and Slack at their stand-ins (SLACK_API_URL)")
+    config.update(CT_HTTP_HOST="127.0.0.1", CT_HTTP_PORT=str(bot_port), CT_HTTP__PROBE_PORT=str(probe_port),
+                  CT_KFP_HOST=world.kfp.url, SLACK_API_URL=world.slack.api_url)
+    say(f"config: the bot on 127.0.0.1:{bot_port}, its probes on {probe_port}, KFP and Slack at their stand-ins")
+    [bot] = [c for _, p in pods_of(docs) for c in p["containers"] if c["name"] == "ctbot"]
+    ready_path = bot["readinessProbe"]["httpGet"]["path"]
     redis_conf = config_map(docs, "ctbot-redis-config")["data"]
     redis_conf["redis.conf"] += f"port {redis_port}\nbind 127.0.0.1\n"
     for _, pod in pods_of(docs):
@@ -379,9 +381,9 @@ def check_dev_overlay(world: World, workdir: Path, bot_image: str) -> None:
         argv = podman("exec", run.container("ctbot-redis", "redis"), "cat", "/proc/1/cmdline").stdout
         if secret["ctbot"]["REDIS_PASSWORD"] in argv:
             raise AssertionError("Redis's password is on its command line")
-        wait_for("the bot's /readyz", lambda: http("GET", f"http://127.0.0.1:{bot_port}/readyz")[0] == 200,
+        wait_for(f"the bot's {ready_path}", lambda: http("GET", f"http://127.0.0.1:{probe_port}{ready_path}")[0] == 200,
                  alive=run.alive("ctbot", "ctbot"))
-        say(f"bot: /readyz 200 ({bot_image}, Redis and the store answer)")
+        say(f"bot: its readiness probe {ready_path} 200 ({bot_image}, Redis and the store answer)")
         logs = run.logs("ctbot", "ctbot")
         if "KFP backend 2.14.3" not in logs:
             raise AssertionError(f"the bot did not check the KFP backend's release at start-up:\n{logs[-1500:]}")

@@ -233,6 +233,30 @@ def retrain(ctx, body: dict) -> str | None:
         return f"started run {run.run_id}"
 
 
+@once_per_button("train")
+def retry_fire(ctx, body: dict) -> str | None:
+    c = Click(body)
+    with _private(ctx, c):
+        # Through the fire's own claim: a click racing the catch-up (or a second click
+        # elsewhere) cannot start a second run.
+        out = ctx.service.retry_fire(c.value, by=c.user)
+        if out.outcome == "launched":
+            note = f":rocket: <@{c.user}> retried it: run `{esc(out.run.run_id)}` started."
+        elif out.outcome == "queued":
+            note = f":hourglass: <@{c.user}> retried it: queued behind the active run."
+        elif out.outcome == "retrying":
+            note = f":repeat: <@{c.user}> retried it; it failed again ({esc(out.detail)}) and is retried on its own."
+        elif out.outcome == "error":
+            _tell_clicker(ctx, c, blocks.error(f"It still could not start: {out.detail}"))
+            return None   # the button stays: the fire is failed and announced again
+        elif out.run is not None:
+            note = f"Already started as run `{esc(out.run.run_id)}` ({esc(out.detail)})."
+        else:
+            note = f"Nothing to retry: {esc(out.detail or out.outcome)}."
+        _update(ctx, c, note, None)
+        return note
+
+
 def register(app, service, settings) -> None:
     for action_id, job in JOBS.items():
         app.action(action_id)(_acking(app, job))
@@ -250,4 +274,4 @@ def _acking(app, job):
 JOBS = {ids.RETRAIN_NEW_DATA: retrain_new_data, ids.DISMISS_ALERT: dismiss_alert, ids.PROMOTE: promote,
         ids.ROLLBACK: rollback, ids.CANCEL_RUN: cancel_run, ids.VIEW_RUN: view_run, ids.RETRAIN: retrain,
         ids.APPROVE_DEPLOY: approve_deploy, ids.REJECT_DEPLOY: reject_deploy, ids.HOME_ROLLBACK_TO: rollback_to,
-        ids.HOME_PAUSE: pause_schedule, ids.HOME_RESUME: resume_schedule}
+        ids.HOME_PAUSE: pause_schedule, ids.HOME_RESUME: resume_schedule, ids.RETRY_FIRE: retry_fire}

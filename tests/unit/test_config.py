@@ -32,7 +32,8 @@ DEFAULTS = {
     "kfp_namespace": "", "kfp_ui_url": "", "kfp_token": "", "kfp_token_path": "", "kfp_timeout_seconds": 30.0,
     "kfp_retries": 4, "image": "", "log_format": "text",
     # added with the Slack outbox and crash recovery (issue 9)
-    "schedule.catch_up": True, "outbox_drain_seconds": 2.0, "command_resume_seconds": 10.0,
+    "schedule.catch_up": True, "schedule.retry_window_minutes": 360.0, "schedule.retry_first_seconds": 30.0,
+    "schedule.retry_max_seconds": 900.0, "outbox_drain_seconds": 2.0, "command_resume_seconds": 10.0,
     "command_stale_seconds": 300.0, "finish_retry_seconds": 30.0,
     # the model server's section (issue 10)
     "serving.url": "", "serving.host": "127.0.0.1", "serving.port": 8080, "serving.poll_seconds": 2.0,
@@ -362,3 +363,9 @@ def test_bad_config_stops_a_command_with_one_line(args, env):
     assert line.startswith("ctbot: config error: ")
     if env.get("CT_HTTP_PORT"):
         assert line.endswith("got 'abc' (from env CT_HTTP_PORT)")
+
+
+@pytest.mark.parametrize("var, raw", [("CT_ACCESS", "{bad"), ("CT_ACCESS__DEPLOY", "[bad")])
+def test_bad_json_from_the_environment_names_the_variable(var, raw):
+    [p] = problems(env={var: raw})
+    assert p.startswith("access: not valid JSON in " + var)

@@ -262,8 +262,10 @@ def test_local_runner_command_is_a_valid_cli_call(tmp_path):
 def test_set_and_sweep_are_checked_against_train_params():
     from ctbot.pipeline_cli import UsageError, parse_overrides, parse_sweep
 
-    assert parse_overrides(["epochs=2.0", "lr=0.003", "device=CPU"]) == {
+    assert parse_overrides(["epochs=2", "lr=0.003", "device=CPU"]) == {
         "epochs": 2, "lr": 0.003, "device": "cpu"}
+    with pytest.raises(UsageError, match="must be an int, got `2.0`"):   # a decimal point is for floats
+        parse_overrides(["epochs=2.0"])
     with pytest.raises(UsageError, match="valid: epochs, batch_size"):
         parse_overrides(["epoch=2"])
     with pytest.raises(UsageError, match="valid keys: preset, epochs"):
