@@ -91,6 +91,11 @@ class ScheduleSection(Section):
     retry_max_seconds: float = Field(900.0, gt=0)
 
 
+class SweepSection(Section):
+    """`/ct sweep key=v1,v2 …`: one run that trains every combination and keeps the best."""
+    max_trials: int = Field(8, ge=1, le=64)   # combinations allowed in one sweep, checked before it starts
+
+
 class ServingSection(Section):
     """The model server (`ctbot serve-model`) and where the bot reads what it serves."""
     url: str = ""                        # the bot reads the served version here; "" = not shown
@@ -196,6 +201,7 @@ class Settings(BaseSettings):
     deploy: DeploySection = Field(default_factory=DeploySection)
     serving: ServingSection = Field(default_factory=ServingSection)
     http: HttpSection = Field(default_factory=HttpSection)
+    sweep: SweepSection = Field(default_factory=SweepSection)
     outbox_drain_seconds: float = Field(2.0, gt=0)       # how often owed Slack messages are retried
     home_refresh_seconds: float = Field(10.0, gt=0)      # least time between republishing everyone's Home tab
     outbox: OutboxSection = Field(default_factory=OutboxSection)

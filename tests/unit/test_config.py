@@ -56,7 +56,7 @@ DEFAULTS = {
     "http.max_body_bytes": 1 << 20, "http.max_connections": 1000, "http.request_seconds": 10.0,
     "http.keepalive_seconds": 5.0, "http.ack_threads": 4, "http.shutdown_seconds": 20.0,
     # the App Home tab republished after changes (issue 22)
-    "home_refresh_seconds": 10.0,
+    "home_refresh_seconds": 10.0, "sweep.max_trials": 8,
 }
 
 
