@@ -376,6 +376,8 @@ def main() -> int:
     ap.add_argument("--single", type=int, default=200, help="requests from 1 client")
     ap.add_argument("--requests-per-client", type=int, default=30, help="requests per client at 20 clients")
     ap.add_argument("--clients", type=int, default=20)
+    ap.add_argument("--ack-threads", type=lambda v: [int(x) for x in v.split(",") if x], default=[],
+                    help="also run the deployed server with these http.ack_threads, e.g. 2,8")
     ap.add_argument("--rounds", type=int, default=1, help="rounds of the 20-client rows, with and without slow clients")
     ap.add_argument("--slow", type=int, default=300, help="slow clients holding connections in the last row")
     ap.add_argument("--configs", default="threads,bolt-asgi,bolt-dev",
@@ -401,10 +403,13 @@ def main() -> int:
                   "bolt-dev": ("Bolt app.start(), job procs", "bolt-dev", [])}
         wanted = [] if a.smoke else [k for k in a.configs.split(",") if k in others]
         configs = [("ctbot serve, job processes", "ours", [])] + [others[k] for k in wanted]
-        for name, kind, extra in configs:
-            proc, url, startup = start_bot(env, kind, extra)
+        for n in a.ack_threads:    # the deployed server with other http.ack_threads, to choose the default
+            configs.append((f"ctbot serve, {n} ack threads", "ours", [], {"CT_HTTP__ACK_THREADS": str(n)}))
+        for i, (name, kind, extra, *env_extra) in enumerate(configs):
+            proc, url, startup = start_bot({**env, **(env_extra[0] if env_extra else {})}, kind, extra)
             try:
-                deployed = kind == "ours" and not extra
+                deployed = i == 0      # the figures judged and the process's own
+                ours = kind == "ours" and not extra
                 if deployed:
                     info["startup"] = startup
                     h = health(url)
@@ -420,7 +425,7 @@ def main() -> int:
                 for clients, per, slow_n in plan:
                     slow = SlowClients(port, slow_n) if slow_n else None
                     prober = None if kind == "bolt-dev" or extra else \
-                        Prober(probe_base if deployed else f"http://127.0.0.1:{port}")
+                        Prober(probe_base if ours else f"http://127.0.0.1:{port}")
                     cpu0 = cpu_seconds(proc.pid)
                     r = load(standin, url, clients, per)
                     r["delivered"] = lazy_delivered(standin, r["slow_rids"])

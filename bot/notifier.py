@@ -255,6 +255,10 @@ class SlackDelivery:
             self._post_once(f"details-{run.run_id}", run.slack_channel, run.slack_ts, details)
             crash_point("after_details_post")
             self.outbox.mark_part(run.run_id, "details")
+        trials = (report or {}).get("trials")
+        if isinstance(trials, list) and trials and not self.outbox.part_done(run.run_id, "sweep_chart"):
+            self._sweep_chart(run, trials)
+            self.outbox.mark_part(run.run_id, "sweep_chart")
         if not self.outbox.part_done(run.run_id, "confusion"):
             png = read_confusion_png(self.store, run.run_id)
             title = f"Confusion matrix, run {run.run_id}"
@@ -266,10 +270,27 @@ class SlackDelivery:
                                             alt_txt="confusion matrix of kNN top-1 on the eval set")
             self.outbox.mark_part(run.run_id, "confusion")
 
-    def _upload_found(self, run: RunRecord, title: str) -> bool:
+    def _sweep_chart(self, run: RunRecord, trials: list) -> None:
+        """Validation top-1 by trial, as an image in the thread (once, like the matrix)."""
+        from bot.blocks.run import winning_trial
+        from bot.charts import bar_chart_png
+        title = f"Validation top-1 by trial, run {run.run_id}"
+        if self._upload_found(run, title, "sweep-chart"):
+            return
+        order = sorted((t for t in trials if isinstance(t, dict)), key=lambda t: t.get("trial", 0))
+        values = [t.get("val_top1") if isinstance(t.get("val_top1"), (int, float)) else None for t in order]
+        best = winning_trial(order)
+        winner = next((i for i, t in enumerate(order) if t.get("trial") == best), None)
+        shown = ", ".join(f"trial {t.get('trial')}: {'–' if v is None else f'{100 * v:.2f}%'}"
+                          for t, v in zip(order, values, strict=True))
+        self.client.files_upload_v2(channel=run.slack_channel, thread_ts=run.slack_ts,
+                                    content=bar_chart_png(values, winner), filename=f"sweep-{run.run_id}.png",
+                                    title=title, alt_txt=f"validation top-1 by trial (the best in green): {shown}"[:1000])
+
+    def _upload_found(self, run: RunRecord, title: str, what: str = "confusion") -> bool:
         """Was the upload done by a try whose reply was lost? (files carry no metadata;
         the title names the run.)"""
-        tried = self.state.k("slack", "tried", f"confusion-{run.run_id}")
+        tried = self.state.k("slack", "tried", f"{what}-{run.run_id}")
         if not self.state.r.set(tried, "1", nx=True, ex=30 * 24 * 3600):
             resp = self.client.conversations_replies(channel=run.slack_channel, ts=run.slack_ts,
                                                      limit=HISTORY_LOOKBACK)

@@ -82,6 +82,7 @@ class BotProcess:
             metrics.seed(self.service.list_runs(50))
         except Exception as e:   # metrics must never keep the bot from starting
             log.warning("could not seed metrics from past runs: %s", e)
+        metrics.follow_production(self.service.production)   # promotes and rollbacks run in job workers
         host = host or self.settings.http_host
         port = self.settings.http_port if port is None else port
         ready = Readiness(self.health)
@@ -97,6 +98,7 @@ class BotProcess:
     def stop(self) -> None:
         """SIGTERM: stop accepting, answer the requests in flight, let the jobs their acks
         promised finish, then return (Kubernetes' grace period bounds the whole)."""
+        metrics.follow_production(None)
         if self.server is not None:
             self.server.shutdown()
         if self.socket is not None:

@@ -91,6 +91,11 @@ class ScheduleSection(Section):
     retry_max_seconds: float = Field(900.0, gt=0)
 
 
+class SweepSection(Section):
+    """`/ct sweep key=v1,v2 …`: one run that trains every combination and keeps the best."""
+    max_trials: int = Field(8, ge=1, le=64)   # combinations allowed in one sweep, checked before it starts
+
+
 class ServingSection(Section):
     """The model server (`ctbot serve-model`) and where the bot reads what it serves."""
     url: str = ""                        # the bot reads the served version here; "" = not shown
@@ -103,6 +108,16 @@ class ServingSection(Section):
     # "ivf": an inverted-file index built at load (about 0.1 ms an image against 3.7 ms for
     # "exact", the package's flat index, over 60k); agreement with exact: bench_serving.py.
     search: Literal["exact", "ivf"] = "ivf"
+    # Processes and limits (docs/serving.md says which limit is enforced where).
+    workers: int = Field(0, ge=0)                  # worker processes, each holding the model; 0: one per CPU
+    infer_threads: int = Field(2, ge=1)            # requests one worker parses and embeds at once
+    probe_port: int = Field(8081, ge=-1, le=65535)   # health probes and /metrics only; 0: any free port; -1: none
+    max_header_bytes: int = Field(16384, ge=1024)  # request line and headers; over: 431
+    max_headers: int = Field(100, ge=8)            # header fields; over: 431
+    max_connections: int = Field(1000, ge=1)       # open connections per worker; over: closed at once
+    keepalive_seconds: float = Field(5.0, gt=0)    # an idle keep-alive connection is closed after this
+    request_seconds: float = Field(30.0, gt=0)     # a whole request must arrive within this; over: 408
+    graceful_seconds: float = Field(25.0, ge=0)    # on SIGTERM, how long requests in flight may take
 
 
 class OutboxSection(Section):
@@ -186,6 +201,7 @@ class Settings(BaseSettings):
     deploy: DeploySection = Field(default_factory=DeploySection)
     serving: ServingSection = Field(default_factory=ServingSection)
     http: HttpSection = Field(default_factory=HttpSection)
+    sweep: SweepSection = Field(default_factory=SweepSection)
     outbox_drain_seconds: float = Field(2.0, gt=0)       # how often owed Slack messages are retried
     home_refresh_seconds: float = Field(10.0, gt=0)      # least time between republishing everyone's Home tab
     outbox: OutboxSection = Field(default_factory=OutboxSection)

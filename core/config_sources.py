@@ -43,6 +43,7 @@ OTHER_CT_ENV = {
     "CT_VENV": "dev.sh's virtualenv",
     "CT_UPDATE_FIXTURES": "regenerates test fixtures",
     "CT_CRASH_AT": "the fault-injection suite's crash points (steps/crashpoints.py)",
+    "CT_PAUSE_AT": "the fault-injection suite's pause points (steps/crashpoints.py)",
 }
 
 class ConfigError(Exception):

@@ -39,6 +39,12 @@ def data_card_key(run_id: str) -> str:
     return f"runs/{run_id}/data_card.json"
 
 
+def approval_key(run_id: str) -> str:
+    """JSON {state: pending|approved|rejected|expired, by, at}: the run's approval as the
+    bot last decided it, for publishers that can't see ctbot's Redis (steps.deploy's CLI)."""
+    return f"runs/{run_id}/approval.json"
+
+
 def candidate_prefix(run_id: str) -> str:
     """The run's model package, kept whether deployed or held, so 'Promote anyway' works."""
     return f"runs/{run_id}/candidate/"

@@ -278,3 +278,12 @@ def test_train_form_fits_a_modal(params, presets, where):
 @given(weird, weird)
 def test_other_command_answer_fits(command, served):
     sent(blocks.other_command(command, served))
+
+
+@PROPS
+@given(runs(), reports(), st.lists(st.fixed_dictionaries({
+    "trial": st.integers(0, 100), "state": st.sampled_from(["done", "failed", None]),
+    "seconds": st.one_of(st.none(), st.floats(0, 1e6)), "val_top1": st.one_of(st.none(), st.floats(0, 1), weird),
+    "params": st.one_of(st.none(), params)}), min_size=1, max_size=64))
+def test_a_sweeps_report_fits(run, report, trials):
+    sent(blocks.final_report(run, {**report, "trials": trials}))
