@@ -649,10 +649,12 @@ class TrainingService(RunQueries):
         from core.fires import Fires
         return Fires(self).retry(fire_id, str(by))
 
-    def set_schedule_paused(self, paused: bool, by: str) -> None:
+    def set_schedule_paused(self, paused: bool, by: str, *, attempt: str = "") -> None:
+        """``attempt`` names the request (a command id): a resumed command announces once."""
         self.state.set_schedule_paused(paused)
         self.state.audit("schedule_paused" if paused else "schedule_resumed", by)
-        self.notifier.say(f"{who(by)} {'paused' if paused else 'resumed'} the weekly retrain.")
+        self.notifier.say(f"{who(by)} {'paused' if paused else 'resumed'} the weekly retrain.",
+                          key=f"schedule-{attempt}" if attempt else None)
 
 
 def _msg(e: Exception) -> str:

@@ -206,7 +206,7 @@ def _execute(service, client, settings, p: Parsed, who: Actor, cmd_id: str = "",
         return blocks.info(f":no_entry_sign: Canceled run `{esc(run.run_id)}`.")
     if p.sub == "schedule":
         if p.action:
-            service.set_schedule_paused(p.action == "pause", by=who)
+            service.set_schedule_paused(p.action == "pause", by=who, attempt=f"cmd:{cmd_id}" if cmd_id else "")
             return blocks.info(f":calendar: Weekly retrain {'paused' if p.action == 'pause' else 'resumed'}.")
         return blocks.schedule_message(service.status())
     raise AssertionError(f"unhandled subcommand {p.sub}")
