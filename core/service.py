@@ -80,6 +80,19 @@ class TrainingService(RunQueries):
             raise ParamError(str(e)) from None
         return dataclasses.asdict(p) if dataclasses.is_dataclass(p) else dict(vars(p))
 
+    def _check_mode(self, params: dict, sweep) -> None:
+        """refresh and warm reuse production's weights: refused up front, with the reason,
+        when there is no production model (the pipeline would fail in its first minute)."""
+        from steps.reuse import production_version
+        mode = params.get("mode", "full")
+        if mode == "refresh" and sweep:
+            raise ParamError("mode=refresh trains nothing, so it cannot sweep: use mode=warm or mode=full")
+        if mode in ("refresh", "warm"):
+            try:
+                production_version(self.store, self.model, mode)
+            except ValueError as e:
+                raise ParamError(str(e)) from None
+
     # ---- starting a run ---------------------------------------------------------------
 
     def request_training(self, reason: str, params: dict, requested_by: str, *, trigger="manual",
@@ -88,6 +101,7 @@ class TrainingService(RunQueries):
         """Start a run. With ``dedupe_key`` the same request (a retry, a resumed command,
         a second replica) gets the same run, whatever step the first try died after."""
         params = self._resolve(params or {})
+        self._check_mode(params, sweep)
         run_id = layout.new_run_id(self.clock())
         if dedupe_key:
             existing, run_id = self._claim_dedupe(dedupe_key, run_id)

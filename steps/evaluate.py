@@ -200,12 +200,14 @@ def evaluate_against_production(store_root: str, model_name: str, index_dir: str
 
 
 def upload_candidate(store_root: str, run_id: str, *, model_dir: str, index_dir: str,
-                     eval_dir: str, data_card: str) -> list[str]:
+                     eval_dir: str, data_card: str, added: str | None = None) -> list[str]:
     """Put the run's confusion matrix and its candidate package (model, index, labels,
-    metrics, data card, params) into the store, whatever the decision: a held candidate
-    is what 'Promote anyway' publishes. Returns the package keys."""
+    metrics, data card, params, lineage) into the store, whatever the decision: a held
+    candidate is what 'Promote anyway' publishes. Returns the package keys. ``added``: a
+    refresh's added.json (embed), the images and objects appended to the gallery."""
     from steps import layout
     from steps.deploy import upload_package
+    from steps.reuse import LINEAGE_JSON, read_lineage
     from steps.storage import open_store
 
     store = open_store(store_root)
@@ -219,6 +221,10 @@ def upload_candidate(store_root: str, run_id: str, *, model_dir: str, index_dir:
             shutil.copytree(src, pkg, dirs_exist_ok=True)
         shutil.copy(ev / METRICS_JSON, Path(pkg) / METRICS_JSON)
         shutil.copy(data_card, Path(pkg) / layout.DATA_CARD_JSON)
+        lineage = read_lineage(model_dir)
+        if added and Path(added).is_file():
+            lineage.update(json.loads(Path(added).read_text()))
+        (Path(pkg) / LINEAGE_JSON).write_text(json.dumps(lineage, indent=1))
         return upload_package(store, pkg, layout.candidate_prefix(run_id))
 
 
