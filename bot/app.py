@@ -7,7 +7,7 @@ from slack_bolt import App
 from slack_sdk import WebClient
 
 from bot.background import JobContext, ThreadBackground
-from bot.listeners import actions, commands, home
+from bot.listeners import actions, commands, forms, home, other_commands
 from bot.slack_client import with_rate_limit_retries
 from core.config import Settings, reveal
 
@@ -50,7 +50,7 @@ def create_app(settings: Settings, service, client: WebClient, background=None) 
         logger=_bolt_logger(),
     )
     app.background = background or ThreadBackground(JobContext(service, app.client, settings))
-    for module in (commands, actions, home):
+    for module in (commands, actions, forms, home, other_commands):   # other_commands last: it matches any command
         module.register(app, service, settings)
 
     @app.error

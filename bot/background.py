@@ -109,4 +109,6 @@ class ProcessBackground:
             return self._pool.submit(_run_in_worker, fn, args, what)
 
     def shutdown(self, wait: bool = True) -> None:
-        self._pool.shutdown(wait=wait, cancel_futures=True)
+        """``wait``: run the jobs already submitted (acked commands) first; else drop the
+        queued ones (they are resumed from Redis by whoever runs next)."""
+        self._pool.shutdown(wait=wait, cancel_futures=not wait)

@@ -11,3 +11,4 @@ REJECT_DEPLOY = "ct_reject_deploy"         # value: run id
 
 ALL = (RETRAIN_NEW_DATA, DISMISS_ALERT, PROMOTE, ROLLBACK, VIEW_RUN, RETRAIN, CANCEL_RUN, APPROVE_DEPLOY,
        REJECT_DEPLOY)
+TRAIN_FORM = "ct_train_form"              # callback_id of the training form (modal)

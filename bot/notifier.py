@@ -2,7 +2,9 @@
 
 One message per run, ever: the first post is claimed in Redis and carries the run id
 as message metadata, so a post whose reply was lost (a crash, a timeout) is found in
-the channel's history instead of being posted twice. The message is then updated in
+the channel's history instead of being posted twice. That metadata is the run's
+``ctbot_run`` event (bot/blocks/events.py), set again on every update so other apps can
+follow runs. The message is then updated in
 place with the run's current state (progress is throttled across replicas; a throttled
 update is deferred, then sent with the latest state), and replaced by the final report;
 the details and the confusion matrix go into its thread once each.
@@ -19,6 +21,7 @@ import uuid
 from slack_sdk.errors import SlackApiError
 
 from bot import blocks
+from bot.blocks.events import RUN_EVENT, run_metadata
 from core.outbox import Outbox
 from core.serving_client import serving_status
 from core.types import NewData, RunRecord
@@ -27,7 +30,7 @@ from steps.results import read_confusion_png, read_report, read_steps
 
 log = logging.getLogger(__name__)
 
-METADATA_EVENT = "ctbot_run"
+METADATA_EVENT = RUN_EVENT
 POST_CLAIM_SECONDS = 60      # longer than one chat.postMessage with its retries
 LOCK_WAIT_SECONDS = 3.0         # wait this long for another delivery of the same run to end
 DELIVERY_LOCK_SECONDS = 30      # a replica that died mid-delivery holds it up at most this long
@@ -130,7 +133,9 @@ class SlackDelivery:
         if not self.state.r.set(claim, "1", nx=True, ex=POST_CLAIM_SECONDS):
             return None
         try:
-            where, posted = self._post_once(f"run-{run.run_id}", self.channel, None, blocks.fit_message(view))
+            key = f"run-{run.run_id}"
+            where, posted = self._post_once(key, self.channel, None, blocks.fit_message(view),
+                                            metadata=run_metadata(run, key))
             self._record_where(run, where)
             if self.min_update_seconds > 0:   # the post counts as the latest update
                 self.state.r.set(self.state.k("slack", "throttle", run.run_id), "1",
@@ -141,9 +146,11 @@ class SlackDelivery:
         finally:
             self.state.r.delete(claim)
 
-    def _post_once(self, key: str, channel: str, thread_ts: str | None, message: dict):
+    def _post_once(self, key: str, channel: str, thread_ts: str | None, message: dict,
+                   metadata: dict | None = None):
         """chat.postMessage at most once per ``key``: ((channel, ts), posted_now). A try
-        whose reply was lost is found again by the key in the message's metadata."""
+        whose reply was lost is found again by the key in the message's metadata
+        (``metadata``'s payload must then hold the key)."""
         tried = self.state.k("slack", "tried", key)
         if self.state.r.exists(tried):
             found = self._find(key, channel, thread_ts)
@@ -151,8 +158,8 @@ class SlackDelivery:
                 return found, False
         self.state.r.set(tried, "1", ex=30 * 24 * 3600)
         extra = {"thread_ts": thread_ts} if thread_ts else {}
-        resp = self.client.chat_postMessage(channel=channel, **message, **extra,
-                                            metadata={"event_type": METADATA_EVENT, "event_payload": {"key": key}})
+        resp = self.client.chat_postMessage(channel=channel, **message, **extra, metadata=metadata or
+                                            {"event_type": METADATA_EVENT, "event_payload": {"key": key}})
         if channel == self.channel:
             self.state.r.set(self.state.k("slack", "channel_id", channel), resp["channel"])
         return (resp["channel"], resp["ts"]), True
@@ -199,7 +206,8 @@ class SlackDelivery:
 
     def _update(self, run: RunRecord, where: tuple[str, str], view: dict) -> None:
         try:
-            self.client.chat_update(channel=where[0], ts=where[1], **blocks.fit_message(view))
+            self.client.chat_update(channel=where[0], ts=where[1], **blocks.fit_message(view),
+                                    metadata=run_metadata(run, f"run-{run.run_id}"))
         except SlackApiError as e:
             if (e.response or {}).get("error") != "message_not_found":
                 raise

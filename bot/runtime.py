@@ -70,21 +70,23 @@ class BotProcess:
         port = self.settings.http_port if port is None else port
         ready = Readiness(self.health)
         if reveal(self.settings.slack_app_token):
-            self.probes = serve_http(None, host, port, health=ready)
+            self.probes = serve_http(None, host, port, health=ready, http=self.settings.http)
             self.socket = serve_socket_mode(self.app, reveal(self.settings.slack_app_token))
         else:
-            self.server = serve_http(self.app, host, port, health=ready)
+            self.server = serve_http(self.app, host, port, health=ready, http=self.settings.http)
         if self.scheduler is not None:
             self.scheduler.start()
         return self
 
     def stop(self) -> None:
-        if self.scheduler is not None:
-            self.scheduler.shutdown(wait=False)
+        """SIGTERM: stop accepting, answer the requests in flight, let the jobs their acks
+        promised finish, then return (Kubernetes' grace period bounds the whole)."""
         if self.server is not None:
             self.server.shutdown()
-        if self.probes is not None:
-            self.probes.shutdown()
         if self.socket is not None:
             self.socket.close()
-        self.app.background.shutdown(wait=False)
+        if self.scheduler is not None:
+            self.scheduler.shutdown(wait=False)
+        self.app.background.shutdown(wait=True)
+        if self.probes is not None:
+            self.probes.shutdown()

@@ -1,69 +1,79 @@
 """HTTP and Socket Mode entry points for the Bolt app.
 
-Not Bolt's ``app.start()``: that server is single-threaded with a listen backlog of 5,
-and under 20 concurrent requests it dropped connections and acked in 3-4 s, past
-Slack's 3 s limit. Here a ThreadingHTTPServer with a deep accept queue hands each
-request to ``app.dispatch`` on its own thread; the listeners ack at once and leave
-slow work to the app's background jobs (bot/background.py).
+HTTP is uvicorn (httptools, uvloop) with the limits of core/httpserver.py, in front of
+a thin ASGI app. Not Bolt's own ``app.start()`` (single-threaded, backlog 5: acks of
+3-4 s at 20 concurrent) and not Bolt's ASGI adapter, which runs the synchronous
+``app.dispatch`` on the event loop and reads a body of any size: one ack waiting on
+Redis would hold every probe behind it. Here the loop only parses, routes and answers
+the probes; ``app.dispatch`` runs on a small pool of threads (``http.ack_threads``),
+and the listeners ack at once and leave slow work to the background jobs
+(bot/background.py). docs/http.md has the limits and the figures.
 
 Routes: POST /slack/events; GET /livez (the process serves), /readyz (Redis and the
-store answer; /healthz is its old name) and /metrics (Prometheus). In Socket Mode the
-same server runs without the Slack route, for the probes and the scrape.
+store answer; /healthz is its old name) and /metrics (Prometheus). The probes and
+/metrics are also served on a listener of their own (``http.probe_port``), so a flood
+of connections on the Slack port cannot fail them. In Socket Mode only that listener
+runs, without the Slack route.
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
-import threading
 import time
 import urllib.parse
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from concurrent.futures import Future, ThreadPoolExecutor
 
 from slack_bolt import App
 from slack_bolt.request import BoltRequest
 
 from core import metrics
+from core.config import HttpSection
+from core.httpserver import HttpServer as _Uvicorn
+from core.httpserver import Limits, Listener, bind
 
 log = logging.getLogger(__name__)
 
 EVENTS_PATH = "/slack/events"
 READY_PATHS = ("/readyz", "/healthz")   # /healthz: the name older manifests probe
-MAX_BODY = 1 << 20   # Slack's payloads are a few KB; refuse anything absurd
-READY_WAIT = 2.0     # a readiness check that takes longer answers with the last result
+PROBE_PATHS = ("/livez", "/metrics") + READY_PATHS
+READY_WAIT = 1.5     # a readiness check slower than this answers "not ready"
+READY_FRESH = 1.0    # a result younger than this is answered without asking again
 
 
 class Readiness:
-    """Runs ``check`` off the request thread: a store or Redis that hangs must not hold
-    one of the four server threads Slack's acks need. A request waits up to READY_WAIT
-    for a fresh answer, else gets the last one (not ready if there was none)."""
+    """Runs ``check`` on a thread of its own, never on the event loop or an ack thread: a
+    store or Redis that hangs must hold neither. A probe gets a result younger than
+    READY_FRESH as it is; else it waits up to READY_WAIT for a new one, and past that
+    gets "not ready" (a dependency that slow is not one to send traffic to)."""
 
     def __init__(self, check: Callable[[], dict]):
         self._check = check
-        self._lock = threading.Lock()
-        self._last: dict = {"ok": False, "error": "not checked yet"}
-        self._running: threading.Thread | None = None
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="ctbot-readyz")
+        self._running: Future | None = None
+        self._last: dict | None = None
+        self._last_at = 0.0
 
-    def __call__(self) -> dict:
-        with self._lock:
-            if self._running is None or not self._running.is_alive():
-                self._running = threading.Thread(target=self._run, name="ctbot-readyz", daemon=True)
-                self._running.start()
-            running = self._running
-        running.join(READY_WAIT)
-        with self._lock:
-            return dict(self._last, stale=True) if running.is_alive() else dict(self._last)
+    async def status(self) -> dict:
+        if self._last is not None and time.monotonic() - self._last_at < READY_FRESH:
+            return self._last
+        if self._running is None or self._running.done():
+            self._running = self._pool.submit(self._run)
+        try:
+            return await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(self._running)), READY_WAIT)
+        except TimeoutError:
+            return {"ok": False, "error": f"readiness check still running after {READY_WAIT:g} s"}
 
-    def _run(self) -> None:
+    def _run(self) -> dict:
         try:
             status = self._check()
-        except Exception as e:   # health must answer, not crash the handler
+        except Exception as e:   # health must answer, not crash the probe
             log.warning("readiness check failed: %s", e)
             status = {"ok": False, "error": type(e).__name__}
-        with self._lock:
-            self._last = status
+        self._last, self._last_at = status, time.monotonic()
+        return status
 
 
 def _request_name(body: str, ctype: str) -> tuple[str, str]:
@@ -89,46 +99,116 @@ def _request_name(body: str, ctype: str) -> tuple[str, str]:
     return "other", "unknown"
 
 
-class _Server(ThreadingHTTPServer):
-    """ThreadingHTTPServer on a small fixed pool of threads.
+async def _answer(send, status: int, body: str | bytes, headers: dict | None = None,
+                  ctype: str = "text/plain; charset=utf-8", close: bool = False) -> None:
+    data = body.encode() if isinstance(body, str) else body
+    out, sent_type = [], False
+    for k, vs in (headers or {}).items():
+        if k.lower() in ("content-length", "connection", "transfer-encoding"):
+            continue
+        for v in (vs if isinstance(vs, (list, tuple)) else [vs]):
+            sent_type |= k.lower() == "content-type"
+            out.append((k.lower().encode("latin-1"), str(v).encode("latin-1")))
+    if not sent_type:
+        out.append((b"content-type", ctype.encode()))
+    out.append((b"content-length", str(len(data)).encode()))
+    if close:
+        out.append((b"connection", b"close"))
+    await send({"type": "http.response.start", "status": status, "headers": out})
+    await send({"type": "http.response.body", "body": data})
 
-    Measured with bench/bench_ack.py (2 cores, 20 concurrent clients): a thread per
-    request cost ~0.3 ms of CPU per ack just to start it, and with 20+ threads parsing
-    and dispatching at once they mostly trade the GIL: p99 ~100-150 ms. Four threads and
-    the kernel's accept queue in front of them: p99 ~70 ms. A client that stalls holds
-    a thread for at most ``timeout`` seconds (behind an ingress that buffers requests it
-    never reaches us).
-    """
-    daemon_threads = True
-    request_queue_size = 1024     # listen backlog: bursts wait in the kernel, not refused
-    allow_reuse_address = True
-    pool_size = 4
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._pool = ThreadPoolExecutor(self.pool_size, thread_name_prefix="ctbot-http")
+async def _read_body(receive, limit: int) -> bytes | None:
+    """The whole body, or None when it passes ``limit`` (the rest is not read) or the
+    client went away."""
+    chunks, size = [], 0
+    while True:
+        msg = await receive()
+        if msg["type"] == "http.disconnect":
+            return None
+        chunk = msg.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+        if not msg.get("more_body"):
+            return b"".join(chunks)
 
-    def process_request(self, request, client_address):
-        self._pool.submit(self.process_request_thread, request, client_address)
 
-    def server_close(self):
-        super().server_close()
-        self._pool.shutdown(wait=False, cancel_futures=True)
+class SlackAsgi:
+    """The ASGI app: Slack's route (``app`` None: none) and the probes."""
+
+    def __init__(self, app: App | None, health: Readiness, max_body: int, ack_threads: int = 4):
+        self.app, self.health, self.max_body = app, health, max_body
+        self._pool = ThreadPoolExecutor(ack_threads, thread_name_prefix="ctbot-ack") if app is not None else None
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return
+        headers = scope["headers"]
+        length = next((v for k, v in headers if k == b"content-length"), None)
+        chunked = any(k == b"transfer-encoding" for k, _ in headers)
+        if scope["http_version"] == "1.1" and not any(k == b"host" for k, _ in headers):
+            return await _answer(send, 400, "missing Host header\n", close=True)
+        path, method = scope["path"], scope["method"]
+        if method in ("GET", "HEAD"):
+            if chunked or (length not in (None, b"0")):
+                return await _answer(send, 400, f"a {method} request has no body\n", close=True)
+            return await self._probe(send, path)
+        if method != "POST" or path != EVENTS_PATH or self.app is None:
+            return await _answer(send, 404, "not found", close=length not in (None, b"0") or chunked)
+        if length is not None and int(length) > self.max_body:   # llhttp let only digits through
+            return await _answer(send, 413, "payload too large\n", close=True)
+        started = time.perf_counter()
+        body = await _read_body(receive, self.max_body)
+        if body is None:
+            return await _answer(send, 413, "payload too large\n", close=True)
+        loop = asyncio.get_running_loop()
+        status, resp_body, resp_headers = await loop.run_in_executor(
+            self._pool, self._dispatch, body, scope["query_string"].decode("latin-1"), headers, started)
+        await _answer(send, status, resp_body, resp_headers)
+
+    def _dispatch(self, raw: bytes, query: str, raw_headers, started: float) -> tuple[int, str, dict]:
+        """On an ack thread: Bolt verifies the signature and runs the listener's ack."""
+        body = raw.decode("utf-8", "replace")
+        headers: dict[str, list[str]] = {}
+        for k, v in raw_headers:
+            headers.setdefault(k.decode("latin-1"), []).append(v.decode("latin-1"))
+        resp = self.app.dispatch(BoltRequest(body=body, query=query, headers=headers))
+        # Recorded before the answer leaves, so a scrape after it always counts it.
+        kind, name = _request_name(body, (headers.get("content-type") or [""])[0])
+        metrics.ACK_SECONDS.labels(kind).observe(time.perf_counter() - started)
+        if kind in ("command", "action"):
+            metrics.command(name, "ok" if resp.status < 300 else
+                            "rejected" if resp.status in (401, 403) else "error")
+        return resp.status, resp.body or "", resp.headers
+
+    async def _probe(self, send, path: str) -> None:
+        if path == "/livez":    # answering at all is the proof; no dependency is asked
+            return await _answer(send, 200, json.dumps({"ok": True}), ctype="application/json")
+        if path == "/metrics":
+            body, ctype = metrics.exposition()
+            return await _answer(send, 200, body, ctype=ctype)
+        if path not in READY_PATHS:
+            return await _answer(send, 404, "not found")
+        status = await self.health.status()
+        await _answer(send, 200 if status.get("ok") else 503, json.dumps(status, default=str),
+                      ctype="application/json")
+
+    def shutdown(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
 
 
 class HttpServer:
-    """A running server: ``.url``, ``.events_url``, ``.shutdown()``."""
+    """A running server: ``.url``, ``.events_url``, ``.probe_url``, ``.shutdown()``."""
 
-    def __init__(self, server: _Server, thread: threading.Thread):
-        self._server, self._thread = server, thread
-
-    @property
-    def host(self) -> str:
-        return self._server.server_address[0]
+    def __init__(self, server: _Uvicorn, asgi: SlackAsgi, host: str):
+        self._server, self._asgi, self.host = server, asgi, host
 
     @property
     def port(self) -> int:
-        return self._server.server_address[1]
+        return self._server.listeners[0].port
 
     @property
     def url(self) -> str:
@@ -138,97 +218,39 @@ class HttpServer:
     def events_url(self) -> str:
         return self.url + EVENTS_PATH
 
+    @property
+    def probe_url(self) -> str:
+        return f"http://{self.host}:{self._server.listeners[-1].port}"
+
     def wait(self) -> None:
-        self._thread.join()
+        self._server.wait()
 
     def shutdown(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join(5)
-
-
-def _handler(app: App | None, health: Callable[[], dict]):
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-        server_version = "ctbot"
-        timeout = 10          # a client that stalls mid-request frees its pool thread
-
-        def log_message(self, fmt, *args):
-            log.debug("%s " + fmt, self.address_string(), *args)
-
-        def _send(self, status: int, body: str | bytes, headers: dict | None = None,
-                  ctype: str = "text/plain; charset=utf-8") -> None:
-            data = body.encode() if isinstance(body, str) else body
-            self.send_response(status)
-            sent_type = False
-            for k, vs in (headers or {}).items():
-                for v in (vs if isinstance(vs, (list, tuple)) else [vs]):
-                    if k.lower() == "content-length":
-                        continue
-                    sent_type |= k.lower() == "content-type"
-                    self.send_header(k, v)
-            if not sent_type:
-                self.send_header("Content-Type", ctype)
-            self.send_header("Content-Length", str(len(data)))
-            self.send_header("Connection", "close")
-            self.close_connection = True
-            self.end_headers()
-            self.wfile.write(data)
-
-        def do_GET(self):
-            path = urllib.parse.urlsplit(self.path).path
-            if path == "/livez":    # answering at all is the proof; no dependency is asked
-                return self._send(200, json.dumps({"ok": True}), ctype="application/json")
-            if path == "/metrics":
-                body, ctype = metrics.exposition()
-                return self._send(200, body, ctype=ctype)
-            if path not in READY_PATHS:
-                return self._send(404, "not found")
-            try:
-                status = health()
-            except Exception as e:   # health must answer, not crash the handler
-                log.warning("health check failed: %s", e)
-                status = {"ok": False, "error": type(e).__name__}
-            self._send(200 if status.get("ok") else 503, json.dumps(status, default=str),
-                       ctype="application/json")
-
-        def do_POST(self):
-            started = time.perf_counter()
-            parsed = urllib.parse.urlsplit(self.path)
-            if app is None or parsed.path != EVENTS_PATH:
-                return self._send(404, "not found")
-            n = int(self.headers.get("Content-Length") or 0)
-            if n > MAX_BODY:
-                return self._send(413, "payload too large")
-            body = self.rfile.read(n).decode("utf-8") if n else ""
-            headers: dict[str, list[str]] = {}
-            for k, v in self.headers.items():
-                headers.setdefault(k.lower(), []).append(v)
-            resp = app.dispatch(BoltRequest(body=body, query=parsed.query, headers=headers))
-            self._send(resp.status, resp.body or "", resp.headers)
-            kind, name = _request_name(body, self.headers.get("Content-Type") or "")
-            metrics.ACK_SECONDS.labels(kind).observe(time.perf_counter() - started)
-            if kind in ("command", "action"):
-                metrics.command(name, "ok" if resp.status < 300 else
-                                "rejected" if resp.status in (401, 403) else "error")
-
-    return Handler
+        """Stop accepting, finish the requests in flight (up to http.shutdown_seconds)."""
+        self._server.stop()
+        self._asgi.shutdown()
 
 
 def serve_http(app: App | None, host: str = "127.0.0.1", port: int = 0,
-               health: Callable[[], dict] | None = None) -> HttpServer:
+               health: Readiness | None = None, http: HttpSection | None = None) -> HttpServer:
     """Serve ``app`` at POST /slack/events (commands, actions, events), and the probes
-    and /metrics, on a background thread; port 0 picks a free one. ``app`` None serves
-    only the probes and /metrics (Socket Mode). Returns a handle with .url."""
-    server = _Server((host, port), _handler(app, health or (lambda: {"ok": True})))
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2},
-                              name="ctbot-http", daemon=True)
-    thread.start()
+    and /metrics, on a background thread; port 0 picks a free one. The probes and
+    /metrics also get their own listener at ``http.probe_port`` (0 when ``port`` is 0).
+    ``app`` None serves only the probes and /metrics (Socket Mode), at ``port``."""
+    http = http or HttpSection()
+    limits = Limits.from_section(http)
+    health = health or Readiness(lambda: {"ok": True})
+    asgi = SlackAsgi(app, health, http.max_body_bytes, http.ack_threads)
+    listeners = [Listener(asgi, bind(host, port), limits)]
     if app is not None:
-        log.info("serving Slack requests at http://%s:%s%s", host, server.server_address[1], EVENTS_PATH)
+        probe_port = 0 if port == 0 else http.probe_port
+        listeners.append(Listener(SlackAsgi(None, health, 0), bind(host, probe_port), limits, max_connections=64))
+    server = HttpServer(_Uvicorn(listeners).start(), asgi, host)
+    if app is not None:
+        log.info("serving Slack requests at %s, probes also at %s", server.events_url, server.probe_url)
     else:
-        log.info("serving /livez, /readyz and /metrics at http://%s:%s", host, server.server_address[1])
-    return HttpServer(server, thread)
+        log.info("serving /livez, /readyz and /metrics at %s", server.url)
+    return server
 
 
 def serve_socket_mode(app: App, app_token: str):

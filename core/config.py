@@ -104,6 +104,21 @@ class ServingSection(Section):
     search: Literal["exact", "ivf"] = "ivf"
 
 
+class HttpSection(Section):
+    """The bot's HTTP front door (`ctbot serve`, uvicorn; docs/http.md says which limit is
+    enforced where). Beyond a limit a request gets its 4xx and the connection is closed,
+    without reading the rest."""
+    probe_port: int = Field(3001, ge=0, le=65535)   # /livez, /readyz, /metrics alone; 0: any free port
+    max_header_bytes: int = Field(16 << 10, ge=1024)   # request line + headers; beyond: 431
+    max_headers: int = Field(100, ge=8)                # header lines; beyond: 431
+    max_body_bytes: int = Field(1 << 20, ge=1024)      # Slack's payloads are a few KB; beyond: 413
+    max_connections: int = Field(1000, ge=16)          # open connections on the Slack port; beyond: 503
+    request_seconds: float = Field(10.0, gt=0)         # to receive a whole request (head and body); beyond: 408
+    keepalive_seconds: float = Field(5.0, gt=0)        # an idle keep-alive connection is closed after this
+    ack_threads: int = Field(4, ge=1)                  # threads running Bolt's dispatch (the acks)
+    shutdown_seconds: float = Field(20.0, ge=0)        # SIGTERM: in-flight requests get this long to finish
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_nested_delimiter=NESTED_DELIMITER,
                                       extra="forbid", validate_default=True, protected_namespaces=())
@@ -120,6 +135,8 @@ class Settings(BaseSettings):
     slack_min_update_seconds: float = Field(3.0, ge=0)   # chat.update is rate limited; progress is throttled
     # State and storage
     redis_url: str = ""
+    redis_ack_timeout_seconds: float = Field(0.3, gt=0)   # Redis calls on the ack path (and /readyz) give up after this
+    redis_timeout_seconds: float = Field(5.0, gt=0)       # every other Redis call
     store: str = Field("./.ctbot/store", min_length=1)   # s3://bucket/prefix or a local directory
     data_prefix: str = "data/"          # where new labelled data lands, relative to store
     eval_uri: str = ""                  # fixed eval set; default: <store>/eval/eval.npz
@@ -154,6 +171,7 @@ class Settings(BaseSettings):
     access: AccessSection = Field(default_factory=AccessSection)
     deploy: DeploySection = Field(default_factory=DeploySection)
     serving: ServingSection = Field(default_factory=ServingSection)
+    http: HttpSection = Field(default_factory=HttpSection)
     outbox_drain_seconds: float = Field(2.0, gt=0)       # how often owed Slack messages are retried
     command_resume_seconds: float = Field(10.0, gt=0)    # how often commands cut off by a crash are resumed
     command_stale_seconds: float = Field(300.0, gt=0)    # a started command silent this long is resumed

@@ -21,8 +21,34 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[
 return 0
 """
 
+# Record an accepted command whole or not at all, and only before ARGV[3] (Redis's clock):
+# a call that reached a hung Redis after the ack gave up (and told the user nothing was
+# changed) must not record the command later, when Redis wakes, to be resumed and run.
+_ACCEPT = """
+local now = redis.call('TIME')
+if tonumber(now[1]) + tonumber(now[2]) / 1000000 > tonumber(ARGV[3]) then return -1 end
+if redis.call('HSETNX', KEYS[1], 'payload', ARGV[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[1], 'accepted_at', ARGV[2], 'state', 'accepted')
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+redis.call('ZADD', KEYS[2], ARGV[2], ARGV[5])
+return 1
+"""
+
 AUDIT_MAXLEN = 10_000
+ACK_TIMEOUT = 0.3       # seconds; Redis calls on the ack path and the readiness ping
+TIMEOUT = 5.0           # every other Redis call
 PENDING_MAX_BATCHES = 500
+
+
+def _short_timeout_client(client, timeout: float):
+    """A client to the same Redis that waits at most ``timeout`` and never retries."""
+    import redis
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+    pool = client.connection_pool
+    kwargs = dict(pool.connection_kwargs, socket_timeout=timeout, socket_connect_timeout=timeout,
+                  retry=Retry(NoBackoff(), 0))
+    return redis.Redis(connection_pool=redis.ConnectionPool(connection_class=pool.connection_class, **kwargs))
 
 
 def _iso(ts: float) -> str:
@@ -31,7 +57,7 @@ def _iso(ts: float) -> str:
 
 class StateStore:
     def __init__(self, redis_client, prefix: str = "ct:", clock=time.time,
-                 audit_maxlen: int = AUDIT_MAXLEN):
+                 audit_maxlen: int = AUDIT_MAXLEN, ack_timeout: float = ACK_TIMEOUT):
         kwargs = getattr(getattr(redis_client, "connection_pool", None), "connection_kwargs", {})
         if not kwargs.get("decode_responses"):
             raise ValueError("StateStore needs a Redis client created with decode_responses=True")
@@ -39,16 +65,27 @@ class StateStore:
         self.prefix = prefix
         self.clock = clock
         self.audit_maxlen = audit_maxlen
+        self.ack_timeout = ack_timeout
+        self.fast = _short_timeout_client(redis_client, ack_timeout)   # the ack path's: one try, short wait
+        self._clock_offset = 0.0      # Redis's clock minus ours, measured by ping()
         self._release = self.r.register_script(_RELEASE)
         self._refresh = self.r.register_script(_REFRESH)
+        self._accept = self.fast.register_script(_ACCEPT)
 
     def ping(self) -> None:
-        self.r.ping()
+        """Raises unless Redis answers within the ack timeout; also measures how far
+        Redis's clock is from ours (accept_command's deadline is in Redis's)."""
+        t0 = time.time()
+        sec, usec = self.fast.time()
+        t1 = time.time()
+        self._clock_offset = sec + usec / 1e6 - (t0 + t1) / 2
 
     @classmethod
-    def from_url(cls, url: str, prefix: str = "ct:", **kwargs) -> StateStore:
+    def from_url(cls, url: str, prefix: str = "ct:", timeout: float = TIMEOUT, **kwargs) -> StateStore:
         import redis
-        return cls(redis.Redis.from_url(url, decode_responses=True), prefix=prefix, **kwargs)
+        client = redis.Redis.from_url(url, decode_responses=True, socket_timeout=timeout,
+                                      socket_connect_timeout=timeout)
+        return cls(client, prefix=prefix, **kwargs)
 
     def k(self, *parts: str) -> str:
         return self.prefix + ":".join(parts)
@@ -172,16 +209,19 @@ class StateStore:
 
     def accept_command(self, cmd_id: str, payload: dict, ttl: float) -> bool:
         """Record a command before its ack promises anything; False when it was already
-        accepted (a retry of the same request)."""
-        key = self.k("cmd", cmd_id)
-        if not self.r.hsetnx(key, "payload", json.dumps(payload)):
-            return False
-        p = self.r.pipeline()
-        p.hset(key, mapping={"accepted_at": self.clock(), "state": "accepted"})
-        p.expire(key, int(ttl))
-        p.zadd(self.k("cmds"), {cmd_id: self.clock()})
-        p.execute()
-        return True
+        accepted (a retry of the same request). On the ack path: one try, within the ack
+        timeout, all or nothing; a redis TimeoutError or ConnectionError means nothing
+        was recorded, nor will be (the script refuses to run past its deadline)."""
+        import redis
+        # The deadline sits a margin before our own timeout, in Redis's clock.
+        margin = min(0.1, self.ack_timeout / 3)
+        deadline = time.time() + self._clock_offset + self.ack_timeout - margin
+        now = self.clock()
+        done = self._accept(keys=[self.k("cmd", cmd_id), self.k("cmds")],
+                            args=[json.dumps(payload), now, f"{deadline:.6f}", int(ttl), cmd_id])
+        if done == -1:
+            raise redis.TimeoutError("Redis ran the command's record after its deadline; nothing was recorded")
+        return bool(done)
 
     def command(self, cmd_id: str) -> dict:
         h = self.r.hgetall(self.k("cmd", cmd_id))

@@ -33,6 +33,8 @@ def run(args: argparse.Namespace) -> int:
     where = proc.server.events_url if proc.server else "Socket Mode"
     # One machine-readable line: tests and the bench read the chosen port from it.
     print(f"ctbot serve: serving {where}", flush=True)
+    if proc.server:
+        print(f"ctbot serve: probes at {proc.server.probe_url}", flush=True)
     until_signalled()
     proc.stop()
     return 0

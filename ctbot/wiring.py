@@ -46,7 +46,8 @@ def build_state(settings: Settings):
     from core.state import StateStore
     if not settings.redis_url:
         raise ValueError("REDIS_URL is not set: ctbot keeps runs, locks and cursors in Redis")
-    return StateStore.from_url(settings.redis_url)
+    return StateStore.from_url(settings.redis_url, timeout=settings.redis_timeout_seconds,
+                               ack_timeout=settings.redis_ack_timeout_seconds)
 
 
 def build_runner(settings: Settings, store):

@@ -3,21 +3,26 @@
 It plays both sides of Slack on 127.0.0.1:
 
 * the Web API the bot calls (``WebClient(base_url=standin.api_url)``): auth.test,
-  chat.postMessage/update/postEphemeral/getPermalink, conversations.info/join, the
+  chat.postMessage/update (with message metadata)/postEphemeral/getPermalink,
+  conversations.info/join, views.open/update/publish (modals and the App Home), the
   three calls of files_upload_v2 (including the POST to the upload URL it hands out),
   and response_url POSTs (``/response/<id>``);
-* the Slack that calls the bot: ``command()`` and ``click()`` deliver signed slash
-  commands and button clicks to the bot's HTTP endpoint, like Slack does.
+* the Slack that calls the bot: ``command()``, ``click()``, ``submit_view()`` and
+  ``click_view()`` deliver signed slash commands, button clicks (in the channel or on
+  the Home tab) and modal submissions to the bot's HTTP endpoint, like Slack does.
 
 It records every call, keeps the channel as Slack would show it (messages updated in
 place, threads, files, ephemeral replies), and renders a readable transcript.
 It checks what real Slack checks where a bug would otherwise hide: the bot token,
-unknown channels, the 50-block cap and text lengths, and five uses per response_url.
+unknown channels, the 50-block cap (100 in a view) and text lengths, five uses per
+response_url, and trigger_ids as views.open takes them: issued by a delivery, used once,
+within ``trigger_ttl`` seconds (Slack's 3 s by default).
 """
 from __future__ import annotations
 
 import itertools
 import json
+import secrets
 import threading
 import time
 import urllib.error
@@ -35,6 +40,9 @@ BOT_ID = "B0CTBOT00"
 APP_ID = "A0CTBOT00"
 DEFAULT_USERS = {"U0ALICE01": "alice", "U0BOB0001": "bob"}
 RESPONSE_URL_USES = 5          # Slack: a response_url works 5 times in 30 minutes
+TRIGGER_TTL = 3.0              # Slack: a trigger_id must be exchanged within 3 seconds
+MAX_VIEW_BLOCKS = 100          # Slack: blocks in a modal or Home tab (messages: 50)
+MAX_VIEW_BYTES = 250_000       # Slack: view_too_large past 250 kB
 
 
 @dataclass
@@ -44,6 +52,7 @@ class Call:
     at: float
     status: int = 200
     error: str = ""
+    at_mono: float = field(default_factory=time.monotonic)   # for trigger ages
 
 
 @dataclass
@@ -76,14 +85,14 @@ class Message:
 
 
 class SlackApiError(Exception):
-    def __init__(self, error: str):
+    def __init__(self, error: str, *messages: str):
         super().__init__(error)
-        self.error = error
+        self.error, self.messages = error, list(messages)
 
 
-def _check_blocks(blocks) -> None:
+def _check_blocks(blocks, max_blocks: int = 50) -> None:
     """What Slack itself rejects with invalid_blocks (a deliberately small, independent check)."""
-    if not isinstance(blocks, list) or len(blocks) > 50:
+    if not isinstance(blocks, list) or len(blocks) > max_blocks:
         raise SlackApiError("invalid_blocks")
     for b in blocks:
         t = b.get("type") if isinstance(b, dict) else None
@@ -97,11 +106,95 @@ def _check_blocks(blocks) -> None:
         raise SlackApiError("msg_too_long")
 
 
+INPUT_ELEMENTS = ("plain_text_input", "static_select", "number_input", "checkboxes", "radio_buttons")
+
+
+def _plain(obj, limit: int) -> bool:
+    """A plain_text object within ``limit`` characters."""
+    return isinstance(obj, dict) and obj.get("type") == "plain_text" and 0 < len(obj.get("text") or "") <= limit
+
+
+def _check_view(view) -> dict:
+    """A view as views.open/update/publish take it (JSON string or object); invalid_arguments
+    names what Slack would name."""
+    if isinstance(view, str):
+        try:
+            view = json.loads(view)
+        except ValueError:
+            raise SlackApiError("invalid_arguments", "failed to parse `view`") from None
+    if not isinstance(view, dict) or view.get("type") not in ("modal", "home"):
+        raise SlackApiError("invalid_arguments", "`view.type` must be modal or home")
+    if len(json.dumps(view)) > MAX_VIEW_BYTES:
+        raise SlackApiError("view_too_large")
+    blocks = view.get("blocks") or []
+    problems = []
+    if view["type"] == "modal":
+        if not _plain(view.get("title"), 24):
+            problems.append("`title` must be plain_text of at most 24 characters")
+        for key in ("submit", "close"):
+            if view.get(key) is not None and not _plain(view[key], 24):
+                problems.append(f"`{key}` must be plain_text of at most 24 characters")
+        if any(b.get("type") == "input" for b in blocks) and view.get("submit") is None:
+            problems.append("a view with input blocks needs `submit`")
+    if len(str(view.get("private_metadata") or "")) > 3000:
+        problems.append("`private_metadata` must be at most 3000 characters")
+    if len(str(view.get("callback_id") or "")) > 255:
+        problems.append("`callback_id` must be at most 255 characters")
+    block_ids = [b.get("block_id") for b in blocks if b.get("block_id")]
+    if len(block_ids) != len(set(block_ids)):
+        problems.append("`block_id`s must be unique")
+    for i, b in enumerate(blocks):
+        if b.get("type") != "input":
+            continue
+        el = b.get("element") or {}
+        if not _plain(b.get("label"), 2000):
+            problems.append(f"block {i}: an input's `label` must be plain_text of at most 2000 characters")
+        if el.get("type") not in INPUT_ELEMENTS or not el.get("action_id"):
+            problems.append(f"block {i}: an input needs an element with an action_id")
+        if b.get("hint") is not None and not _plain(b["hint"], 2000):
+            problems.append(f"block {i}: `hint` must be plain_text of at most 2000 characters")
+        if el.get("type") == "static_select":
+            values = [o.get("value") for o in el.get("options") or []]
+            if not values or len(values) > 100:
+                problems.append(f"block {i}: a static_select needs 1-100 options")
+            init = (el.get("initial_option") or {}).get("value")
+            if init is not None and init not in values:
+                problems.append(f"block {i}: `initial_option` is not one of the options")
+        if el.get("type") == "plain_text_input" and len(str(el.get("initial_value") or "")) > 3000:
+            problems.append(f"block {i}: `initial_value` over 3000 characters")
+    if len(blocks) > MAX_VIEW_BLOCKS:
+        problems.append(f"no more than {MAX_VIEW_BLOCKS} items allowed [json-pointer:/view/blocks]")
+    if problems:
+        raise SlackApiError("invalid_arguments", *problems)
+    try:
+        _check_blocks([b for b in blocks if b.get("type") != "input"], MAX_VIEW_BLOCKS)
+    except SlackApiError:
+        raise SlackApiError("invalid_arguments", "`blocks` breaks Block Kit's limits") from None
+    return view
+
+
+def _check_metadata(raw) -> dict | None:
+    """chat.postMessage/update's ``metadata``: {event_type, event_payload}, or absent."""
+    if raw is None or raw == "":
+        return None
+    if isinstance(raw, str):
+        try:
+            raw = json.loads(raw)
+        except ValueError:
+            raise SlackApiError("invalid_metadata_format") from None
+    if not isinstance(raw, dict) or not isinstance(raw.get("event_type"), str) \
+            or not raw["event_type"].replace("_", "").isalnum() or not isinstance(raw.get("event_payload"), dict):
+        raise SlackApiError("invalid_metadata_format")
+    if len(json.dumps(raw)) > 8000:
+        raise SlackApiError("metadata_too_large")
+    return raw
+
+
 class SlackStandin:
     def __init__(self, *, bot_token: str = "xoxb-standin", signing_secret: str = "standin-secret",
                  channels: tuple[str, ...] = ("ct",), users: dict | None = None,
                  files_dir: str | Path | None = None, command: str = "/ct", host: str = "127.0.0.1",
-                 usergroups: dict | None = None):
+                 usergroups: dict | None = None, trigger_ttl: float = TRIGGER_TTL):
         self.bot_token = bot_token
         self.signing_secret = signing_secret
         self.command_name = command
@@ -117,6 +210,10 @@ class SlackStandin:
         self._files: dict[str, dict] = {}
         self._fail: dict[str, list] = {}
         self.home_views: dict[str, dict] = {}          # user id -> last published Home tab
+        self.views: dict[str, dict] = {}               # view id -> the view as Slack keeps it (modals, homes)
+        self.view_users: dict[str, str] = {}           # view id -> the user it is shown to
+        self.trigger_ttl = trigger_ttl
+        self._triggers: dict[str, dict] = {}           # trigger_id -> {user, at, used}
         self.usergroups: dict[str, list] = dict(usergroups or {})   # S… -> member user ids
         self._seq = itertools.count(1)
         for name in channels:
@@ -271,6 +368,26 @@ class SlackStandin:
                                     "message_ts": message_ts, "posts": [], "last": None}
         return f"{self.url}/response/{rid}"
 
+    def new_trigger(self, user: str) -> str:
+        """A trigger_id as Slack puts in a command, click or submission: views.open takes
+        it once, within ``trigger_ttl`` seconds."""
+        tid = f"{next(self._seq)}.{int(time.time())}.{secrets.token_hex(8)}"
+        with self._lock:
+            self._triggers[tid] = {"user": user, "at": time.monotonic(), "used": False}
+        return tid
+
+    def trigger_age(self, trigger_id: str, at: float) -> float | None:
+        """Seconds from a trigger's issue to ``at`` (a Call's monotonic ``at_mono``)."""
+        info = self._triggers.get(trigger_id)
+        return None if info is None else at - info["at"]
+
+    def modals(self, user: str | None = None, open_only: bool = True) -> list[dict]:
+        """Modals opened (for ``user``), oldest first; each {id, view, user, open, errors}."""
+        with self._lock:
+            return [dict(v, user=self.view_users.get(vid, "")) for vid, v in self.views.items()
+                    if v["view"]["type"] == "modal" and (user is None or self.view_users.get(vid) == user)
+                    and (v["open"] or not open_only)]
+
     def signed_headers(self, body: str, timestamp: int | None = None) -> dict:
         ts = str(int(time.time()) if timestamp is None else timestamp)
         sig = SignatureVerifier(self.signing_secret).generate_signature(timestamp=ts, body=body)
@@ -296,7 +413,7 @@ class SlackStandin:
                 "channel_id": cid, "channel_name": self._channels[cid], "user_id": user,
                 "user_name": self.users.get(user, user), "command": self.command_name, "text": text,
                 "api_app_id": APP_ID, "response_url": self.response_url(cid, user),
-                "trigger_id": f"{next(self._seq)}.{int(time.time())}.standin"}
+                "trigger_id": self.new_trigger(user)}
 
     def action_payload(self, channel: str, ts: str, action_id: str, *, user: str = "U0ALICE01",
                        value: str | None = None) -> dict:
@@ -317,7 +434,7 @@ class SlackStandin:
             "container": {"type": "message", "message_ts": ts, "channel_id": cid, "is_ephemeral": False},
             "channel": {"id": cid, "name": self._channels[cid]},
             "message": msg.to_payload(),
-            "trigger_id": f"{next(self._seq)}.{int(time.time())}.standin",
+            "trigger_id": self.new_trigger(user),
             "response_url": self.response_url(cid, user, message_ts=ts),
             "state": {"values": {}},
             "actions": [{"type": "button", "action_id": action_id, "block_id": block.get("block_id", ""),
@@ -356,6 +473,101 @@ class SlackStandin:
         status, raw = self._deliver(app_url, json.dumps(envelope), "application/json")
         return {"status": status, "body": _maybe_json(raw)}
 
+    def view_state(self, view: dict, values: dict | None = None) -> dict:
+        """``state.values`` of a view as Slack sends it on submit: every input as the user
+        left it, the form's initial values unless ``values`` ({block_id: text or option
+        value}) changes them."""
+        values, out = values or {}, {}
+        for b in view.get("blocks") or []:
+            if b.get("type") != "input":
+                continue
+            el, bid = b.get("element") or {}, b.get("block_id", "")
+            if el.get("type") == "static_select":
+                chosen = values.get(bid, (el.get("initial_option") or {}).get("value"))
+                option = next((o for o in el.get("options") or [] if o.get("value") == chosen), None)
+                if chosen is not None and option is None:
+                    raise KeyError(f"{chosen!r} is not an option of {bid}")
+                out[bid] = {el["action_id"]: {"type": "static_select", "selected_option": option}}
+            else:
+                text = values.get(bid, el.get("initial_value"))
+                out[bid] = {el["action_id"]: {"type": el.get("type"), "value": text if text != "" else None}}
+        return {"values": out}
+
+    def submit_view(self, app_url: str, view_id: str, values: dict | None = None) -> dict:
+        """The user presses the modal's submit button. As Slack, an empty required input is
+        refused in the client (nothing is sent); otherwise a signed view_submission goes to
+        the bot, and its answer closes the modal (an empty 200), shows errors next to fields
+        (``response_action: errors``) or replaces the view. Returns {status, body, errors}."""
+        with self._lock:
+            kept = self.views[view_id]
+            view, user = kept["view"], self.view_users[view_id]
+        state = self.view_state(view, values)
+        missing = {bid: "Please fill out this field." for b in view.get("blocks") or []
+                   if b.get("type") == "input" and not b.get("optional")
+                   for bid in [b.get("block_id", "")]
+                   if all((v.get("value") in (None, "") and v.get("selected_option") is None)
+                          for v in state["values"][bid].values())}
+        if missing:
+            with self._lock:
+                kept["errors"] = missing
+            return {"status": None, "body": None, "errors": missing}
+        payload = {"type": "view_submission", "team": {"id": TEAM_ID, "domain": "ctbot"},
+                   "user": {"id": user, "username": self.users.get(user, user), "name": self.users.get(user, user),
+                            "team_id": TEAM_ID},
+                   "api_app_id": APP_ID, "token": "legacy-verification-token", "trigger_id": self.new_trigger(user),
+                   "view": {**view, "state": state}, "response_urls": [], "is_enterprise_install": False}
+        status, raw = self._deliver(app_url, "payload=" + urllib.parse.quote(json.dumps(payload)),
+                                    "application/x-www-form-urlencoded")
+        body = _maybe_json(raw)
+        errors = {}
+        with self._lock:
+            self._calls.append(Call("view_submission", {"view_id": view_id, "user": user, "state": state,
+                                                        "answer": body}, time.time(), status=status))
+            action = body.get("response_action") if isinstance(body, dict) else None
+            inputs = {b.get("block_id") for b in view.get("blocks") or [] if b.get("type") == "input"}
+            if status != 200:
+                errors = {"": "We had some trouble connecting. Try again?"}
+            elif action == "errors":
+                errors = dict(body.get("errors") or {})
+                if not errors or set(errors) - inputs:   # Slack refuses errors for blocks that are not inputs
+                    errors = {"": "We had some trouble connecting. Try again?"}
+            elif action == "update":
+                kept["history"].append(view)
+                kept["view"] = {**_check_view(body.get("view")), "id": view_id}
+            elif action in (None, "clear") and not raw:
+                kept["open"] = False
+            elif action is None:     # a 200 whose body is not a response_action: Slack shows an error
+                errors = {"": "We had some trouble connecting. Try again?"}
+            kept["errors"] = errors
+            kept["state"] = state
+            self._lock.notify_all()
+        return {"status": status, "body": body, "errors": errors}
+
+    def view_action_payload(self, user: str, action_id: str, *, value: str | None = None,
+                            view_id: str | None = None) -> dict:
+        """The block_actions payload of a click on a button in a view: ``user``'s Home tab
+        unless ``view_id`` names a modal. As in Slack it has no channel and no response_url."""
+        with self._lock:
+            view = self.views[view_id]["view"] if view_id else self.home_views[user]
+        block, button = _find_button(view.get("blocks") or [], action_id, value)
+        return {"type": "block_actions", "api_app_id": APP_ID, "token": "legacy-verification-token",
+                "user": {"id": user, "username": self.users.get(user, user), "name": self.users.get(user, user),
+                         "team_id": TEAM_ID},
+                "team": {"id": TEAM_ID, "domain": "ctbot"}, "is_enterprise_install": False,
+                "container": {"type": "view", "view_id": view["id"]},
+                "trigger_id": self.new_trigger(user), "view": view,
+                "actions": [{"type": "button", "action_id": action_id, "block_id": block.get("block_id", ""),
+                             "text": button.get("text"), "value": button.get("value"),
+                             "style": button.get("style"), "action_ts": f"{time.time():.6f}"}]}
+
+    def click_view(self, app_url: str, user: str, action_id: str, *, value: str | None = None,
+                   view_id: str | None = None) -> dict:
+        """Deliver a click on a button of ``user``'s Home tab (or a modal), signed."""
+        payload = self.view_action_payload(user, action_id, value=value, view_id=view_id)
+        status, raw = self._deliver(app_url, "payload=" + urllib.parse.quote(json.dumps(payload)),
+                                    "application/x-www-form-urlencoded")
+        return {"status": status, "body": _maybe_json(raw), "trigger_id": payload["trigger_id"]}
+
     # ---- transcript ----------------------------------------------------------------
     def transcript(self) -> str:
         with self._lock:
@@ -375,6 +587,22 @@ class SlackStandin:
         path.write_text(text)
         if echo:
             print(text)
+        return path
+
+    def save_view_html(self, path: str | Path, *, home_of: str | None = None, view_id: str | None = None) -> Path:
+        """Write ``home_of``'s Home tab, or the modal ``view_id`` (with the errors of its last
+        submission next to their fields), as a page that looks like Slack."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with self._lock:
+            if home_of is not None:
+                kept = next(v for vid, v in self.views.items()
+                            if self.view_users[vid] == home_of and v["view"]["type"] == "home")
+                user = home_of
+            else:
+                kept, user = self.views[view_id], self.view_users[view_id]
+            page = render_view_page(self, kept, user)
+        path.write_text(page, encoding="utf-8")
         return path
 
     def save_html(self, path: str | Path, channel: str | None = None) -> Path:
@@ -433,7 +661,7 @@ class SlackStandin:
             args.update(json.loads(raw))
         elif raw:
             args.update({k: v[-1] for k, v in urllib.parse.parse_qs(raw.decode()).items()})
-        for key in ("blocks", "files", "attachments"):
+        for key in ("blocks", "files", "attachments", "view", "metadata"):
             if isinstance(args.get(key), str):
                 try:
                     args[key] = json.loads(args[key])
@@ -464,7 +692,8 @@ class SlackStandin:
                 result = {"ok": True, **handler(args)}
             except SlackApiError as e:
                 call.error = e.error
-                result = {"ok": False, "error": e.error}
+                result = {"ok": False, "error": e.error,
+                          **({"response_metadata": {"messages": e.messages}} if e.messages else {})}
             if fault:   # it happened, but the caller never hears so
                 return self._fault(call, fault)
             self._lock.notify_all()
@@ -498,7 +727,7 @@ class SlackStandin:
         cid = self.channel_id(a.get("channel", ""))
         text, blocks = self._content(a)
         m = Message(channel=cid, ts=self._new_ts(), text=text, blocks=blocks, thread_ts=a.get("thread_ts") or "",
-                    metadata=_maybe_json(a["metadata"]) if isinstance(a.get("metadata"), str) else a.get("metadata") or {})
+                    metadata=_check_metadata(a.get("metadata")) or {})
         if m.thread_ts:
             parent = self._by_ts.get((cid, m.thread_ts))
             if parent is None:
@@ -553,7 +782,10 @@ class SlackStandin:
         if m is None or m.deleted:
             raise SlackApiError("message_not_found")
         text, blocks = self._content(a)
+        metadata = _check_metadata(a.get("metadata"))
         m.edit(text, blocks)
+        if metadata is not None:   # as Slack: an update without metadata keeps the message's
+            m.metadata = metadata
         return {"channel": cid, "ts": m.ts, "text": text, "message": m.to_payload()}
 
     def _m_chat_postEphemeral(self, a):
@@ -581,14 +813,67 @@ class SlackStandin:
         return self._m_conversations_info(a)
 
     def _m_views_publish(self, a):
-        view = a.get("view")
-        if isinstance(view, str):
-            view = json.loads(view)
-        if not a.get("user_id") or not isinstance(view, dict) or view.get("type") != "home":
-            raise SlackApiError("invalid_arguments")
-        _check_blocks(view.get("blocks") or [])
-        self.home_views[a["user_id"]] = view
-        return {"view": {"id": f"V{next(self._seq):08d}", **view}}
+        if not a.get("user_id") or a["user_id"] not in self.users:
+            raise SlackApiError("invalid_arguments" if not a.get("user_id") else "user_not_found")
+        view = _check_view(a.get("view"))
+        if view["type"] != "home":
+            raise SlackApiError("invalid_arguments", "`view.type` must be home")
+        old = next((vid for vid, u in self.view_users.items()
+                    if u == a["user_id"] and self.views[vid]["view"]["type"] == "home"), None)
+        if old and a.get("hash") and a["hash"] != self.views[old]["view"]["hash"]:
+            raise SlackApiError("hash_conflict")
+        kept = self._keep_view(view, a["user_id"], old)
+        self.home_views[a["user_id"]] = kept
+        return {"view": kept}
+
+    def _keep_view(self, view: dict, user: str, view_id: str | None = None) -> dict:
+        """Store a view as Slack returns it: with an id, a fresh hash and an empty state."""
+        vid = view_id or f"V{next(self._seq):08d}"
+        kept = {**view, "id": vid, "team_id": TEAM_ID, "app_id": APP_ID, "bot_id": BOT_ID,
+                "hash": f"{int(time.time())}.{secrets.token_hex(4)}", "state": {"values": {}},
+                "private_metadata": view.get("private_metadata") or "", "callback_id": view.get("callback_id") or "",
+                "external_id": view.get("external_id") or "", "root_view_id": vid}
+        self.views[vid] = {"id": vid, "view": kept, "open": True, "errors": {}, "history": []}
+        self.view_users[vid] = user
+        return kept
+
+    def _m_views_open(self, a):
+        tid = a.get("trigger_id") or ""
+        if not tid:
+            raise SlackApiError("invalid_arguments", "missing required field: trigger_id")
+        info = self._triggers.get(tid)
+        if info is None:
+            raise SlackApiError("invalid_arguments", "invalid `trigger_id`")
+        view = _check_view(a.get("view"))
+        if view["type"] != "modal":
+            raise SlackApiError("invalid_arguments", "`view.type` must be modal")
+        if info["used"]:
+            raise SlackApiError("exchanged_trigger_id")
+        if self.trigger_ttl is not None and time.monotonic() - info["at"] > self.trigger_ttl:
+            raise SlackApiError("expired_trigger_id")
+        if view.get("external_id") and any(v["view"].get("external_id") == view["external_id"]
+                                           for v in self.views.values()):
+            raise SlackApiError("duplicate_external_id")
+        info["used"] = True
+        return {"view": self._keep_view(view, info["user"])}
+
+    def _m_views_update(self, a):
+        vid = a.get("view_id") or next((k for k, v in self.views.items()
+                                        if a.get("external_id") and v["view"]["external_id"] == a["external_id"]), "")
+        if not vid and not a.get("external_id"):
+            raise SlackApiError("invalid_arguments", "one of view_id or external_id is required")
+        kept = self.views.get(vid)
+        if kept is None:
+            raise SlackApiError("not_found")
+        if a.get("hash") and a["hash"] != kept["view"]["hash"]:
+            raise SlackApiError("hash_conflict")
+        view = _check_view(a.get("view"))
+        history = kept["history"] + [kept["view"]]
+        new = self._keep_view(view, self.view_users[vid], vid)
+        self.views[vid].update(history=history, open=kept["open"])
+        if new["type"] == "home":
+            self.home_views[self.view_users[vid]] = new
+        return {"view": new}
 
     def _m_files_getUploadURLExternal(self, a):
         if not a.get("filename") or not str(a.get("length", "")).isdigit():
@@ -876,14 +1161,45 @@ def _element_html(e: dict, users: dict, channels: dict) -> str:
     return f'<span class="unknown">[{_h(kind)}]</span>'
 
 
-def blocks_html(blocks: list, users: dict | None = None, channels: dict | None = None) -> str:
+def _input_html(b: dict, error: str, users: dict, channels: dict, state: dict | None = None) -> str:
+    """An input block as a form field: label, the element filled in as the user sees it
+    (``state``: what they entered, else the initial value), the hint, and the error Slack
+    shows under it after a refused submission."""
+    el = dict(b.get("element") or {})
+    entered = (state or {}).get(el.get("action_id"))
+    if entered is not None:
+        if entered.get("type") == "static_select":
+            el["initial_option"] = entered.get("selected_option")
+        else:
+            el["initial_value"] = entered.get("value") or ""
+    label = _text_html(b.get("label"), users, channels) + ("" if not b.get("optional")
+                                                            else ' <span class="optional">(optional)</span>')
+    if el.get("type") == "static_select":
+        shown = (el.get("initial_option") or {}).get("text") or el.get("placeholder") or {"text": "Select"}
+        field_html = f'<div class="f-input select">{_text_html(shown, users, channels)}<span>▾</span></div>'
+    else:
+        value = el.get("initial_value") or ""
+        cls = "f-input multi" if el.get("multiline") else "f-input"
+        field_html = (f'<div class="{cls}">{_h(value)}</div>' if value else
+                      f'<div class="{cls} placeholder">{_text_html(el.get("placeholder"), users, channels)}</div>')
+    hint = f'<div class="f-hint">{_text_html(b["hint"], users, channels)}</div>' if b.get("hint") else ""
+    err = f'<div class="f-error">⚠ {_h(error)}</div>' if error else ""
+    return (f'<div class="b-input{" has-error" if error else ""}"><div class="f-label">{label}</div>'
+            f'{field_html}{err}{hint}</div>')
+
+
+def blocks_html(blocks: list, users: dict | None = None, channels: dict | None = None,
+                errors: dict | None = None, state: dict | None = None) -> str:
     """Block Kit as HTML: header, section (text, fields, accessory), context, divider,
-    actions, image; anything else shows its type."""
-    users, channels = users or {}, channels or {}
+    actions, image, input (with ``errors`` by block_id); anything else shows its type."""
+    users, channels, errors = users or {}, channels or {}, errors or {}
     out = []
     for b in blocks:
         kind = b.get("type")
-        if kind == "header":
+        if kind == "input":
+            out.append(_input_html(b, errors.get(b.get("block_id", ""), ""), users, channels,
+                                   (state or {}).get(b.get("block_id", ""))))
+        elif kind == "header":
             out.append(f'<div class="b-header">{_text_html(b.get("text"), users, channels)}</div>')
         elif kind == "section":
             inner = ""
@@ -966,6 +1282,43 @@ def _file_html(f: dict, hrefs: dict) -> str:
                 f'alt="{_h(f.get("title") or f["name"])}"></a></div>')
     link = f'<a href="{href}">{_h(f["name"])}</a>' if href else _h(f["name"])
     return f'<div class="file">{title}<div class="file-card">📄 {link}</div></div>'
+
+
+def render_view_page(standin: SlackStandin, kept: dict, user: str) -> str:
+    """A modal over a dimmed workspace, or a user's Home tab, as Slack shows them (called
+    with the stand-in's lock held)."""
+    view, users, channels = kept["view"], standin.users, standin._channels
+    body = blocks_html(view.get("blocks") or [], users, channels, kept.get("errors"),
+                       (kept.get("state") or {}).get("values"))
+    general = (kept.get("errors") or {}).get("")
+    if general:
+        body = f'<div class="f-error banner">⚠ {_h(general)}</div>' + body
+    sidebar = "".join(f'<div class="chan"># {_h(n)}</div>' for n in channels.values())
+    who = users.get(user, user)
+    if view["type"] == "home":
+        main = (f'<header class="channel-header"><span class="channel-name">ctbot</span>'
+                f'<span class="tabs"><span class="tab active">Home</span><span class="tab">About</span></span>'
+                f'<span class="channel-note">as @{_h(who)} sees it · rendered by the ctbot Slack stand-in</span>'
+                f'</header><div class="home">{body}</div>')
+        apps = '<div class="chan active">● ctbot</div>'
+    else:
+        buttons = "".join(f'<span class="btn {cls}">{_text_html(view[k], users, channels)}</span>'
+                          for k, cls in (("close", ""), ("submit", "primary")) if view.get(k))
+        if view.get("submit") and not view.get("close"):
+            buttons = '<span class="btn">Cancel</span>' + buttons
+        main = (f'<div class="overlay"><div class="modal"><div class="modal-head">'
+                f'{_text_html(view.get("title"), users, channels)}<span class="x">✕</span></div>'
+                f'<div class="modal-body">{body}</div><div class="modal-foot">{buttons}</div></div></div>')
+        apps = '<div class="chan">● ctbot</div>'
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8">
+<title>{_h(view["type"])} · ctbot (Slack stand-in)</title>
+<style>{PAGE_CSS}{VIEW_CSS}</style></head>
+<body><div class="app">
+<nav class="sidebar"><div class="workspace">ctbot</div><div class="section-label">Channels</div>{sidebar}
+<div class="section-label">Apps</div>{apps}</nav>
+<main>{main}</main></div></body></html>
+"""
 
 
 def render_page(standin: SlackStandin, cid: str, hrefs: dict) -> str:
@@ -1059,4 +1412,29 @@ a{color:#1264a3;text-decoration:none}
 .version{border-left:3px solid #e0dfe0;padding:4px 10px;margin:6px 0;opacity:.8}
 .version-label{color:#616061;font-size:11px;text-transform:uppercase;letter-spacing:.04em}
 .unknown,.empty{color:#616061;font-style:italic;padding:8px 20px}
+"""
+
+VIEW_CSS = """
+.tabs{display:flex;gap:18px;margin-left:12px}
+.tab{font-size:14px;color:#616061;padding-bottom:4px}
+.tab.active{color:#1d1c1d;font-weight:700;border-bottom:2px solid #1264a3}
+.home{padding:16px 28px 40px;max-width:900px}
+.overlay{min-height:100vh;background:rgba(0,0,0,.55);display:flex;align-items:flex-start;justify-content:center;
+  padding:40px 0}
+.modal{width:560px;background:#fff;border-radius:8px;box-shadow:0 18px 48px rgba(0,0,0,.35)}
+.modal-head{display:flex;justify-content:space-between;font-size:22px;font-weight:900;padding:20px 28px 12px}
+.modal-head .x{color:#616061;font-size:18px}
+.modal-body{padding:4px 28px 12px}
+.modal-foot{display:flex;justify-content:flex-end;gap:10px;padding:16px 28px;border-top:1px solid #ddd}
+.b-input{margin:12px 0}
+.f-label{font-weight:700;margin-bottom:6px}
+.optional{color:#616061;font-weight:400}
+.f-input{border:1px solid rgba(29,28,29,.3);border-radius:4px;padding:8px 10px;min-height:38px;
+  display:flex;justify-content:space-between}
+.f-input.multi{min-height:70px}
+.f-input.placeholder{color:#868686}
+.has-error .f-input{border-color:#e01e5a;box-shadow:0 0 0 1px #e01e5a}
+.f-error{color:#e01e5a;font-size:13px;margin-top:4px}
+.f-error.banner{background:#fdf0f4;padding:8px 10px;border-radius:4px}
+.f-hint{color:#616061;font-size:13px;margin-top:4px}
 """

@@ -257,17 +257,19 @@ def evaluate(run_id: str, store: str, model_name: str, floor: float, tolerance: 
 
 @component
 def deploy(run_id: str, store: str, model_name: str, keep_versions: int, requested_by: str) -> int:
+    """Publishes only if production is still the version evaluate compared against;
+    otherwise the run holds (summary "held"), and the report says who moved it. Returns
+    the version, 0 when held."""
     from pipelines.status import track
     from steps import deploy as registry
-    from steps import layout
+    from steps.crashpoints import pause_point
     from steps.storage import open_store
 
     with track(store, run_id, "deploy") as st:
-        version = registry.publish(open_store(store), model_name, layout.candidate_prefix(run_id),
-                                   run_id=run_id, by=requested_by or "ctbot",
-                                   keep=int(keep_versions))  # top1 from the package's metrics
-        st.summary = {"version": int(version)}
-    return int(version)
+        pause_point("before_deploy")
+        st.summary = registry.deploy_candidate(open_store(store), model_name, run_id,
+                                               by=requested_by or "ctbot", keep=int(keep_versions))
+    return int(st.summary.get("version") or 0)
 
 
 @component

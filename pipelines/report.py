@@ -56,6 +56,9 @@ def assemble(run_id: str, model: str, *, steps: dict, card: dict | None, metrics
     timings = {s: steps[s]["seconds"] for s in layout.STEPS
                if s in steps and steps[s].get("seconds") is not None}
     eval_info = card.get("eval") or summary["ingest"].get("eval") or {}
+    deployed = summary["deploy"] if _state(steps, "deploy") == "done" else {}
+    # Production moved between evaluate and deploy: the run holds (steps.deploy.deploy_candidate).
+    held = deployed.get("held")
     report = {
         "run_id": run_id,
         "model": model,
@@ -77,14 +80,16 @@ def assemble(run_id: str, model: str, *, steps: dict, card: dict | None, metrics
                      "confusion": evaluation.get("confusion", [])}
                     if evaluation.get("top1") is not None else None),
         "production": evaluation.get("production"),
-        "decision": evaluation.get("decision"),
-        "reason": evaluation.get("reason"),
-        "model_version": summary["deploy"].get("version") if _state(steps, "deploy") == "done" else None,
+        "decision": "hold" if held else evaluation.get("decision"),
+        "reason": deployed.get("reason") if held else evaluation.get("reason"),
+        "model_version": deployed.get("version"),
         "failed_step": failed_step,
         "error": error,
         "finished_at": now,
         **reuse_section(params, lineage, summary),
     }
+    if held:
+        report["held"] = held
     if trials:
         report["trials"] = [{"trial": i, "state": d.get("state"), "seconds": d.get("seconds"),
                              "params": (d.get("summary") or {}).get("params"),

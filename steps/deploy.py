@@ -99,7 +99,14 @@ ANY = object()   # publish without a precondition on the current production vers
 
 
 class StaleAlias(ValueError):
-    """Production moved since the actor looked: nothing was changed."""
+    """Production moved since the actor looked: nothing was changed. ``moved`` says how:
+    {"expected", "current", "action", "by", "at"} (the alias entry that moved it)."""
+
+    def __init__(self, message: str, *, expected=None, alias: dict | None = None):
+        super().__init__(message)
+        last = ((alias or {}).get("history") or [{}])[-1]
+        self.moved = {"expected": expected, "current": (alias or {}).get("version"),
+                      "action": last.get("action"), "by": last.get("by"), "at": last.get("at")}
 
 
 def _move_alias(store: Store, model: str, decide, attempts: int = 20) -> dict:
@@ -157,7 +164,8 @@ def publish(store: Store, model: str, package_prefix: str, *, run_id: str, by: s
         if expect_version is not ANY and current != expect_version:
             shown = f"v{expect_version}" if expect_version is not None else "no production model"
             raise StaleAlias(f"Production is now {f'v{current}' if current else 'unset'}, not {shown} "
-                             "as when this was decided; nothing was deployed")
+                             "as when this was decided; nothing was deployed",
+                             expected=expect_version, alias=alias)
 
     alias = read_alias(store, model)
     still(alias)
@@ -193,6 +201,45 @@ def publish(store: Store, model: str, package_prefix: str, *, run_id: str, by: s
     new_alias = _move_alias(store, model, decide)
     prune(store, model, keep, alias=new_alias)
     return version
+
+
+def compared_version(store: Store, run_id: str) -> int | None:
+    """The production version the run's evaluate step compared its candidate against
+    (None: there was no production model), from the candidate's metrics.json."""
+    metrics = store.get_json(layout.candidate_key(run_id, layout.METRICS_JSON))
+    if not isinstance(metrics, dict) or "production" not in metrics:
+        raise ValueError(f"run {run_id} has no evaluation in {store.uri(layout.candidate_prefix(run_id))}"
+                         f"{layout.METRICS_JSON}: nothing to bind the deploy to")
+    production = metrics.get("production") or {}
+    return int(production["version"]) if production.get("version") is not None else None
+
+
+def deploy_candidate(store: Store, model: str, run_id: str, *, by: str, keep: int = 5) -> dict:
+    """The pipeline's deploy: publish the run's candidate only if production is still the
+    version evaluate compared it against (compare-and-set on the alias), so a rollback or
+    promote made while the run was between evaluate and deploy is never overruled.
+    Returns {"version": N, "compared_with": M} or, when production moved,
+    {"held": {"expected", "current", "action", "by", "at"}, "reason": "..."}."""
+    expected = compared_version(store, run_id)
+    try:
+        version = publish(store, model, layout.candidate_prefix(run_id), run_id=run_id, by=by, keep=keep,
+                          expect_version=expected)
+    except StaleAlias as e:
+        return {"held": e.moved, "reason": moved_reason(e.moved)}
+    return {"version": version, "compared_with": expected}
+
+
+MOVED_BY = {"rollback": "rolled back", "promote": "promoted", "deploy": "deployed"}
+
+
+def moved_reason(moved: dict, mention=str) -> str:
+    """"production moved from v7 to v6 during the run (rolled back by U…)"; ``mention``
+    renders the mover (the bot passes a Slack mention)."""
+    def v(n):
+        return f"v{n}" if n is not None else "none"
+    how = MOVED_BY.get(moved.get("action") or "", "moved")
+    by = f" ({how} by {mention(moved['by'])})" if moved.get("by") else ""
+    return f"production moved from {v(moved.get('expected'))} to {v(moved.get('current'))} during the run{by}"
 
 
 def verify_package(store: Store, model: str, version: int, *, check_hashes: bool = True) -> dict:
@@ -257,7 +304,8 @@ def rollback(store: Store, model: str, to_version: int | None = None, by: str = 
             raise ValueError(f"{model} has no production version yet: nothing to roll back")
         current = int(alias["version"])
         if expect_version is not None and current != int(expect_version):
-            raise StaleAlias(f"Production is now v{current}, not v{expect_version}; nothing rolled back")
+            raise StaleAlias(f"Production is now v{current}, not v{expect_version}; nothing rolled back",
+                             expected=expect_version, alias=alias)
         target = _rollback_target(store, model, alias, current, to_version)
         # Listing only (sizes): the bot must not download whole packages on a click.
         verify_package(store, model, target, check_hashes=False)

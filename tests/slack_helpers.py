@@ -129,8 +129,10 @@ class Bot:
               **kw) -> Reply:
         channel = channel or self.channel
         rurl = self.standin.response_url(channel, user)
+        trigger = kw.pop("trigger_id", None) or self.standin.new_trigger(user)   # one views.open takes
         status, raw = post(self.url, command_body(text, user=user, channel_id=channel, team_id=team_id,
-                                                  response_url=rurl, command=self.settings.slash_command), **kw)
+                                                  response_url=rurl, command=self.settings.slash_command,
+                                                  trigger_id=trigger), **kw)
         try:
             body = json.loads(raw) if raw else {}
         except ValueError:
@@ -171,8 +173,10 @@ def start_bot(tmp_path: Path, redis_url: str, *, store=None, runner=None, min_up
     from devkit.standin import SlackStandin
     from tests.recording import RecordingRunner
 
+    # trigger_ttl=None: the stand-in does not expire trigger_ids here, so a loaded machine
+    # can't fail a test by timing; test_standin_views checks the 3 s rule itself.
     standin = SlackStandin(bot_token=BOT_TOKEN, signing_secret=SIGNING_SECRET, channels=channels,
-                           files_dir=tmp_path / "slack-files", usergroups=usergroups).start()
+                           files_dir=tmp_path / "slack-files", usergroups=usergroups, trigger_ttl=None).start()
     settings = Settings(slack_bot_token=BOT_TOKEN, slack_signing_secret=SIGNING_SECRET,
                         slack_api_url=standin.api_url, slack_channel="#ct", redis_url=redis_url,
                         store=str(tmp_path / "store"), run_workdir=str(tmp_path / "runs"),

@@ -2,10 +2,10 @@
 from bot.blocks.alerts import new_data_alert, resolved
 from bot.blocks.limits import check_limits, fit, fit_message
 from bot.blocks.overview import audit_message, data_message, runs_message, schedule_message, status_message
-from bot.blocks.replies import error, help_message, info, unknown_subcommand, working
+from bot.blocks.replies import error, help_message, info, other_command, unknown_subcommand, working
 from bot.blocks.run import final_report, run_details, run_progress, thread_details
 
 __all__ = ["audit_message", "new_data_alert", "resolved", "check_limits", "fit", "fit_message", "data_message",
-           "runs_message", "schedule_message", "status_message", "error", "help_message", "info",
+           "runs_message", "schedule_message", "status_message", "error", "help_message", "info", "other_command",
            "unknown_subcommand", "working", "final_report", "run_details", "run_progress",
            "thread_details"]

@@ -9,7 +9,7 @@ from bot.blocks.common import code_table, context, esc, header, msg, section
 
 SUBCOMMANDS = {
     "help": ("", "this help"),
-    "train": ("[key=value …]", "start a training run now, optionally overriding parameters"),
+    "train": ("[key=value …]", "start a training run now with these parameters; alone, it opens a form"),
     "status": ("", "active run, production model, schedule and pending data"),
     "runs": ("[N]", "the last N runs (default 10, at most 50)"),
     "data": ("", "new data waiting for training, and what recent runs trained on"),
@@ -50,6 +50,13 @@ def unknown_subcommand(command: str, sub: str, suggestions: list[str]) -> dict:
                     if suggestions else "")
     return error(f"Unknown subcommand “{sub}”.{did_you_mean}",
                  f"Subcommands: {', '.join(f'`{s}`' for s in SUBCOMMANDS)}. Try `{command} help`.")
+
+
+def other_command(command: str, served: str) -> dict:
+    """The answer to a slash command routed to ctbot that it does not serve."""
+    return error(f"ctbot does not serve `{command[:40]}`: its command is `{served}`.",
+                 f"Try `{served} help`. Whoever runs ctbot can point `{command[:40]}` elsewhere in the "
+                 "app's settings, or set `slash_command` to serve it.")
 
 
 def help_message(command: str, params: dict) -> dict:

@@ -12,6 +12,7 @@ import time
 
 from bot import blocks, ids
 from bot.blocks.common import esc
+from bot.blocks.events import run_metadata
 from bot.listeners.guard import replying_on_error
 from bot.listeners.parse import is_ascii_number
 from core.access import Actor
@@ -40,11 +41,13 @@ def _private(ctx, click: Click):
                              response_type="ephemeral", replace_original=False)
 
 
-def _update(ctx, click: Click, note: str, drop: tuple[str, ...] | None) -> None:
-    """Show on the clicked message what happened, and by whom."""
+def _update(ctx, click: Click, note: str, drop: tuple[str, ...] | None, run=None) -> None:
+    """Show on the clicked message what happened, and by whom; a run's message gets its
+    ctbot_run metadata anew (Slack keeps the old metadata on an update without it)."""
     if click.channel and click.ts and click.blocks:
+        extra = {"metadata": run_metadata(run, f"run-{run.run_id}")} if run is not None else {}
         ctx.client.chat_update(channel=click.channel, ts=click.ts,
-                               **blocks.fit_message(blocks.resolved(click.blocks, note, drop=drop)))
+                               **blocks.fit_message(blocks.resolved(click.blocks, note, drop=drop)), **extra)
 
 
 def _tell_clicker(ctx, click: Click, message: dict) -> None:
@@ -116,7 +119,8 @@ def promote(ctx, body: dict) -> str | None:
     c = Click(body)
     with _private(ctx, c):
         version = ctx.service.promote(c.value, by=c.user)
-        _update(ctx, c, f":rocket: <@{c.user}> promoted this run to production as *v{version}*.", (ids.PROMOTE,))
+        _update(ctx, c, f":rocket: <@{c.user}> promoted this run to production as *v{version}*.", (ids.PROMOTE,),
+                run=ctx.service.get_run(c.value))
         return f"promoted it as v{version}"
 
 

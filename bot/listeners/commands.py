@@ -13,7 +13,8 @@ import logging
 
 from bot import blocks
 from bot.blocks.common import esc
-from bot.listeners.guard import error_reply, replying_on_error
+from bot.listeners.form_open import on_train_without_arguments
+from bot.listeners.guard import STATE_ERRORS, error_reply, replying_on_error, state_lost_reply
 from bot.listeners.parse import Parsed, UnknownSubcommand, UsageError, parse
 from core.access import Actor
 from core.errors import ParamError, ServiceError
@@ -41,6 +42,9 @@ def register(app, service, settings) -> None:
         on it' and the rest in the background. The command is recorded in Redis before
         that promise, so a crash after the ack resumes it instead of dropping it."""
         reply, parsed = _quick(service, body.get("text", ""), command)
+        if parsed is not None and parsed.sub == "train" and not parsed.args:
+            on_train_without_arguments(app, service, settings, body, ack, actor_of(body))   # the form
+            return
         if parsed is None:
             ack(**reply)
             return
@@ -77,10 +81,19 @@ def run_command(ctx, parsed: Parsed, body: dict) -> None:
     cmd_id = command_id(body)
     crash_point("after_ack")   # acked (the HTTP reply has gone), nothing done yet
     respond = ctx.respond(body["response_url"])
-    with replying_on_error(respond, f"`{command} {parsed.sub}`", replace_original=True):
-        record = ctx.service.command_started(cmd_id)
-        out = _execute(ctx.service, ctx.client, ctx.settings, parsed, actor_of(body), cmd_id, record)
+    what = f"`{command} {parsed.sub}`"
+    left_open = False
+    with replying_on_error(respond, what, replace_original=True):
+        try:
+            record = ctx.service.command_started(cmd_id)
+            out = _execute(ctx.service, ctx.client, ctx.settings, parsed, actor_of(body), cmd_id, record)
+        except STATE_ERRORS as e:
+            # Recorded by the ack, so never "nothing was changed": left open, the resume
+            # job carries it out once Redis answers (its effects are idempotent).
+            left_open, out = True, state_lost_reply(e, what)
         respond(**blocks.fit_message(out), replace_original=True)
+    if left_open:
+        return
     # Answered, with the result or a specific error: either way the command is settled.
     with contextlib.suppress(Exception):
         ctx.service.finish_command(cmd_id)

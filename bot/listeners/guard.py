@@ -15,6 +15,9 @@ log = logging.getLogger("bot.listeners")
 STATE_ERRORS = (RedisConnectionError, RedisTimeoutError)
 
 STATE_DOWN = "ctbot can't reach its state store; nothing was changed."
+# After the ack recorded the command: it is not dropped, the resume job carries it out.
+STATE_LOST = ("ctbot lost its state store while working on this. The command is recorded and will be "
+              "carried out when the store answers again; this message will then be replaced.")
 
 
 def error_reply(exc: BaseException, what: str) -> dict:
@@ -29,6 +32,11 @@ def error_reply(exc: BaseException, what: str) -> dict:
     log.error("%s failed [incident %s]", what, incident, exc_info=exc)
     return blocks.error(f"Something went wrong while handling {what}; it was logged as incident {incident}.",
                         "Try again in a moment; if it keeps failing, tell whoever runs ctbot the incident id.")
+
+
+def state_lost_reply(exc: BaseException, what: str) -> dict:
+    log.warning("%s: the state store went away after the command was recorded: %s", what, exc)
+    return blocks.error(STATE_LOST, "Nothing to do: it resumes by itself.")
 
 
 @contextmanager

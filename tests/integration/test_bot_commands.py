@@ -2,13 +2,14 @@
 Redis and store; Slack's side is the local stand-in."""
 from __future__ import annotations
 
+import json
 import logging
 
 import pytest
 
 from steps import deploy
 from tests.recording import finish_run
-from tests.slack_helpers import ALICE, BOB, message_text, put_training_data, start_bot
+from tests.slack_helpers import ALICE, BOB, command_body, message_text, post, put_training_data, start_bot
 
 
 @pytest.fixture
@@ -102,7 +103,7 @@ def test_train_starts_a_run_and_posts_its_message(bot):
 
 def test_train_while_a_run_is_active_is_refused_with_how_to_cancel(bot):
     put_training_data(bot.store)
-    first = bot.slash("train")
+    first = bot.slash("train seed=0")
     final_text(bot, first)
     active = bot.runner.submits[0]["run_id"]
     second = bot.slash("train epochs=1", user=BOB)
@@ -113,14 +114,14 @@ def test_train_while_a_run_is_active_is_refused_with_how_to_cancel(bot):
 
 
 def test_train_without_data_says_where_to_put_it(bot):
-    text = final_text(bot, bot.slash("train"))
+    text = final_text(bot, bot.slash("train seed=0"))
     assert "No training data under" in text and "store/data`" in text and "&lt;label&gt;" in text
     assert bot.runner.submits == []
 
 
 def test_status_runs_and_data(bot):
     put_training_data(bot.store)
-    final_text(bot, bot.slash("train"))
+    final_text(bot, bot.slash("train seed=0"))
     run_id = bot.runner.submits[0]["run_id"]
 
     status = final_text(bot, bot.slash("status"))
@@ -135,7 +136,7 @@ def test_status_runs_and_data(bot):
 
 def test_cancel_an_active_run_and_unknown_ids(bot):
     put_training_data(bot.store)
-    final_text(bot, bot.slash("train"))
+    final_text(bot, bot.slash("train seed=0"))
     run_id = bot.runner.submits[0]["run_id"]
 
     unknown = final_text(bot, bot.slash("cancel r-nope"))
@@ -158,12 +159,12 @@ def test_cancel_an_active_run_and_unknown_ids(bot):
 def test_deploy_a_held_run_then_roll_back(bot):
     put_training_data(bot.store)
     # v1 in production, then a run that was held.
-    final_text(bot, bot.slash("train"))
+    final_text(bot, bot.slash("train seed=0"))
     first = bot.runner.submits[0]["run_id"]
     finish_run(bot.store, bot.runner, first, decision="deploy", version=1)
     deploy.publish(bot.store, bot.settings.model_name, f"runs/{first}/candidate/", run_id=first, by=ALICE)
     bot.service.refresh(first)
-    final_text(bot, bot.slash("train"))
+    final_text(bot, bot.slash("train seed=0"))
     held = bot.runner.submits[1]["run_id"]
     finish_run(bot.store, bot.runner, held, decision="hold", version=None, top1=0.96)
     bot.service.refresh(held)
@@ -211,3 +212,19 @@ def test_redis_down_gets_a_specific_answer_and_nothing_changes(tmp_path, caplog)
         assert b.runner.submits == []
     finally:
         b.close()
+
+
+# ---- commands ctbot does not serve ------------------------------------------------------------
+
+def test_another_command_routed_here_is_answered_not_404(bot):
+    """A second command name pointed at the same URL: Slack would show "dispatch_failed"
+    for a 404; the user learns which command ctbot serves instead."""
+    rurl = bot.standin.response_url(bot.channel, ALICE)
+    status, raw = post(bot.url, command_body("train epochs=2", user=ALICE, channel_id=bot.channel,
+                                             response_url=rurl, command="/train"))
+    assert status == 200
+    body = json.loads(raw)
+    text = message_text(body)
+    assert "ctbot does not serve `/train`: its command is `/ct`" in text and "`/ct help`" in text
+    assert body.get("response_type") in (None, "ephemeral")
+    assert bot.runner.submits == [] and bot.standin.calls("response") == []

@@ -85,6 +85,18 @@ def test_full_run_flow_through_the_service(tmp_path, redis_url):
         assert uploaded["bytes"] == png and open(uploaded["path"], "rb").read() == png
         # Still one top-level message for the run.
         assert [m.ts for m in bot.standin.messages(ch)] == [ts]
+        # Every post and update of it carried its ctbot_run event, saying what it showed.
+        sent = [c.args for c in bot.standin.calls() if c.method in ("chat.postMessage", "chat.update")
+                and (c.args.get("ts") == ts or not c.args.get("thread_ts")) and c.status == 200]
+        assert len(sent) >= 3 and all(a["metadata"]["event_type"] == "ctbot_run" for a in sent)
+        payloads = [a["metadata"]["event_payload"] for a in sent]
+        assert {p["run_id"] for p in payloads} == {run.run_id} and payloads[0]["status"] == "running"
+        assert payloads[0]["requested_by"] == ALICE and "top1" not in payloads[0] and "version" not in payloads[0]
+        assert {k: payloads[-1][k] for k in ("status", "top1", "decision", "version")} == \
+            {"status": "succeeded", "top1": 0.9812, "decision": "deploy", "version": 4}
+        assert bot.standin.message(ch, ts).metadata == sent[-1]["metadata"]
+        history = bot.client.conversations_history(channel=ch, include_all_metadata=True)["messages"]
+        assert next(m for m in history if m["ts"] == ts)["metadata"]["event_payload"]["status"] == "succeeded"
         transcript = bot.standin.transcript()
         assert f"Run {run.run_id}: 🚀 deployed as v4" in transcript and "[Roll back](confirm)" in transcript
         assert f"[file: Confusion matrix, run {run.run_id}] {uploaded['path']}" in transcript

@@ -17,6 +17,7 @@ from slack_sdk import WebClient
 
 from bot import ids
 from bot.blocks import new_data_alert
+from bot.blocks.replies import SUBCOMMANDS
 from core.config import Settings
 from core.state import StateStore
 from core.types import NewData
@@ -95,8 +96,14 @@ def test_manifest_matches_the_bot():
     m = yaml.safe_load((ROOT / "bot" / "manifest.yaml").read_text())
     (cmd,) = m["features"]["slash_commands"]
     assert cmd["command"] == Settings().slash_command
-    for sub in ("train", "status", "runs", "data", "deploy", "rollback", "schedule", "cancel"):
-        assert sub in cmd["usage_hint"]
+    hinted = {w.split()[0] for w in cmd["usage_hint"].split(" | ")}
+    assert hinted == set(SUBCOMMANDS)                        # every subcommand, audit included
+    # What a following app declares (ctbot itself needs no scope for metadata): valid YAML.
+    text = (ROOT / "bot" / "manifest.yaml").read_text()
+    lines = text[text.index("# metadata_subscriptions:"):].splitlines()
+    snippet = [line.strip()[2:] for line in lines[:next(i for i, x in enumerate(lines) if "#" not in x)]]
+    follower = yaml.safe_load("\n".join(snippet))
+    assert follower["metadata_subscriptions"][0]["event_type"] == "ctbot_run"
     urls = {cmd["url"], m["settings"]["interactivity"]["request_url"], m["settings"]["event_subscriptions"]["request_url"]}
     assert len(urls) == 1 and urls.pop().endswith("/slack/events")           # the server's one endpoint
     assert m["settings"]["interactivity"]["is_enabled"] is True

@@ -500,7 +500,7 @@ def test_slack_says_which_version_the_server_answers_and_when_it_lags(world, red
         assert ":warning: production is v3, serving still answers v1" in status()
         # That deploy's run report says so too.
         put_training_data(bot.store)
-        bot.responses(bot.slash("train"))
+        bot.responses(bot.slash("train seed=0"))
         run_id = bot.runner.submits[-1]["run_id"]
         finish_run(bot.store, bot.runner, run_id, decision="deploy", version=3)
         bot.service.refresh(run_id)

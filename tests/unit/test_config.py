@@ -42,6 +42,11 @@ DEFAULTS = {
     "access.train": ["*"], "access.deploy": [], "access.rollback": [], "access.cancel": ["*"],
     "access.schedule": ["*"], "access.approve": [], "access.channels": [], "access.team_id": "",
     "deploy.require_approval": False, "deploy.allow_self_approval": False, "deploy.approval_timeout_hours": 72.0,
+    # the bot's front door and the ack path's Redis timeout (issue 19)
+    "redis_ack_timeout_seconds": 0.3, "redis_timeout_seconds": 5.0,
+    "http.probe_port": 3001, "http.max_header_bytes": 16 << 10, "http.max_headers": 100,
+    "http.max_body_bytes": 1 << 20, "http.max_connections": 1000, "http.request_seconds": 10.0,
+    "http.keepalive_seconds": 5.0, "http.ack_threads": 4, "http.shutdown_seconds": 20.0,
 }
 
 
@@ -113,7 +118,7 @@ SAMPLES = {"http_port": "8080", "deploy_floor": "0.5", "auto_retrain": "true", "
            "deploy_tolerance": "0.01", "slack_channel": "#x", "slash_command": "/x",
            "kfp_timeout_seconds": "5", "kfp_retries": "1", "log_format": "json",
            "outbox_drain_seconds": "5", "command_resume_seconds": "3", "command_stale_seconds": "60",
-           "finish_retry_seconds": "10"}
+           "finish_retry_seconds": "10", "redis_ack_timeout_seconds": "0.5", "redis_timeout_seconds": "2"}
 SECTIONS = [f for f, info in Settings.model_fields.items() if isinstance(info.annotation, type)
             and issubclass(info.annotation, Section)]
 

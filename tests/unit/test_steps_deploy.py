@@ -184,3 +184,50 @@ def test_evaluate_refuses_to_compare_with_a_torn_production_package(tmp_path):
     store.delete(layout.package_key(MODEL, 1, "index.faiss"))
     with pytest.raises(ValueError, match=r"cannot compare with production: .*index.faiss is missing"):
         measure_production(store, MODEL, "unused.npz")
+
+
+def evaluated(store, run_id, top1, production):
+    """A candidate as evaluate leaves it: metrics.json says what production it was compared with."""
+    prefix = make_candidate(store, run_id, top1)
+    store.put_json(prefix + "metrics.json", {"top1": top1, "production": production})
+    return prefix
+
+
+def test_the_pipeline_deploy_publishes_only_over_the_production_it_compared_with(s3_store):
+    from steps.deploy import deploy_candidate
+    publish(s3_store, MODEL, make_candidate(s3_store, "r1", 0.97), run_id="r1", by="U1")
+    publish(s3_store, MODEL, make_candidate(s3_store, "r2", 0.98), run_id="r2", by="U1")
+    evaluated(s3_store, "r3", 0.99, {"version": 2, "top1": 0.98})
+    assert deploy_candidate(s3_store, MODEL, "r3", by="U1") == {"version": 3, "compared_with": 2}
+
+    evaluated(s3_store, "r4", 0.995, {"version": 3, "top1": 0.99})
+    rollback(s3_store, MODEL, by="U0OPS0001")                 # an operator, between evaluate and deploy
+    out = deploy_candidate(s3_store, MODEL, "r4", by="U1")
+    assert out["held"] == {"expected": 3, "current": 2, "action": "rollback", "by": "U0OPS0001",
+                           "at": read_alias(s3_store, MODEL)["updated_at"]}
+    assert out["reason"] == "production moved from v3 to v2 during the run (rolled back by U0OPS0001)"
+    assert read_alias(s3_store, MODEL)["version"] == 2 and list_versions(s3_store, MODEL) == [1, 2, 3]
+
+    evaluated(s3_store, "r5", 0.99, None)                     # compared with no production at all
+    assert "production moved from none to v2" in deploy_candidate(s3_store, MODEL, "r5", by="U1")["reason"]
+    s3_store.delete("runs/r5/candidate/metrics.json")
+    with pytest.raises(ValueError, match="nothing to bind the deploy to"):
+        deploy_candidate(s3_store, MODEL, "r5", by="U1")
+
+
+def test_a_held_deploy_turns_the_report_into_a_hold(s3_store):
+    from pipelines.report import finalize_run
+    from pipelines.status import mark
+    from steps.deploy import deploy_candidate
+    publish(s3_store, MODEL, make_candidate(s3_store, "r1", 0.97), run_id="r1", by="U1")
+    publish(s3_store, MODEL, make_candidate(s3_store, "r2", 0.98), run_id="r2", by="U1")
+    evaluated(s3_store, "r3", 0.99, {"version": 2, "top1": 0.98})
+    for step in layout.STEPS[:-1]:
+        mark(s3_store, "r3", step, "done", summary={"decision": "deploy", "reason": "deploy: better"}
+             if step == "evaluate" else {})
+    rollback(s3_store, MODEL, by="U0OPS0001")
+    mark(s3_store, "r3", "deploy", "done", summary=deploy_candidate(s3_store, MODEL, "r3", by="U1"))
+    report = finalize_run(s3_store, "r3", model=MODEL)
+    assert report["status"] == "succeeded" and report["decision"] == "hold" and report["model_version"] is None
+    assert report["held"]["expected"] == 2 and report["held"]["current"] == 1
+    assert report["reason"].startswith("production moved from v2 to v1 during the run (rolled back by")
