@@ -152,8 +152,8 @@ def main(argv=None) -> int:
             got = {m: run(held, f"round{r}-{m}", {"mode": m}) for m in MODES}
             rows.append(got)
             print_round(r, prod, got)
-
-        judge(prod, rows, smoke=args.smoke)
+            # the goals over the rounds so far: a run cut short still says where it stood
+            judge(prod, rows, smoke=args.smoke)
     finally:
         s3.stop()
         import shutil
@@ -181,7 +181,7 @@ def judge(prod: dict, rows: list[dict], *, smoke: bool) -> None:
         verdict = "not judged (--smoke)" if smoke else ("met" if ok else "missed")
         print(f"goal {name}: {verdict} ({text})")
 
-    print()
+    print(f"\ngoals over {len(rows)} round(s):")
     first_prep = data_prep(prod["report"])
     one_new = data_prep(rows[0]["full"]["report"])
     print(f"data preparation (ingest + validate): first run {first_prep:.2f}s, after one new batch "

@@ -224,15 +224,19 @@ def evaluate(run_id: str, store: str, model_name: str, floor: float, tolerance: 
     from pipelines.status import track
     from steps import layout
     from steps.evaluate import evaluate_against_production, upload_candidate
-    from steps.reuse import fetch_staged
+    from steps.reuse import fetch_staged, read_lineage
     from steps.storage import open_store
 
     with track(store, run_id, "evaluate") as st, tempfile.TemporaryDirectory() as model_dir:
         fetch_staged(open_store(store), model_uri, model_dir)
+        lineage = read_lineage(model_dir)
+        reused = ({"version": lineage["weights_from"], "index_dir": model_dir}
+                  if lineage.get("mode") == "refresh" else None)
         os.makedirs(evaluation.path, exist_ok=True)
         result = evaluate_against_production(
             store, model_name, index.path, os.path.join(embeddings.path, "eval.npz"),
-            os.path.join(data.path, "eval.npz"), evaluation.path, floor=floor, tolerance=tolerance)
+            os.path.join(data.path, "eval.npz"), evaluation.path, floor=floor, tolerance=tolerance,
+            reused=reused)
         upload_candidate(store, run_id, model_dir=model_dir, index_dir=index.path,
                          eval_dir=evaluation.path,
                          data_card=os.path.join(data.path, layout.DATA_CARD_JSON),

@@ -52,7 +52,8 @@ class Decision:
 
 def decide(scan: Scan, *, prefix: str, threshold: int, auto_retrain: bool, paused: bool) -> Decision:
     """A pure decision from a scan, like a dagster sensor's: run, alert or skip (with a
-    reason). The new cursor is the scan's own."""
+    reason). The new cursor is the scan's own. ``auto_retrain``: ct.on_new_data starts
+    runs (its mode, and the guard rails, are the service's: core/ct_policy.py)."""
     if scan.mode == "baseline":
         return Decision("baseline", f"first tick: the {scan.listed} object(s) already under "
                                     f"`{prefix}` count as seen", waiting={})
@@ -108,7 +109,7 @@ class DataWatch:
         metrics.data_watch_tick(scan.found if scan.mode != "baseline" else {}, self.clock())
         d = decide(scan, prefix=self.watcher.prefix,
                    threshold=max(1, int(self.settings.new_data_threshold)),
-                   auto_retrain=self.settings.auto_retrain and self.service is not None,
+                   auto_retrain=self.settings.on_new_data != "alert" and self.service is not None,
                    paused=self.state.schedule_paused())
         return self.apply(scan, d)
 
@@ -121,6 +122,7 @@ class DataWatch:
         found, note = d.found, d.note
         if d.action == "run":
             try:
+                # no mode given: the service picks ct.on_new_data's, guard rails applied
                 run = self.service.request_training(
                     f"new data: {len(found.keys)} object(s), {human_bytes(found.total_bytes)}", {},
                     "scheduler", trigger="new_data", dedupe_key=f"new_data:{found.fingerprint}")

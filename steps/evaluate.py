@@ -189,12 +189,27 @@ def measure_production(store, model_name: str, eval_npz: str, k: int = DEFAULT_K
 
 def evaluate_against_production(store_root: str, model_name: str, index_dir: str, eval_emb: str,
                                 eval_npz: str, out_dir: str, *, floor: float = 0.97,
-                                tolerance: float = 0.002, k: int = DEFAULT_K) -> dict:
+                                tolerance: float = 0.002, k: int = DEFAULT_K,
+                                reused: dict | None = None) -> dict:
     """evaluate() with production measured on the same eval set (images in eval_npz; the
-    candidate's own embeddings of them in eval_emb)."""
+    candidate's own embeddings of them in eval_emb). ``reused`` ({"version", "index_dir"}:
+    a refresh's production weights and gallery): while production is still that version,
+    its eval embeddings are the candidate's own, so it is measured on its gallery without
+    embedding the eval set again."""
+    from steps import deploy as registry
     from steps.storage import open_store
 
-    production = measure_production(open_store(store_root), model_name, eval_npz, k)
+    store = open_store(store_root)
+    production = None
+    if reused and (registry.read_alias(store, model_name) or {}).get("version") == reused["version"]:
+        from steps.index import load_index
+        index, labels = load_index(reused["index_dir"])
+        with np.load(eval_emb) as d:
+            q, y = d["emb"], d["y"].astype(np.int64)
+        production = {"version": int(reused["version"]),
+                      "top1": float((knn_predict(index, labels, q, k) == y).mean())}
+    if production is None:
+        production = measure_production(store, model_name, eval_npz, k)
     return evaluate(index_dir, eval_emb, out_dir, production=production, floor=floor,
                     tolerance=tolerance, k=k)
 

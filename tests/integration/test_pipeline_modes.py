@@ -109,6 +109,9 @@ def test_refresh_reuses_production_weights_and_appends_exactly_the_new_images(wo
     # data preparation read only the new object
     assert report["data"]["cache"] == {"objects_new": 1, "objects_cached": 1, "new": [new_uri]}
 
+    # production measured on its own gallery with the candidate's eval embeddings (same
+    # weights): the score v1's own run measured
+    assert report["production"] == {"version": 1, "top1": pytest.approx(world["full"]["metrics"]["top1"], abs=1e-9)}
     # published as v2: production's weights, byte for byte, and its gallery grown by the new images
     assert report["decision"] == "deploy" and report["model_version"] == 2, report["reason"]
     for name in ("model.pt", "model_export.pt"):
