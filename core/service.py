@@ -118,9 +118,11 @@ class TrainingService(RunQueries):
         params = dict(params or {})
         if trigger in ct_policy.AUTOMATIC_TRIGGERS and "mode" not in params:
             wanted = self.settings.schedule.mode if trigger == "weekly" else self.settings.on_new_data
-            mode, why = self.automatic_mode("full" if wanted == "alert" else wanted)
+            wanted = "full" if wanted == "alert" else wanted
+            mode, why = self.automatic_mode(wanted)
             params["mode"] = mode
-            reason = f"{reason}; mode {mode}: {why}"
+            if (mode, wanted) != ("full", "full"):   # today's default needs no explaining
+                reason = f"{reason}; mode {mode}: {why}"
         params = self._resolve(params)
         self._check_mode(params, sweep)
         run_id = layout.new_run_id(self.clock())

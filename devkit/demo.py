@@ -319,10 +319,11 @@ def run(args: argparse.Namespace) -> int:
             run1 = proc.service.request_training("demo: /ct train", {"epochs": args.epochs}, "demo")
         first = wait_for_run(proc.service, run1.run_id, args.timeout)
         print_report(first)
+        deployed_first = bool(first.model_version)   # the serving walk-through follows a deployed one
         if standin and not first.model_version:
             # a refresh reuses production's weights: a held first model is promoted first
             first = promote_held(proc.service, standin, app_url, first)
-        if first.model_version:
+        if deployed_first:
             wait_served(serving_url, settings.model_name, first.model_version)
             show_predictions(serving_url, settings.model_name, x[:8], y[:8])
 
@@ -342,7 +343,7 @@ def run(args: argparse.Namespace) -> int:
                                                  trigger="new_data")
         second = wait_for_run(proc.service, run2.run_id, args.timeout)
         print_report(second)
-        if standin and first.model_version:
+        if standin and deployed_first:
             follow_second_deploy_and_rollback(proc, standin, app_url, settings, serving_url, second, x[:1])
 
         if standin:

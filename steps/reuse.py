@@ -99,6 +99,9 @@ def new_rows(card: dict, src: np.ndarray, base_card: dict) -> tuple[np.ndarray, 
     in it, so that is an error naming it."""
     base = {s["uri"]: s.get("tag") for s in base_card.get("sources", [])}
     now = {s["uri"]: s.get("tag") for s in card.get("sources", [])}
+    if base and all(t is None for t in base.values()):
+        raise ValueError("production's data card predates content tags, so the objects it was built "
+                         "from cannot be told from new ones: run mode=warm or mode=full once")
     changed = sorted(u for u, t in base.items() if u in now and (t is None or now[u] != t))
     gone = sorted(u for u in base if u not in now)
     if changed or gone:

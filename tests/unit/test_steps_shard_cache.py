@@ -127,3 +127,21 @@ def test_local_files_are_tagged_by_content(tmp_path):
     assert ingest([str(data)], str(tmp_path / "2"), cache=cache)["cache"]["objects_cached"] == 1
     (data / "a.npz").write_bytes(npz_bytes(x=255 - x, y=y))   # same size, same second maybe
     assert ingest([str(data)], str(tmp_path / "3"), cache=cache)["cache"]["objects_new"] == 1
+
+
+def test_refresh_adds_only_unseen_objects_and_refuses_changed_ones():
+    from steps.reuse import new_rows
+
+    base = {"sources": [{"uri": "s3://b/data/a.npz", "tag": "t1"}, {"uri": "s3://b/data/b.npz", "tag": "t2"}]}
+    card = {"sources": [*base["sources"], {"uri": "s3://b/data/c.npz", "tag": "t3"}]}
+    src = np.array([0, 0, 1, 2, 2, 2])
+    rows, objects = new_rows(card, src, base)
+    assert rows.tolist() == [3, 4, 5] and objects == ["s3://b/data/c.npz"]
+    rewritten = {"sources": [{"uri": "s3://b/data/a.npz", "tag": "t9"}, *card["sources"][1:]]}
+    with pytest.raises(ValueError, match=r"rewritten since: s3://b/data/a\.npz.*run mode=warm or mode=full"):
+        new_rows(rewritten, src, base)
+    with pytest.raises(ValueError, match=r"removed since: s3://b/data/b\.npz"):
+        new_rows({"sources": card["sources"][:1] + card["sources"][2:]}, src, base)
+    untagged = {"sources": [{"uri": "s3://b/data/a.npz"}]}
+    with pytest.raises(ValueError, match="predates content tags"):
+        new_rows(card, src, untagged)
