@@ -9,8 +9,12 @@ place with the run's current state (progress is throttled across replicas; a thr
 update is deferred, then sent with the latest state), and replaced by the final report;
 the details and the confusion matrix go into its thread once each.
 
-HTTP 429 is waited out per Retry-After, 5xx and network errors back off; the outbox
-keeps the budget (core.outbox.MAX_ATTEMPTS).
+Delivery is in the order things were owed, by one replica at a time (a drain lock).
+HTTP 429 is waited out per Retry-After (the client does it a few times); a 5xx, a 429
+that persists or a network error means Slack is unavailable: the outbox pauses every
+delivery with a capped backoff, and the next try starts again from the oldest owed
+message. Slack refusing one message (ok: false) backs off that message alone. The
+outbox gives up only after ``outbox.give_up_hours`` (core/outbox.py).
 """
 from __future__ import annotations
 
@@ -33,7 +37,7 @@ log = logging.getLogger(__name__)
 
 METADATA_EVENT = RUN_EVENT
 POST_CLAIM_SECONDS = 60      # longer than one chat.postMessage with its retries
-LOCK_WAIT_SECONDS = 3.0         # wait this long for another delivery of the same run to end
+LOCK_WAIT_SECONDS = 3.0         # wait this long for another delivery (another drain) to end
 DELIVERY_LOCK_SECONDS = 30      # a replica that died mid-delivery holds it up at most this long
 HISTORY_LOOKBACK = 200       # messages searched for a run's lost first post
 SERVING_WAIT_SECONDS = 8     # a deployed report waits this long for the model server to reload
@@ -53,52 +57,82 @@ class SlackDelivery:
     # ---- the periodic drain -------------------------------------------------------------
 
     def drain(self) -> int:
-        """Deliver everything due; returns how many runs and messages were handled."""
-        n = 0
-        for run_id in self.outbox.due_runs():
-            self.deliver_run(run_id)
-            n += 1
-        return n + self.deliver_messages()
-
-    # ---- runs -----------------------------------------------------------------------------
-
-    def deliver_run(self, run_id: str) -> None:
-        lock, token = f"outbox:deliver:{run_id}", uuid.uuid4().hex
+        """Deliver everything due, oldest owed first; returns how many runs and messages
+        were handled. One drain at a time across replicas, so the order holds; while
+        Slack is unavailable only the give-up clock moves."""
+        self.outbox.give_up_overdue()
+        if self.outbox.paused():
+            return 0
+        lock, token = "outbox:drain", uuid.uuid4().hex
         deadline = time.monotonic() + LOCK_WAIT_SECONDS
         while not self.state.acquire_lock(lock, token, DELIVERY_LOCK_SECONDS):
             if time.monotonic() > deadline:
-                self.outbox.defer_run(run_id, 1.0)   # another replica is at it; the drain looks again
-                return
-            time.sleep(0.05)   # usually a delivery of this run's previous state, about to end
+                return 0   # another drain is at it, and will see what is due
+            time.sleep(0.05)
+        n = 0
         try:
-            self._deliver_run(run_id)
-        except SlackApiError as e:
-            self.outbox.retry_run(run_id, _describe(e), retry_after=_retry_after(e))
-        except Exception as e:  # network errors and the like: back off, try again
-            log.warning("delivering run %s failed: %s", run_id, e)
-            self.outbox.retry_run(run_id, f"{type(e).__name__}: {e}")
+            for _ in range(20):   # what became due while draining, within bounds
+                due = self.outbox.due()
+                for kind, ident in due:
+                    if self.outbox.paused():
+                        return n   # Slack went away: the rest waits its turn, in order
+                    self._deliver_run(ident) if kind == "run" else self._deliver_message(ident)
+                    self.state.refresh_lock(lock, token, DELIVERY_LOCK_SECONDS)
+                    n += 1
+                if not due:
+                    break
         finally:
             self.state.release_lock(lock, token)
+        return n
+
+    # ---- runs -----------------------------------------------------------------------------
 
     def _deliver_run(self, run_id: str) -> None:
+        try:
+            answered = self._show_run(run_id)
+        except Exception as e:
+            if not self._slack_unavailable(e, f"run {run_id}"):
+                self.outbox.retry_run(run_id, _describe(e))
+            return
+        if answered:   # a deferral says nothing about Slack: the backoff stands
+            self.outbox.slack_answered()
+
+    def _slack_unavailable(self, e: Exception, what: str) -> bool:
+        """Pause every delivery when ``e`` says Slack is unavailable; False when Slack
+        answered and refused just this message."""
+        if isinstance(e, SlackApiError):
+            status = getattr(e.response, "status_code", 200)
+            if status == 429 or status >= 500:
+                self.outbox.slack_unavailable(_describe(e), retry_after=_retry_after(e))
+                return True
+            log.warning("Slack refused %s: %s", what, _describe(e))
+            return False
+        if isinstance(e, OSError):   # connection refused or reset, timeouts, DNS (urllib's URLError)
+            self.outbox.slack_unavailable(f"{type(e).__name__}: {e}")
+            return True
+        log.warning("delivering %s failed: %s", what, e, exc_info=True)
+        return False
+
+    def _show_run(self, run_id: str) -> bool:
+        """Bring the run's message up to date; False when it did not get as far as Slack."""
         entry = self.outbox.run_entry(run_id)
         gen = int(entry.get("gen") or 0)
         run = self.state.get_run(run_id)
         if run is None or int(entry.get("delivered") or 0) >= gen:   # nothing new to show
             self.outbox.run_delivered(run_id, gen)
-            return
+            return False
         if entry.get("final") and run.active:
             # The service is marking it finished right now (or crashed doing so and will
             # redo it): wait for the final record rather than show progress again.
             self.outbox.defer_run(run_id, 1.0)
-            return
+            return False
         throttle = self.state.k("slack", "throttle", run_id)
         if run.active and run.slack_ts and self.min_update_seconds > 0:
             # Shared by every replica: chat.update is rate limited per message.
             if not self.state.r.set(throttle, "1", nx=True, px=int(self.min_update_seconds * 1000)):
                 wait = max(self.state.r.pttl(throttle), 50) / 1000
                 self.outbox.defer_run(run_id, wait)
-                return
+                return False
         steps = read_steps(self.store, run_id)
         final = run.state in ("succeeded", "failed")
         report = self._report(run) if final else None
@@ -106,13 +140,14 @@ class SlackDelivery:
         where = self._ensure_message(run, view)
         if where is None:
             self.outbox.defer_run(run_id, 2.0)  # someone else's first post is in flight
-            return
+            return False
         if where != "posted":
             self._update(run, where, view)
         if final:
             crash_point("final_slack_call")
             self._thread_parts(run, report, steps)
         self.outbox.run_delivered(run_id, gen)
+        return True
 
     def _report(self, run: RunRecord) -> dict:
         report = read_report(self.store, run.run_id)
@@ -236,6 +271,10 @@ class SlackDelivery:
             self._post_once(f"details-{run.run_id}", run.slack_channel, run.slack_ts, details)
             crash_point("after_details_post")
             self.outbox.mark_part(run.run_id, "details")
+        trials = (report or {}).get("trials")
+        if isinstance(trials, list) and trials and not self.outbox.part_done(run.run_id, "sweep_chart"):
+            self._sweep_chart(run, trials)
+            self.outbox.mark_part(run.run_id, "sweep_chart")
         if not self.outbox.part_done(run.run_id, "confusion"):
             png = read_confusion_png(self.store, run.run_id)
             title = f"Confusion matrix, run {run.run_id}"
@@ -247,10 +286,27 @@ class SlackDelivery:
                                             alt_txt="confusion matrix of kNN top-1 on the eval set")
             self.outbox.mark_part(run.run_id, "confusion")
 
-    def _upload_found(self, run: RunRecord, title: str) -> bool:
+    def _sweep_chart(self, run: RunRecord, trials: list) -> None:
+        """Validation top-1 by trial, as an image in the thread (once, like the matrix)."""
+        from bot.blocks.run import winning_trial
+        from bot.charts import bar_chart_png
+        title = f"Validation top-1 by trial, run {run.run_id}"
+        if self._upload_found(run, title, "sweep-chart"):
+            return
+        order = sorted((t for t in trials if isinstance(t, dict)), key=lambda t: t.get("trial", 0))
+        values = [t.get("val_top1") if isinstance(t.get("val_top1"), (int, float)) else None for t in order]
+        best = winning_trial(order)
+        winner = next((i for i, t in enumerate(order) if t.get("trial") == best), None)
+        shown = ", ".join(f"trial {t.get('trial')}: {'–' if v is None else f'{100 * v:.2f}%'}"
+                          for t, v in zip(order, values, strict=True))
+        self.client.files_upload_v2(channel=run.slack_channel, thread_ts=run.slack_ts,
+                                    content=bar_chart_png(values, winner), filename=f"sweep-{run.run_id}.png",
+                                    title=title, alt_txt=f"validation top-1 by trial (the best in green): {shown}"[:1000])
+
+    def _upload_found(self, run: RunRecord, title: str, what: str = "confusion") -> bool:
         """Was the upload done by a try whose reply was lost? (files carry no metadata;
         the title names the run.)"""
-        tried = self.state.k("slack", "tried", f"confusion-{run.run_id}")
+        tried = self.state.k("slack", "tried", f"{what}-{run.run_id}")
         if not self.state.r.set(tried, "1", nx=True, ex=30 * 24 * 3600):
             resp = self.client.conversations_replies(channel=run.slack_channel, ts=run.slack_ts,
                                                      limit=HISTORY_LOOKBACK)
@@ -259,26 +315,18 @@ class SlackDelivery:
 
     # ---- other messages -------------------------------------------------------------------
 
-    def deliver_messages(self) -> int:
-        n = 0
-        for msg_id, kind, payload in self.outbox.due_messages():
-            lock, token = f"outbox:deliver:{msg_id}", uuid.uuid4().hex
-            if not self.state.acquire_lock(lock, token, DELIVERY_LOCK_SECONDS):
-                continue
-            try:
-                if self.outbox.message_sent(msg_id):
-                    continue
-                self._send(msg_id, kind, payload)
-                self.outbox.message_done(msg_id)
-                n += 1
-            except SlackApiError as e:
-                self.outbox.retry_message(msg_id, _describe(e), retry_after=_retry_after(e))
-            except Exception as e:
-                log.warning("delivering %s failed: %s", msg_id, e)
-                self.outbox.retry_message(msg_id, f"{type(e).__name__}: {e}")
-            finally:
-                self.state.release_lock(lock, token)
-        return n
+    def _deliver_message(self, msg_id: str) -> None:
+        msg = self.outbox.message(msg_id)
+        if msg is None:
+            return
+        try:
+            self._send(msg_id, msg["kind"], msg["payload"])
+        except Exception as e:
+            if not self._slack_unavailable(e, f"message {msg_id}"):
+                self.outbox.retry_message(msg_id, _describe(e))
+            return
+        self.outbox.message_done(msg_id)
+        self.outbox.slack_answered()
 
     def _send(self, msg_id: str, kind: str, payload: dict) -> None:
         if kind == "new_data":
@@ -287,6 +335,8 @@ class SlackDelivery:
                                             expected=self._expected_seconds())
         elif kind == "say":
             message = {"text": payload["text"]}
+        elif kind == "fire_failed":
+            message = blocks.fire_failed(payload["fire_id"], payload["text"])
         else:
             raise ValueError(f"unknown outbox message kind {kind!r}")
         self._post_once(msg_id, self.channel, None, blocks.fit_message(message))
@@ -312,7 +362,9 @@ def _retry_after(e: SlackApiError) -> float | None:
         return None
 
 
-def _describe(e: SlackApiError) -> str:
+def _describe(e: Exception) -> str:
+    if not isinstance(e, SlackApiError):
+        return f"{type(e).__name__}: {e}"
     status = getattr(e.response, "status_code", "?")
     error = (e.response or {}).get("error") if hasattr(e.response, "get") else ""
     return f"Slack HTTP {status} {error or ''}".strip()

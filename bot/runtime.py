@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import logging
 import sys
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 
 from core import metrics
 from core.config import Settings, reveal
@@ -22,6 +23,7 @@ from core.config import Settings, reveal
 log = logging.getLogger(__name__)
 
 HEAVY_MODULES = ("torch", "faiss")
+STORE_CHECK_SECONDS = 10.0   # the store's readiness listing is asked at most this often
 
 
 def heavy_imports() -> dict[str, bool]:
@@ -40,10 +42,26 @@ class BotProcess:
     server: object | None = None          # bot.server.HttpServer in HTTP mode
     socket: object | None = None          # SocketModeHandler in Socket Mode
     probes: object | None = None          # bot.server.HttpServer of /livez, /readyz, /metrics in Socket Mode
+    _store_checked: tuple | None = field(default=None, repr=False)   # (monotonic time, problem)
 
     def health(self) -> dict:
         """Readiness: Redis (the service's own check) and the store answer."""
         problems = dict(self.service.health())
+        store_problem = self._store_problem()
+        if store_problem:
+            problems["store"] = store_problem
+        if "redis" in problems:
+            metrics.dependency_error("redis")
+        return {"ok": not problems, "mode": "socket" if reveal(self.settings.slack_app_token) else "http",
+                "scheduler": bool(self.scheduler), "imports": heavy_imports(), **problems}
+
+    def _store_problem(self) -> str:
+        """'' when the store answers a listing; asked at most every STORE_CHECK_SECONDS
+        (readiness runs every half second; a LIST costs money on S3)."""
+        now = time.monotonic()
+        if self._store_checked is not None and now - self._store_checked[0] < STORE_CHECK_SECONDS:
+            return self._store_checked[1]
+        problem = ""
         store = getattr(self.service, "store", None)
         if store is not None:
             try:
@@ -51,12 +69,10 @@ class BotProcess:
                 # which a HEAD of a missing key would not
                 next(iter(store.list("readyz/", start_after="readyz/~")), None)
             except Exception as e:   # report, don't raise: the probe must answer
-                problems["store"] = type(e).__name__
-        for dep in ("redis", "store"):
-            if dep in problems:
-                metrics.dependency_error("s3" if dep == "store" else dep)
-        return {"ok": not problems, "mode": "socket" if reveal(self.settings.slack_app_token) else "http",
-                "scheduler": bool(self.scheduler), "imports": heavy_imports(), **problems}
+                problem = type(e).__name__
+                metrics.dependency_error("s3")
+        self._store_checked = (now, problem)
+        return problem
 
     def start(self, host: str | None = None, port: int | None = None) -> BotProcess:
         from bot.server import Readiness, serve_http, serve_socket_mode
@@ -66,6 +82,7 @@ class BotProcess:
             metrics.seed(self.service.list_runs(50))
         except Exception as e:   # metrics must never keep the bot from starting
             log.warning("could not seed metrics from past runs: %s", e)
+        metrics.follow_production(self.service.production)   # promotes and rollbacks run in job workers
         host = host or self.settings.http_host
         port = self.settings.http_port if port is None else port
         ready = Readiness(self.health)
@@ -81,6 +98,7 @@ class BotProcess:
     def stop(self) -> None:
         """SIGTERM: stop accepting, answer the requests in flight, let the jobs their acks
         promised finish, then return (Kubernetes' grace period bounds the whole)."""
+        metrics.follow_production(None)
         if self.server is not None:
             self.server.shutdown()
         if self.socket is not None:

@@ -21,6 +21,7 @@ import asyncio
 import json
 import logging
 import re
+import threading
 import time
 import urllib.parse
 from collections.abc import Callable
@@ -39,41 +40,55 @@ log = logging.getLogger(__name__)
 EVENTS_PATH = "/slack/events"
 READY_PATHS = ("/readyz", "/healthz")   # /healthz: the name older manifests probe
 PROBE_PATHS = ("/livez", "/metrics") + READY_PATHS
-READY_WAIT = 1.5     # a readiness check slower than this answers "not ready"
-READY_FRESH = 1.0    # a result younger than this is answered without asking again
+READY_EVERY = 0.5    # seconds between readiness checks (the Redis ping times out at 0.3 s)
+READY_STALE = 3.0    # no check finished for this long: "not ready" (one is hanging past its timeouts)
+READY_WAIT = 1.5     # how long a probe waits for the very first result
 
 
 class Readiness:
-    """Runs ``check`` on a thread of its own, never on the event loop or an ack thread: a
-    store or Redis that hangs must hold neither. A probe gets a result younger than
-    READY_FRESH as it is; else it waits up to READY_WAIT for a new one, and past that
-    gets "not ready" (a dependency that slow is not one to send traffic to)."""
+    """Runs ``check`` every READY_EVERY on a thread of its own; a probe answers the latest
+    result without waiting on anything, so it stays fast however busy the ack threads
+    are, and a hung Redis turns it 503 within about READY_EVERY + 0.3 s. A check that
+    hangs past its own timeouts shows as "not ready" after READY_STALE. Only the first
+    probe waits, up to READY_WAIT, for a first result."""
 
-    def __init__(self, check: Callable[[], dict]):
-        self._check = check
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="ctbot-readyz")
-        self._running: Future | None = None
+    def __init__(self, check: Callable[[], dict], every: float = READY_EVERY):
+        self._check, self.every = check, every
+        self._first: Future = Future()
         self._last: dict | None = None
         self._last_at = 0.0
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
 
     async def status(self) -> dict:
-        if self._last is not None and time.monotonic() - self._last_at < READY_FRESH:
-            return self._last
-        if self._running is None or self._running.done():
-            self._running = self._pool.submit(self._run)
-        try:
-            return await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(self._running)), READY_WAIT)
-        except TimeoutError:
-            return {"ok": False, "error": f"readiness check still running after {READY_WAIT:g} s"}
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="ctbot-readyz", daemon=True)
+            self._thread.start()
+        if self._last is None:
+            try:
+                return await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(self._first)), READY_WAIT)
+            except TimeoutError:
+                return {"ok": False, "error": f"the first readiness check took over {READY_WAIT:g} s"}
+        age = time.monotonic() - self._last_at
+        if age > READY_STALE:
+            return {**self._last, "ok": False, "error": f"no readiness check has finished for {age:.1f} s"}
+        return self._last
 
-    def _run(self) -> dict:
-        try:
-            status = self._check()
-        except Exception as e:   # health must answer, not crash the probe
-            log.warning("readiness check failed: %s", e)
-            status = {"ok": False, "error": type(e).__name__}
-        self._last, self._last_at = status, time.monotonic()
-        return status
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            started = time.monotonic()
+            try:
+                status = self._check()
+            except Exception as e:   # health must answer, not crash the probe
+                log.warning("readiness check failed: %s", e)
+                status = {"ok": False, "error": type(e).__name__}
+            self._last, self._last_at = status, time.monotonic()
+            if not self._first.done():
+                self._first.set_result(status)
+            self._stop.wait(max(0.0, self.every - (time.monotonic() - started)))
+
+    def close(self) -> None:
+        self._stop.set()
 
 
 def _request_name(body: str, ctype: str) -> tuple[str, str]:
@@ -196,6 +211,7 @@ class SlackAsgi:
                       ctype="application/json")
 
     def shutdown(self) -> None:
+        self.health.close()
         if self._pool is not None:
             self._pool.shutdown(wait=True)
 

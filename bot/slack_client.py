@@ -47,5 +47,14 @@ def slack_client(token: str, base_url: str = "") -> WebClient:
 def group_members(client: WebClient):
     """members_of(group_id) for core.access: Slack's usergroups.users.list."""
     def members_of(group: str) -> list[str]:
-        return list(client.usergroups_users_list(usergroup=group).get("users") or [])
+        try:
+            return list(client.usergroups_users_list(usergroup=group).get("users") or [])
+        except SlackApiError as e:   # core.access words it for people: say what Slack said
+            raise LookupError(f"usergroups.users.list answered {_slack_error(e)}") from None
     return members_of
+
+
+def _slack_error(e: SlackApiError) -> str:
+    status = getattr(e.response, "status_code", None)
+    error = e.response.get("error") if hasattr(e.response, "get") else None
+    return f"`{error}`" if error else f"HTTP {status}"

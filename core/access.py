@@ -22,6 +22,16 @@ class Forbidden(ServiceError):
     """The actor may not do this here; the message says who may."""
 
 
+class GroupLookupFailed(Forbidden):
+    """A user group on the list could not be resolved (Slack answered an error, or not at
+    all): ctbot fails closed, and says that the check, not the user, is what failed."""
+
+    def __init__(self, group: str, detail: str):
+        self.group, self.detail = group, detail
+        super().__init__(f"ctbot couldn't check the {mention(group)} group with Slack ({detail}); "
+                         "nothing was changed; try again in a moment.")
+
+
 class Actor(str):
     """A Slack user id that also knows where the request came from. Being a str, it goes
     wherever a ``by`` went before (mentions, audit)."""
@@ -68,12 +78,22 @@ class AccessPolicy:
         return None
 
     def allowed(self, action: str, actor: Actor, *, owner: str = "") -> bool:
+        """Raises GroupLookupFailed when only an unresolvable group could have allowed it."""
         if action == "cancel" and owner and str(actor) == owner:
             return True   # a run's requester may always cancel their own run
         entries = getattr(self.access, action)
         if "*" in entries or str(actor) in entries:
             return True
-        return any(str(actor) in self._members(g) for g in entries if g.startswith("S"))
+        failed = None
+        for group in (g for g in entries if g.startswith("S")):
+            try:
+                if str(actor) in self._members(group):
+                    return True
+            except GroupLookupFailed as e:
+                failed = failed or e    # another group may still allow it
+        if failed:
+            raise failed
+        return False
 
     def refusal(self, action: str, actor: Actor, *, owner: str = "") -> str | None:
         """None when ``actor`` may do ``action`` here; else the message to show them."""
@@ -97,7 +117,10 @@ class AccessPolicy:
             hit = self._cache.get(group)
             if hit and now - hit[0] < self.cache_seconds:
                 return hit[1]
-        members = frozenset(self.members_of(group)) if self.members_of else frozenset()
+        try:
+            members = frozenset(self.members_of(group)) if self.members_of else frozenset()
+        except Exception as e:   # not cached: the next request asks Slack again
+            raise GroupLookupFailed(group, str(e) or type(e).__name__) from e
         with self._lock:
             self._cache[group] = (now, members)
         return members

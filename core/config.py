@@ -8,45 +8,39 @@ section ``sec`` is ``sec: {k: ...}`` and ``CT_SEC__K``. Adding a section is one
 ``Section`` subclass plus one field of that type on Settings; loading, unknown-key checks
 and ``ctbot config show`` walk the fields and need no change. Unknown keys and unknown
 ``CT_*`` variables are errors. The Slack secrets are SecretStr, masked in repr: hand them
-to a client with ``reveal``. See ctbot.example.yaml for every key.
+to a client with ``reveal``. See ctbot.example.yaml and docs/configuration.md for every key.
+
+Reading the file and the environment is pydantic-settings' (its YAML and env sources, in
+core/config_sources.py); what the library lacks — unknown names answered with the nearest
+one, comma lists, Slack's plain variable names, the origin of each value — is added there,
+and that module's docstring says why each addition is needed.
 """
 from __future__ import annotations
 
-import difflib
-import json
 import os
 import re
 from collections.abc import Iterator, Mapping
-from pathlib import Path
-from typing import Any, Literal, get_origin
+from typing import Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-ENV_PREFIX = "CT_"
-NESTED_DELIMITER = "__"
-SECRET_FIELDS = {"slack_bot_token", "slack_signing_secret", "slack_app_token", "kfp_token"}
-# Names older than the CT_ prefix (Slack's and Redis's usual ones); they win over CT_<FIELD>.
-PLAIN_ENV = {"SLACK_BOT_TOKEN": "slack_bot_token", "SLACK_SIGNING_SECRET": "slack_signing_secret",
-             "SLACK_APP_TOKEN": "slack_app_token", "REDIS_URL": "redis_url", "SLACK_API_URL": "slack_api_url"}
-# CT_ names that are not settings but are read elsewhere; the unknown-name check lets them by.
-OTHER_CT_ENV = {
-    "CT_CONFIG": "the config file",
-    "CT_VENV": "dev.sh's virtualenv",
-    "CT_UPDATE_FIXTURES": "regenerates test fixtures",
-    "CT_CRASH_AT": "the fault-injection suite's crash points (steps/crashpoints.py)",
-}
+# Loading lives in core/config_sources.py (pydantic-settings' sources plus what they lack);
+# these names are re-exported because callers and tests import them from here.
+from core.config_sources import (  # noqa: F401
+    ENV_PREFIX,
+    NESTED_DELIMITER,
+    OTHER_CT_ENV,
+    PLAIN_ENV,
+    SECRET_FIELDS,
+    ConfigError,
+    describe,
+    leaves,
+    read_sources,
+)
+
 DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
-
-
-class ConfigError(Exception):
-    """Bad configuration; ``problems`` holds one line per problem, all of them at once."""
-
-    def __init__(self, problems: list[str]):
-        self.problems = list(problems)
-        super().__init__("; ".join(self.problems))
 
 
 class Section(BaseModel):
@@ -87,7 +81,14 @@ class DeploySection(Section):
 
 
 class ScheduleSection(Section):
-    catch_up: bool = True               # a weekly fire missed while no scheduler ran is run once, however late
+    catch_up: bool = True               # weekly fires missed while no scheduler ran are run once (coalesced), however late
+    # A weekly or new-data fire whose run could not start for a transient reason (the store,
+    # Redis, the runner) is tried again after retry_first_seconds, doubling up to
+    # retry_max_seconds, for retry_window_minutes from its first try; then it is announced
+    # with a Retry button (docs/operations.md, "Fires").
+    retry_window_minutes: float = Field(360.0, ge=0)
+    retry_first_seconds: float = Field(30.0, gt=0)
+    retry_max_seconds: float = Field(900.0, gt=0)
     mode: Literal["full", "warm", "refresh"] = "full"   # the weekly run's mode (guard rails: core/ct_policy.py)
 
 
@@ -103,6 +104,11 @@ class CtSection(Section):
     refresh: RefreshSection = Field(default_factory=RefreshSection)
 
 
+class SweepSection(Section):
+    """`/ct sweep key=v1,v2 …`: one run that trains every combination and keeps the best."""
+    max_trials: int = Field(8, ge=1, le=64)   # combinations allowed in one sweep, checked before it starts
+
+
 class ServingSection(Section):
     """The model server (`ctbot serve-model`) and where the bot reads what it serves."""
     url: str = ""                        # the bot reads the served version here; "" = not shown
@@ -115,6 +121,19 @@ class ServingSection(Section):
     # "ivf": an inverted-file index built at load (about 0.1 ms an image against 3.7 ms for
     # "exact", the package's flat index, over 60k); agreement with exact: bench_serving.py.
     search: Literal["exact", "ivf"] = "ivf"
+
+
+class OutboxSection(Section):
+    """Messages owed to Slack (core/outbox.py): retried with a backoff capped at
+    max_backoff_seconds for give_up_hours, then logged and kept for /ct status."""
+    give_up_hours: float = Field(24.0, gt=0)
+    max_backoff_seconds: float = Field(300.0, gt=0, le=300)   # at most 5 minutes between tries
+    time_scale: float = Field(1.0, ge=1)   # divides those durations: drills and tests compress an outage
+
+
+class AuditSection(Section):
+    """The audit trail's archive in the store (core/audit.py)."""
+    archive_seconds: float = Field(60.0, gt=0)   # how often new entries are copied from Redis to the store
 
 
 class HttpSection(Section):
@@ -186,7 +205,11 @@ class Settings(BaseSettings):
     deploy: DeploySection = Field(default_factory=DeploySection)
     serving: ServingSection = Field(default_factory=ServingSection)
     http: HttpSection = Field(default_factory=HttpSection)
+    sweep: SweepSection = Field(default_factory=SweepSection)
     outbox_drain_seconds: float = Field(2.0, gt=0)       # how often owed Slack messages are retried
+    home_refresh_seconds: float = Field(10.0, gt=0)      # least time between republishing everyone's Home tab
+    outbox: OutboxSection = Field(default_factory=OutboxSection)
+    audit: AuditSection = Field(default_factory=AuditSection)
     command_resume_seconds: float = Field(10.0, gt=0)    # how often commands cut off by a crash are resumed
     command_stale_seconds: float = Field(300.0, gt=0)    # a started command silent this long is resumed
     finish_retry_seconds: float = Field(30.0, gt=0)      # a run's finish cut short by a crash is redone after this
@@ -248,23 +271,11 @@ class Settings(BaseSettings):
              **overrides) -> Settings:
         """Defaults < ``config_file`` (or $CT_CONFIG) < ``env`` (default os.environ) <
         ``overrides``. Raises ConfigError naming every problem, and where each came from."""
-        env = os.environ if env is None else env
-        config_file = config_file or env.get("CT_CONFIG") or None
-        problems: list[str] = []
-        origins: dict[str, str] = {}
-        file_values = _read_file(cls, Path(config_file), origins, problems) if config_file else {}
-        env_values = _read_env(cls, env, origins, problems)
-        for key in overrides:
-            if key not in cls.model_fields:
-                problems.append(f"{key}: unknown setting{_did_you_mean(key, cls.model_fields)}")
-            else:
-                origins[key] = "argument"
-        overrides = {k: v for k, v in overrides.items() if k in cls.model_fields}
-        values = _merge(_merge(file_values, env_values), overrides)
+        values, origins, problems = read_sources(cls, config_file, env, overrides)
         try:
             settings = cls(**values)
         except ValidationError as e:
-            problems += [_describe(err, origins) for err in e.errors()]
+            problems += [describe(err, origins) for err in e.errors()]
             settings = None
         if problems:
             raise ConfigError(problems)
@@ -286,7 +297,7 @@ class Settings(BaseSettings):
 
     def leaves(self) -> Iterator[tuple[str, Any]]:
         """Every leaf setting as (dotted key, value), nested sections flattened."""
-        yield from _leaves(self)
+        yield from leaves(self)
 
 
 def load_settings(config_file: str | os.PathLike | None = None, env: Mapping[str, str] | None = None,
@@ -306,134 +317,3 @@ def masked(key: str, value: Any) -> Any:
     return value
 
 
-# ---------------------------------------------------------------------- helpers
-
-
-def _section(annotation) -> type[BaseModel] | None:
-    return annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
-
-
-def _leaves(model: BaseModel, prefix: str = "") -> Iterator[tuple[str, Any]]:
-    for name in type(model).model_fields:
-        value = getattr(model, name)
-        if isinstance(value, BaseModel):
-            yield from _leaves(value, f"{prefix}{name}.")
-        else:
-            yield f"{prefix}{name}", value
-
-
-def _did_you_mean(name: str, valid, fmt=str) -> str:
-    close = difflib.get_close_matches(name, list(valid), n=1, cutoff=0.6)
-    return f"; did you mean {fmt(close[0])}?" if close else ""
-
-
-def _merge(base: dict, top: dict) -> dict:
-    out = dict(base)
-    for k, v in top.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
-def _read_file(cls: type[BaseModel], path: Path, origins: dict, problems: list) -> dict:
-    where = f"file {path}"
-    try:
-        data = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        problems.append(f"config file {path}: not found")
-        return {}
-    except OSError as e:
-        problems.append(f"config file {path}: {e.strerror or e}")
-        return {}
-    except yaml.YAMLError as e:
-        problems.append(f"config file {path}: not valid YAML: {' '.join(str(e).split())}")
-        return {}
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        problems.append(f"config file {path}: expected a mapping of settings, got a {type(data).__name__}")
-        return {}
-    return _check_keys(cls, data, "", where, origins, problems)
-
-
-def _check_keys(cls: type[BaseModel], data: dict, prefix: str, where: str, origins: dict, problems: list) -> dict:
-    """``data`` without its unknown keys (each one reported), origins recorded."""
-    out = {}
-    for key, value in data.items():
-        dotted = f"{prefix}{key}"
-        field = cls.model_fields.get(key) if isinstance(key, str) else None
-        if field is None:
-            problems.append(f"{dotted}: unknown key in {where}{_did_you_mean(str(key), cls.model_fields)}")
-            continue
-        section = _section(field.annotation)
-        if section is not None and value is None:
-            continue  # "access:" with every key commented out: the section's defaults
-        if value is None:
-            problems.append(f"{dotted}: empty value in {where} (a YAML value starting with # is a comment: "
-                            "quote it)")
-            continue
-        origins[dotted] = where
-        out[key] = (_check_keys(section, value, f"{dotted}.", where, origins, problems)
-                    if section is not None and isinstance(value, dict) else value)
-    return out
-
-
-def _env_names(cls: type[BaseModel], prefix: str = ENV_PREFIX) -> dict[str, tuple[str, ...]]:
-    """CT_ name -> field path, for every field and section."""
-    names = {}
-    for name, field in cls.model_fields.items():
-        env_name = f"{prefix}{name.upper()}"
-        names[env_name] = (name,)
-        if (section := _section(field.annotation)) is not None:
-            for sub, path in _env_names(section, env_name + NESTED_DELIMITER).items():
-                names[sub] = (name, *path)
-    return names
-
-
-def _env_value(annotation, raw: str) -> Any:
-    """Environment strings for lists, dicts and sections: JSON, or a comma list."""
-    if _section(annotation) is not None or get_origin(annotation) is dict or annotation is dict:
-        return json.loads(raw)
-    if get_origin(annotation) in (list, set, tuple, frozenset) or annotation in (list, set, tuple):
-        return json.loads(raw) if raw.lstrip().startswith("[") else [t.strip() for t in raw.split(",") if t.strip()]
-    return raw
-
-
-def _read_env(cls: type[BaseModel], env: Mapping[str, str], origins: dict, problems: list) -> dict:
-    names = _env_names(cls)
-    plain = {name: (field,) for name, field in PLAIN_ENV.items() if field in cls.model_fields}
-    out: dict = {}
-    # CT_ names first so the plain names, applied after, win.
-    for name in sorted(k for k in env if k.startswith(ENV_PREFIX)) + [k for k in plain if k in env]:
-        raw = env[name]
-        path = names.get(name) or plain.get(name)
-        if path is None:
-            if name not in OTHER_CT_ENV:
-                problems.append(f"unknown environment variable {name}"
-                                f"{_did_you_mean(name, [*names, *OTHER_CT_ENV])}")
-            continue
-        if raw == "":
-            continue  # an empty variable means unset, as in a k8s env list
-        model, target = cls, out
-        for part in path[:-1]:
-            model = _section(model.model_fields[part].annotation)
-            target = target.setdefault(part, {})
-        try:
-            target[path[-1]] = _env_value(model.model_fields[path[-1]].annotation, raw)
-        except ValueError as e:
-            problems.append(f"{'.'.join(path)}: {name} is not valid JSON: {e} (from env {name})")
-            continue
-        origins[".".join(path)] = f"env {name}"
-    return out
-
-
-def _describe(err: dict, origins: dict) -> str:
-    loc = [str(p) for p in err.get("loc", ())]
-    key = ".".join(loc) or "settings"
-    msg = err.get("msg", "invalid").removeprefix("Value error, ")
-    got = ""
-    if "input" in err and not (loc and loc[0] in SECRET_FIELDS) and err.get("type") != "extra_forbidden":
-        shown = repr(err["input"])
-        got = f", got {shown if len(shown) <= 60 else shown[:57] + '...'}"
-    source = next((origins[".".join(loc[:i])] for i in range(len(loc), 0, -1) if ".".join(loc[:i]) in origins),
-                  "default")
-    return f"{key}: {msg}{got} (from {source})"

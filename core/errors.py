@@ -11,6 +11,11 @@ class ParamError(ServiceError):
     """Bad training parameters; the message lists the valid keys and ranges."""
 
 
+class Unavailable(ServiceError):
+    """A dependency (the runner, the store) failed the request; the same request may
+    work when tried again."""
+
+
 class UnknownRun(ServiceError):
     """No run with that id."""
 

@@ -9,6 +9,7 @@ the data watch) is recorded in the bot process. Suggested alerts: docs/operation
 """
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterable
 
@@ -50,6 +51,8 @@ LAST_DEPLOY = Gauge("ctbot_last_deploy_timestamp_seconds",
                     "When a run last published a production model (Unix time)", registry=REGISTRY)
 PRODUCTION_TOP1 = Gauge("ctbot_production_top1", "kNN top-1 of the production model on the eval set",
                         registry=REGISTRY)
+PRODUCTION_VERSION = Gauge("ctbot_production_version", "The registry version the production alias points at "
+                           "(0 before the first deploy)", registry=REGISTRY)
 ACTIVE_RUN_STARTED = Gauge("ctbot_active_run_started_timestamp_seconds",
                            "When the active run was requested (Unix time); 0 when none", registry=REGISTRY)
 DATA_WATCH_LAG = Gauge("ctbot_data_watch_lag_seconds",
@@ -69,8 +72,58 @@ for _outcome in ("succeeded", "failed", "canceled"):
     RUNS.labels(_outcome)
 
 
+# The production gauges follow the registry's alias, whichever process moved it: a promote
+# or rollback runs in a job worker (its gauges are never scraped), a pipeline deploy in
+# the pipeline. The process that serves /metrics sets them when it learns of a move (a
+# finished run, its own promote), and a scrape more than this after the last read starts
+# another read of the alias, off the scrape's thread (the ack path's event loop serves
+# /metrics too), so the following scrape shows it.
+PRODUCTION_MAX_AGE = 5.0
+_production_source: dict = {"read": None, "at": float("-inf"), "busy": False}
+_production_lock = threading.Lock()
+
+
+def follow_production(read=None) -> None:
+    """``read() -> {"version", "top1"} | None`` (TrainingService.production) is asked at
+    most every PRODUCTION_MAX_AGE seconds, in the background of a scrape; None stops."""
+    with _production_lock:
+        _production_source.update(read=read, at=float("-inf"))
+    _refresh_production()   # the first scrape already sees the alias, as far as it can
+
+
+def production(version, top1) -> None:
+    """Production is now ``version`` with ``top1`` (None: unknown, left as it was)."""
+    if version is not None:
+        PRODUCTION_VERSION.set(int(version))
+    if top1 is not None:
+        PRODUCTION_TOP1.set(float(top1))
+
+
+def _refresh_production() -> None:
+    with _production_lock:
+        read, now = _production_source["read"], time.monotonic()
+        if read is None or _production_source["busy"] or now - _production_source["at"] < PRODUCTION_MAX_AGE:
+            return
+        _production_source.update(at=now, busy=True)
+    threading.Thread(target=_read_production, args=(read,), name="ctbot-production-gauges", daemon=True).start()
+
+
+def _read_production(read) -> None:
+    try:
+        prod = read()
+    except Exception as e:  # scrapes answer with the last known values
+        dependency_error(e)
+        prod = None
+    finally:
+        with _production_lock:
+            _production_source["busy"] = False
+    if prod and _production_source["read"] is read:   # no alias yet: what a finished run set stands
+        production(prod.get("version"), prod.get("top1"))
+
+
 def exposition() -> tuple[bytes, str]:
     """(body, content type) of a scrape."""
+    _refresh_production()
     return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
 
 
@@ -125,8 +178,7 @@ def _seed(run) -> None:
         LAST_RETRAIN.set(max(end, LAST_RETRAIN._value.get()))
         if run.model_version is not None:
             LAST_DEPLOY.set(max(end, LAST_DEPLOY._value.get()))
-            if run.top1 is not None:
-                PRODUCTION_TOP1.set(run.top1)
+            production(run.model_version, run.top1)   # the alias, when followed, has the last word
 
 
 def data_watch_tick(found: dict | None = None, now: float | None = None) -> None:
@@ -140,3 +192,24 @@ def data_watch_tick(found: dict | None = None, now: float | None = None) -> None
               for e in (found or {}).values() if e.get("last_modified")]
     if stamps:
         DATA_WATCH_LAG.set(max(0.0, now - min(stamps)))
+
+
+# ---- what ctbot owes Slack (core/outbox.py) -------------------------------------------
+# Read from Redis at each scrape, so every replica shows the one shared outbox.
+OUTBOX_PENDING = Gauge("ctbot_outbox_pending", "Messages owed to Slack and not yet delivered", registry=REGISTRY)
+OUTBOX_OLDEST = Gauge("ctbot_outbox_oldest_seconds", "How long the oldest message owed to Slack has waited",
+                      registry=REGISTRY)
+
+
+def watch_outbox(outbox) -> None:
+    """Serve the outbox gauges from ``outbox`` (core.outbox.Outbox); NaN while Redis is away."""
+    def read(fn):
+        def value() -> float:
+            try:
+                return float(fn())
+            except Exception as e:   # a scrape must answer
+                dependency_error(e)
+                return float("nan")
+        return value
+    OUTBOX_PENDING.set_function(read(outbox.pending_count))
+    OUTBOX_OLDEST.set_function(read(outbox.oldest_age))

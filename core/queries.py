@@ -48,7 +48,7 @@ class RunQueries:
         return None
 
     def status(self) -> dict:
-        active = self.active_run()
+        active, outbox = self.active_run(), Outbox(self.state)
         return {
             "active": active,
             "steps": self._read_steps(active.run_id) if active else {},
@@ -56,7 +56,8 @@ class RunQueries:
             "next_retrain": self._next_retrain(),
             "schedule_paused": self.state.schedule_paused(),
             "pending": self.state.pending(),
-            "undelivered": Outbox(self.state).failures(3),   # Slack messages given up on
+            "undelivered": outbox.failures(3),   # Slack messages given up on
+            "owed": {"count": outbox.pending_count(), "oldest_seconds": outbox.oldest_age()},
             "serving": self.serving(),
         }
 
@@ -106,6 +107,36 @@ class RunQueries:
             metrics = self.store.get_json(layout.package_key(self.model, version, layout.METRICS_JSON))
             top1 = (metrics or {}).get("top1")
         return {"version": version, "top1": top1, "updated_at": alias.get("updated_at")}
+
+    def pending_approvals(self, n: int = 5) -> list[RunRecord]:
+        """Runs whose deploy waits for an approver, oldest first."""
+        runs = [self.state.get_run(r) for r in self.state.r.smembers(self.state.k("approvals"))]
+        return sorted((r for r in runs if r is not None and r.approval == "pending"),
+                      key=lambda r: r.created_at)[:n]
+
+    def model_history(self, n: int = 10) -> dict:
+        """Production and the last ``n`` versions it went through, newest first: each with
+        its top-1, the run it came from, who published it and every later move to it
+        (rollbacks), and whether its package is still there to roll back to. Read from the
+        production alias's history (steps.deploy), the one record of what served when."""
+        from steps.deploy import list_versions
+        alias = read_alias(self.store, self.model) or {}
+        available = set(list_versions(self.store, self.model))
+        versions: dict[int, dict] = {}
+        for h in alias.get("history") or []:
+            v = int(h["version"])
+            row = versions.setdefault(v, {"version": v, "top1": h.get("top1"), "run_id": h.get("run_id"),
+                                          "moves": []})
+            row["top1"] = row["top1"] if row["top1"] is not None else h.get("top1")
+            row["run_id"] = row["run_id"] or h.get("run_id")
+            row["moves"].append({k: h.get(k) for k in ("action", "by", "at", "approved_by", "from") if h.get(k)})
+        current = alias.get("version")
+        rows = sorted(versions.values(), key=lambda r: r["version"], reverse=True)[:n]
+        for row in rows:
+            row["available"] = row["version"] in available
+            row["production"] = row["version"] == current
+        return {"production": self.production(), "versions": rows,
+                "last_move": (alias.get("history") or [None])[-1]}
 
     def _next_retrain(self):
         if self.next_retrain is None:

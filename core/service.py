@@ -17,9 +17,10 @@ import time
 import uuid
 
 from core import ct_policy, metrics
-from core.access import AccessPolicy, Actor, Forbidden
+from core.access import AccessPolicy, Actor, Forbidden, GroupLookupFailed
 from core.config import Settings
-from core.errors import Conflict, ParamError, ServiceError, UnknownRun
+from core.errors import Conflict, ParamError, ServiceError, Unavailable, UnknownRun
+from core.gate import Decision, Gate, who
 from core.notify import SafeNotifier
 from core.queries import RunQueries
 from core.serving_client import serving_text
@@ -28,7 +29,7 @@ from core.types import FINAL_STATES, Notifier, RunRecord
 from steps import layout
 from steps.crashpoints import crash_point
 
-__all__ = ["TrainingService", "ServiceError", "ParamError", "UnknownRun", "Conflict"]
+__all__ = ["TrainingService", "ServiceError", "ParamError", "UnknownRun", "Conflict", "who"]
 
 log = logging.getLogger("ctbot.service")
 
@@ -43,11 +44,6 @@ QUEUED_TIMEOUT = 600         # a run never submitted after this long is marked f
 SERVING_SETTLE_SECONDS = 8   # how long an announcement waits for the model server to reload
 
 
-def who(user: str) -> str:
-    """A Slack mention for user ids, the plain name for "scheduler" and friends."""
-    return f"<@{user}>" if user[:1] in ("U", "W") and user.isalnum() else (user or "someone")
-
-
 class TrainingService(RunQueries):
     def __init__(self, settings: Settings, state: StateStore, store, runner,
                  notifier: Notifier | None = None, *, clock=time.time, next_retrain=None, access=None):
@@ -59,6 +55,7 @@ class TrainingService(RunQueries):
         self.clock = clock
         self.next_retrain = next_retrain   # () -> datetime | None, the weekly schedule's
         self.access = access or AccessPolicy(settings.access)
+        self.gate = Gate(settings.deploy, self.access, settings.slash_command)
         self.model = settings.model_name
 
     # ---- params -------------------------------------------------------------------
@@ -197,7 +194,7 @@ class TrainingService(RunQueries):
                                   error=f"submit failed: {e}")
             self.state.release_lock(self.model, run.run_id)
             self.state.audit("train_submit_failed", run.requested_by, run_id=run.run_id, error=str(e))
-            raise ServiceError(f"Could not start run `{run.run_id}`: {e}") from e
+            raise Unavailable(f"Could not start run `{run.run_id}`: {e}") from e
         run = self.state.update_run(run.run_id, state="running", started_at=self.clock(),
                                     external_id=str(external_id or ""),
                                     external_url=external_url or "")
@@ -347,17 +344,23 @@ class TrainingService(RunQueries):
                           error=report.get("error") or ("" if ok else f"the runner says {status}"))
             if ok and fields["decision"] == "deploy" and fields["model_version"] is None \
                     and self.settings.deploy.require_approval:
-                # The pipeline did not publish: an approver decides, against what is shown now.
-                prod = self.production()
-                fields.update(approval="pending", approval_expect={"production": prod and prod["version"]})
+                # The pipeline did not publish: an approver decides, bound to the production
+                # the report shows (what evaluate compared against).
+                fields.update(approval="pending",
+                              approval_expect={"production": (report.get("production") or {}).get("version")})
+            if ok and report.get("held"):
+                fields["decision_reason"] = self._held_reason(run.run_id, report["held"])
         run = self.state.update_run(run.run_id, **fields)
         self.state.hold(claim, FINISH_TTL)
         if run.approval == "pending":
             self.state.r.sadd(self.state.k("approvals"), run.run_id)
+            self._mirror_approval(run)
             self.state.audit("approval_requested", run.requested_by, run_id=run.run_id, top1=run.top1)
         self.state.release_lock(run.model, run.run_id)
         if run.state == "succeeded":
             self.state.clear_pending(upto=run.created_at)
+        if report and run.state == "succeeded" and (run.model_version is not None or report.get("held")):
+            self._audit_pipeline_deploy(run, report)
         self.state.audit("run_finished", "scheduler", run_id=run.run_id, state=run.state,
                          decision=run.decision or None, version=run.model_version,
                          error=run.error or None)
@@ -388,9 +391,26 @@ class TrainingService(RunQueries):
         return run
 
     def promote(self, run_id: str, by: str, *, attempt: str = "") -> int:
-        """Publish a finished run's candidate package as the next production version.
-        ``attempt`` names the request (a command id, a click): a retry of the same
-        request carries on where a crash stopped it; any other is refused."""
+        """`/ct deploy` and *Promote anyway*: publish a finished run's candidate package as
+        the next production version, if the gate allows (a run awaiting approval needs an
+        approver, whose deploy then counts as the approval). ``attempt`` names the request
+        (a command id, a click): a retry of the same request carries on where a crash
+        stopped it; any other is refused."""
+        run = self._publishable(run_id)
+        decision = self._decide("deploy", by, lambda: self.gate.publish(run, by), run_id)
+        if decision.approves:
+            return self._approve(run, by, decision, attempt=attempt, via="deploy")
+        version = self._publish(run, by, attempt=attempt, action="promote")
+        note = f"promoted to v{version} by {who(by)}"
+        self.state.update_run(run_id, model_version=version,
+                              decision_reason="; ".join(x for x in (run.decision_reason, note) if x))
+        self.state.audit("promote", by, run_id=run_id, version=version, rule=decision.rule)
+        metrics.production(version, run.top1)
+        served = self._production_moved(version)
+        self.notifier.say(f"{who(by)} promoted run `{run_id}`: {self.model} v{version} is now production.{served}")
+        return version
+
+    def _publishable(self, run_id: str) -> RunRecord:
         run = self.get_run(run_id)
         if run.active:
             raise Conflict(f"Run `{run_id}` is still {run.state}; promote it once it has finished.", run=run)
@@ -403,26 +423,42 @@ class TrainingService(RunQueries):
         prefix = layout.candidate_prefix(run_id)
         if next(iter(self.store.list(prefix)), None) is None:
             raise ServiceError(f"Run `{run_id}` has no model package at `{self.store.uri(prefix)}`.")
-        # One publish per run, whoever asks and however often: the second waits for nothing.
+        return run
+
+    def _decide(self, action: str, by, decide, run_id: str = "") -> Decision:
+        """Ask the gate (``decide()``); audit a refusal with its rule and raise Forbidden."""
+        try:
+            decision = decide()
+        except GroupLookupFailed as e:
+            decision = Decision(False, f"access: the {e.group} group could not be resolved", str(e))
+        if not decision.allowed:
+            self.state.audit("refused", by, requested=action, run_id=run_id or None, outcome="refused",
+                             rule=decision.rule, reason=decision.message)
+            raise Forbidden(decision.message)
+        return decision
+
+    def _publish(self, run: RunRecord, by: str, *, attempt: str, action: str, approved_by: str = "",
+                 expect=None) -> int:
+        """One publish per run, whoever asks and however often (promote, approve)."""
+        from steps.deploy import ANY, StaleAlias, publish
+        run_id = run.run_id
         attempt = attempt or uuid.uuid4().hex
         first = self.state.claim_effect(f"promote:{run_id}", attempt, EFFECT_PENDING_TTL)
         if first is not None and first.get("by") != attempt:
             raise Conflict(f"Run `{run_id}` is already being promoted.", run=run)
-        from steps.deploy import publish
         try:
-            version = publish(self.store, self.model, prefix, run_id=run_id, by=by,
-                              keep=self.settings.keep_versions, action="promote",
+            version = publish(self.store, self.model, layout.candidate_prefix(run_id), run_id=run_id, by=by,
+                              approved_by=approved_by, keep=self.settings.keep_versions, action=action,
+                              expect_version=ANY if expect is None else expect["production"],
                               metrics={"top1": run.top1} if run.top1 is not None else None)
+        except StaleAlias as e:
+            self.release_effect(f"promote:{run_id}")
+            raise Conflict(f"{_msg(e)}: production changed since this report was posted.", run=run) from e
         except (ValueError, KeyError) as e:
             self.release_effect(f"promote:{run_id}")
-            raise ServiceError(f"Could not promote run `{run_id}`: {_msg(e)}") from e
-        note = f"promoted to v{version} by {who(by)}"
-        self.state.update_run(run_id, model_version=version,
-                              decision_reason="; ".join(x for x in (run.decision_reason, note) if x))
+            raise ServiceError(f"Could not {'deploy' if approved_by else 'promote'} run `{run_id}`: "
+                               f"{_msg(e)}") from e
         self.state.settle_effect(f"promote:{run_id}", attempt, f"promoted it as v{version}", DEDUPE_TTL)
-        self.state.audit("promote", by, run_id=run_id, version=version)
-        served = self._production_moved(version)
-        self.notifier.say(f"{who(by)} promoted run `{run_id}`: {self.model} v{version} is now production.{served}")
         return version
 
     def rollback(self, version: int | None, by: str, *, expect_production: int | None = None) -> dict:
@@ -430,6 +466,7 @@ class TrainingService(RunQueries):
         ``expect_production``: the version the actor saw (a report's button); if production
         has moved since, nothing is rolled back."""
         from steps.deploy import StaleAlias, rollback
+        decision = self._decide("rollback", by, lambda: self.gate.rollback(by, expect_production))
         try:
             moved = rollback(self.store, self.model, to_version=version, by=by, expect_version=expect_production)
         except StaleAlias as e:
@@ -437,11 +474,40 @@ class TrainingService(RunQueries):
                            "to choose explicitly.") from e
         except (ValueError, KeyError) as e:
             raise ServiceError(f"Could not roll back {self.model}: {_msg(e)}") from e
-        self.state.audit("rollback", by, **{"from": moved.get("from"), "to": moved.get("to")})
+        self.state.audit("rollback", by, rule=decision.rule, **{"from": moved.get("from"), "to": moved.get("to")})
+        prod = self._production_now()
+        metrics.production(moved.get("to"), (prod or {}).get("top1") if (prod or {}).get("version") == moved.get("to")
+                           else None)
         served = self._production_moved(moved.get("to"))
         self.notifier.say(f"{who(by)} rolled {self.model} back from v{moved.get('from')} "
                             f"to v{moved.get('to')}.{served}")
         return moved
+
+    def _production_now(self) -> dict | None:
+        try:
+            return self.production()
+        except Exception:   # the move is done; the gauge catches up on the next scrape
+            log.warning("could not read the %s alias after a move", self.model, exc_info=True)
+            return None
+
+    def _held_reason(self, run_id: str, held: dict) -> str:
+        from steps.deploy import moved_reason
+        return (f"{moved_reason(held, mention=who)}; compare again with "
+                f"`{self.settings.slash_command} deploy {run_id}`")
+
+    def _audit_pipeline_deploy(self, run: RunRecord, report: dict) -> None:
+        """The pipeline's deploy step passed (or held at) the registry's compare-and-set;
+        the bot records that decision, and production's new state, when the run finishes."""
+        compared = (report.get("production") or {}).get("version")
+        if report.get("held"):
+            self.state.audit("deploy_held", "pipeline", run_id=run.run_id, outcome="refused",
+                             rule="compare-and-set: production moved since evaluate compared against it",
+                             expected=compared, current=report["held"].get("current"), reason=run.decision_reason)
+            return
+        self.state.audit("deploy", "pipeline", run_id=run.run_id, version=run.model_version,
+                         rule="compare-and-set: production was still the version evaluate compared against",
+                         compared_with=compared if compared is not None else "none")
+        metrics.production(run.model_version, run.top1)
 
     def _production_moved(self, version) -> str:
         """Notify the model server at once, then say what it answers (" (...)" or "")."""
@@ -461,10 +527,16 @@ class TrainingService(RunQueries):
     def authorize(self, action: str | None, actor: Actor, *, owner: str = "") -> None:
         """Raise Forbidden (audited, nothing changed) unless ``actor`` may do ``action``
         from where they asked; ``action`` None checks only the workspace and channel."""
-        why = self.access.place_refusal(actor) if action is None else \
-            self.access.refusal(action, actor, owner=owner)
+        rule = "access: workspace and channel" if action is None else f"access: the {action} list"
+        try:
+            why = self.access.place_refusal(actor) if action is None else \
+                self.access.refusal(action, actor, owner=owner)
+        except GroupLookupFailed as e:   # fail closed, and say it was the lookup that failed
+            why, rule = str(e), f"access: the {e.group} group could not be resolved"
         if why:
-            self.state.audit("refused", actor, requested=action or "read", outcome="refused", reason=why)
+            # action None is the ack's own check: its audit must not wait on a hung Redis
+            audit = self.state.audit_quick if action is None else self.state.audit
+            audit("refused", actor, requested=action or "read", outcome="refused", rule=rule, reason=why)
             raise Forbidden(why)
 
     # ---- Slack's retries and double clicks: accepted once, done once --------------------
@@ -513,59 +585,68 @@ class TrainingService(RunQueries):
     # ---- approvals (deploy.require_approval) -------------------------------------------
 
     def approve(self, run_id: str, by: Actor) -> int:
-        """Publish a run awaiting approval, if nothing changed since its report; returns
-        the version. Refused for the requester unless deploy.allow_self_approval."""
+        """*Approve deploy*: publish a run awaiting approval (or whose approval expired), if
+        production is still what its report showed; returns the version. Refused for the
+        requester unless deploy.allow_self_approval."""
         self.authorize("approve", by)
-        run = self._pending_approval(run_id)
-        if str(by) == run.requested_by and not self.settings.deploy.allow_self_approval:
-            why = (f"You requested run `{run_id}`: another approver must approve it "
-                   "(or set deploy.allow_self_approval).")
-            self.state.audit("refused", by, requested="approve", run_id=run_id, outcome="refused", reason=why)
-            raise Forbidden(why)
+        run = self._awaiting(run_id)
+        decision = self._decide("approve", by, lambda: self.gate.approve(run, by), run_id)
+        return self._approve(run, by, decision, via="approve")
+
+    def _approve(self, run: RunRecord, by, decision: Decision, *, attempt: str = "", via: str) -> int:
+        run_id = run.run_id
         newer = next((r for r in self.list_runs(20) if r.created_at > run.created_at and r.state == "succeeded"
                       and r.decision == "deploy"), None)
         if newer:
             raise Conflict(f"A newer candidate, run `{newer.run_id}`, has finished since this report; "
                            "nothing was deployed. Approve that one instead.", run=run)
-        from steps.deploy import StaleAlias, publish
-        expect = (run.approval_expect or {}).get("production")
-        try:
-            version = publish(self.store, self.model, layout.candidate_prefix(run_id), run_id=run_id,
-                              by=run.requested_by, approved_by=str(by), keep=self.settings.keep_versions,
-                              action="deploy", expect_version=expect,
-                              metrics={"top1": run.top1} if run.top1 is not None else None)
-        except StaleAlias as e:
-            raise Conflict(f"{_msg(e)}: production changed since this report was posted.", run=run) from e
-        except (ValueError, KeyError) as e:
-            raise ServiceError(f"Could not deploy run `{run_id}`: {_msg(e)}") from e
+        version = self._publish(run, run.requested_by, attempt=attempt, action="deploy", approved_by=str(by),
+                                expect={"production": (run.approval_expect or {}).get("production")})
         run = self.state.update_run(run_id, model_version=version, approval="approved", approval_by=str(by),
                                     approval_at=self.clock())
         self.state.r.srem(self.state.k("approvals"), run_id)
-        self.state.audit("approved", by, run_id=run_id, version=version)
+        self._mirror_approval(run)
+        self.state.audit("approved", by, run_id=run_id, version=version, rule=decision.rule, via=via,
+                         expired=True if decision.expired else None)
+        metrics.production(version, run.top1)
         self.notifier.run_progress(run)      # the report is stamped, its buttons go
-        self.notifier.say(f"{who(by)} approved run `{run_id}`: {self.model} v{version} is now production.")
+        late = " (its approval had expired)" if decision.expired else ""
+        self.notifier.say(f"{who(by)} approved run `{run_id}`{late}: {self.model} v{version} is now production.")
         return version
 
     def reject(self, run_id: str, by: Actor) -> None:
         self.authorize("approve", by)
-        self._pending_approval(run_id)
+        run = self._awaiting(run_id, pending_only=True)
+        decision = self._decide("reject", by, lambda: self.gate.reject(run, by), run_id)
         run = self.state.update_run(run_id, approval="rejected", approval_by=str(by), approval_at=self.clock())
         self.state.r.srem(self.state.k("approvals"), run_id)
-        self.state.audit("rejected", by, run_id=run_id)
+        self._mirror_approval(run)
+        self.state.audit("rejected", by, run_id=run_id, rule=decision.rule)
         self.notifier.run_progress(run)
 
-    def _pending_approval(self, run_id: str) -> RunRecord:
+    def _awaiting(self, run_id: str, pending_only: bool = False) -> RunRecord:
+        """The run, awaiting an approver's answer (pending, or expired unless
+        ``pending_only``); Conflict otherwise. A pending approval past its time expires here."""
         run = self.get_run(run_id)
-        if run.approval != "pending":
-            what = {"approved": f"was approved by {who(run.approval_by)}", "rejected":
-                    f"was rejected by {who(run.approval_by)}", "expired": "expired"}.get(run.approval,
-                                                                                          "needs no approval")
-            raise Conflict(f"Run `{run_id}` {what}; nothing was changed.", run=run)
-        if self._approval_expired(run):
+        if run.approval == "pending" and self._approval_expired(run):
             self.expire_approvals()
-            raise Conflict(f"The approval of run `{run_id}` expired after "
-                           f"{self.settings.deploy.approval_timeout_hours:g} h; nothing was deployed.", run=run)
-        return run
+            run = self.get_run(run_id)
+        if run.approval == "pending" or (run.approval == "expired" and not pending_only):
+            return run
+        what = {"approved": f"was approved by {who(run.approval_by)}", "rejected":
+                f"was rejected by {who(run.approval_by)}",
+                "expired": f"expired after {self.settings.deploy.approval_timeout_hours:g} h"}.get(
+            run.approval, "needs no approval")
+        raise Conflict(f"Run `{run_id}` {what}; nothing was changed.", run=run)
+
+    def _mirror_approval(self, run: RunRecord) -> None:
+        """The approval state in the store too (runs/<id>/approval.json), so a publish that
+        can't see Redis (`python -m steps.deploy publish`) is held at the same gate."""
+        try:
+            self.store.put_json(layout.approval_key(run.run_id),
+                                {"state": run.approval, "by": run.approval_by or None, "at": run.approval_at})
+        except Exception:   # Redis holds the truth; the bot's own paths never read this copy
+            log.warning("could not write the approval state of %s to the store", run.run_id, exc_info=True)
 
     def _approval_expired(self, run: RunRecord) -> bool:
         return self.clock() - (run.finished_at or run.created_at) > self.settings.deploy.approval_timeout_hours * 3600
@@ -580,6 +661,7 @@ class TrainingService(RunQueries):
             elif self._approval_expired(run):
                 run = self.state.update_run(run_id, approval="expired", approval_at=self.clock())
                 self.state.r.srem(self.state.k("approvals"), run_id)
+                self._mirror_approval(run)
                 self.state.audit("approval_expired", "scheduler", run_id=run_id)
                 self.notifier.run_progress(run)
                 out.append(run_id)
@@ -587,6 +669,13 @@ class TrainingService(RunQueries):
 
     def dismiss_alert(self, alert_id: str, by: str) -> None:
         self.state.audit("alert_dismissed", by, alert_id=alert_id)
+
+    def retry_fire(self, fire_id: str, by: str):
+        """The Retry button on a fire that could not start (the caller has authorized the
+        clicker for ``train``): through the fires' own claims (core/fires.py), so a click
+        racing the catch-up or another replica still makes one run. A FireOutcome."""
+        from core.fires import Fires
+        return Fires(self).retry(fire_id, str(by))
 
     def set_schedule_paused(self, paused: bool, by: str) -> None:
         self.state.set_schedule_paused(paused)

@@ -79,3 +79,6 @@ class Notifier(Protocol):
 
     def say(self, text: str) -> None:
         """A plain line in the channel (audit-worthy events: promote, rollback...)."""
+
+    def fire_failed(self, fire_id: str, text: str) -> None:
+        """A scheduled or automatic run that could not start, with a Retry button."""

@@ -8,12 +8,15 @@ imports inside ``run``; only the module of the command being run is imported, so
     COMMANDS["serve"] = ("ctbot.serve", "run the Slack bot")
 
 ``demo`` lives in devkit/, a development tool; it is named here as a string and loaded
-only when run, so no product module imports it.
+only when run, so no product module imports it. An image leaves out what its process
+never runs (the bot's has no devkit/ or serving/): a command whose package is absent is
+not offered there, and naming it says why.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import sys
 
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -26,6 +29,15 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "audit": ("ctbot.audit_cmd", "who did what, when, from which channel, with what outcome"),
 }
 
+# The package a command needs beyond ctbot's own, where an image may leave it out, and
+# where to find it then.
+NEEDS = {"serve-model": ("serving", "the trainer image (ctbot-trainer) has it"),
+         "demo": ("devkit", "a development tool: run `./dev.sh demo` in a source checkout")}
+
+
+def available(name: str) -> bool:
+    return name not in NEEDS or importlib.util.find_spec(NEEDS[name][0]) is not None
+
 
 def build_parser(load: str | None = None) -> argparse.ArgumentParser:
     """The parser; ``load`` names the one command whose arguments are added (None: all)."""
@@ -37,6 +49,8 @@ def build_parser(load: str | None = None) -> argparse.ArgumentParser:
                     help="YAML settings file (default: $CT_CONFIG); the environment overrides it")
     sub = ap.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (module, help_text) in COMMANDS.items():
+        if not available(name):
+            continue
         p = sub.add_parser(name, help=help_text, description=help_text)
         if load is None or load == name:
             mod = importlib.import_module(module)
@@ -59,6 +73,11 @@ def command_of(argv: list[str]) -> str | None:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = command_of(argv)
+    if command in COMMANDS and not available(command):
+        package, where = NEEDS[command]
+        print(f"ctbot: `{command}` needs the {package}/ package, which this installation leaves out; {where}",
+              file=sys.stderr)
+        return 2
     parser = build_parser(command if command in COMMANDS else "")  # "": load no module
     args = parser.parse_args(argv)
     handler = getattr(args, "_handler", None)

@@ -2,6 +2,7 @@
 
     ctbot config check ctbot.yaml          # "ctbot.yaml: ok" (exit 0), or every problem (exit 2)
     ctbot [--config FILE] config show      # each setting and where it came from; secrets masked
+    ctbot config docs > docs/configuration.md   # every key's reference, from the settings model
 
 Settings come from the defaults, then the file (--config or $CT_CONFIG), then the
 environment; see core/config.py and ctbot.example.yaml.
@@ -14,7 +15,7 @@ import sys
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    sub = p.add_subparsers(dest="config_command", metavar="{check,show}", required=True)
+    sub = p.add_subparsers(dest="config_command", metavar="{check,show,docs}", required=True)
     c = sub.add_parser("check", help="validate a settings file; exit 2 naming every problem")
     c.add_argument("file", help="YAML settings file")
     c.add_argument("--env", action="store_true",
@@ -22,6 +23,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     c.set_defaults(_config_handler=check)
     s = sub.add_parser("show", help="the effective settings (defaults, --config/$CT_CONFIG, environment)")
     s.set_defaults(_config_handler=show)
+    d = sub.add_parser("docs", help="print docs/configuration.md: every key, generated from the settings model")
+    d.set_defaults(_config_handler=docs)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -74,3 +77,10 @@ def render(settings) -> list[str]:
     walk(settings, "", "")
     width = max(len(text) for text, source in rows if source)
     return [f"{text:<{width}}  # {source}" if source else text for text, source in rows]
+
+
+def docs(args: argparse.Namespace) -> int:
+    from core.config_docs import reference
+
+    print(reference(), end="")
+    return 0

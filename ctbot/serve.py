@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import sys
 
 
@@ -19,7 +20,7 @@ def run(args: argparse.Namespace) -> int:
     from core.config import load_settings
     from core.logs import configure_logging
     from ctbot.lifetime import until_signalled
-    from ctbot.wiring import build_bot, build_deps, check_bot_settings
+    from ctbot.wiring import build_bot, build_deps, check_bot_settings, runner_problem
 
     # Acks are ~1 ms of CPU each; with CPython's default 5 ms GIL slice one busy thread
     # makes a burst of concurrent acks queue behind it (bench/bench_ack.py: p99 halved).
@@ -27,9 +28,17 @@ def run(args: argparse.Namespace) -> int:
     settings = load_settings(getattr(args, "config", None))
     configure_logging(settings, args.log_level)
     check_bot_settings(settings)
-    proc = build_bot(build_deps(settings), with_scheduler=not args.no_scheduler,
+    deps = build_deps(settings)
+    if problem := runner_problem(deps.runner):
+        print(f"ctbot serve: {problem}", file=sys.stderr)
+        return 2
+    proc = build_bot(deps, with_scheduler=not args.no_scheduler,
                      job_workers=args.job_workers)
     proc.start(host=args.host, port=args.port)
+    # What start-up built lives as long as the process: out of the collector's way, so a
+    # full collection doesn't walk it in the middle of a burst of acks.
+    gc.collect()
+    gc.freeze()
     where = proc.server.events_url if proc.server else "Socket Mode"
     # One machine-readable line: tests and the bench read the chosen port from it.
     print(f"ctbot serve: serving {where}", flush=True)

@@ -60,6 +60,23 @@ def build_runner(settings: Settings, store):
     raise ValueError(f"unknown runner {settings.runner!r}: use 'local' or 'kfp'")
 
 
+def runner_problem(runner) -> str | None:
+    """Checked at start-up: why the runner cannot work (a KFP backend too old for the
+    pipeline), or None. An unreachable KFP API is only logged: Slack still needs its
+    answers while it is down, and each submit reports its own failure."""
+    check = getattr(runner, "check_backend", None)
+    if check is None:
+        return None
+    from pipelines.kfp_runner import KfpBackendTooOld
+    try:
+        log.info("KFP backend %s", check() or "(no release named)")
+    except KfpBackendTooOld as e:
+        return str(e)
+    except Exception as e:
+        log.warning("could not read the KFP backend's version at start-up: %s: %s", type(e).__name__, e)
+    return None
+
+
 def build_slack_client(settings: Settings):
     """The Web API client, or None when neither a token nor a stand-in URL is set."""
     if not (reveal(settings.slack_bot_token) or settings.slack_api_url):
@@ -89,6 +106,7 @@ def build_delivery(settings: Settings, client, state, store, outbox):
 def build_deps(settings: Settings, *, state=None, store=None, runner=None, client=None,
                notifier=None, clock=time.time) -> Deps:
     """Everything but the Bolt app; each part can be passed in instead of built."""
+    from core.audit import AuditArchive
     from core.outbox import Outbox, OutboxNotifier
     from core.service import TrainingService
     from scheduler.app import CtScheduler
@@ -100,19 +118,25 @@ def build_deps(settings: Settings, *, state=None, store=None, runner=None, clien
     state = state if state is not None else build_state(settings)
     runner = runner if runner is not None else build_runner(settings, store)
     client = client if client is not None else build_slack_client(settings)
-    outbox = Outbox(state, clock)
+    outbox = Outbox.from_settings(state, settings, clock)
     delivery = build_delivery(settings, client, state, store, outbox)
     if notifier is None and delivery is not None:
-        notifier = OutboxNotifier(outbox, delivery)
+        from bot.homes import HomeRefreshingNotifier
+        notifier = HomeRefreshingNotifier(OutboxNotifier(outbox, delivery), state)   # changes mark Home tabs stale
     safe = SafeNotifier(notifier)
     schedule = WeeklySchedule(settings, clock)
     service = TrainingService(settings, state, store, runner, safe, clock=clock,
                               next_retrain=schedule.next_fire, access=build_access(settings, client))
     watch = DataWatch(settings, state, store, service, safe, clock=clock)
     jobs = Jobs(settings, state, service, watch, safe, schedule=schedule, clock=clock)
-    drain = [("slack_outbox", delivery.drain, settings.outbox_drain_seconds)] if delivery else []
+    extra = [("audit_archive", AuditArchive(state, store).archive, settings.audit.archive_seconds)]
+    if delivery:
+        extra.append(("slack_outbox", delivery.drain, settings.outbox_drain_seconds))
+    if delivery is not None:
+        from bot.homes import HomeTab
+        extra.append(("home_tabs", HomeTab(service, client, settings).flush, min(2.0, settings.home_refresh_seconds)))
     return Deps(settings, state, store, runner, client, safe, outbox, delivery, service, jobs,
-                CtScheduler(settings, jobs, extra_jobs=drain))
+                CtScheduler(settings, jobs, extra_jobs=extra))
 
 
 def check_bot_settings(settings: Settings) -> None:
@@ -131,8 +155,10 @@ def build_bot(deps: Deps, *, with_scheduler: bool = True, job_workers: int = 2):
     from bot.app import create_app
     from bot.background import ProcessBackground
     from bot.runtime import BotProcess
+    from core import metrics
 
     s = deps.settings
+    metrics.watch_outbox(deps.outbox)
     background = None
     if job_workers:
         background = ProcessBackground(workers=job_workers, initializer=init_job_worker,

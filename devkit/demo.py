@@ -11,8 +11,11 @@ It starts what is not configured: a redis-server (REDIS_URL unset), a local S3 s
      that run is compared with production v1;
   5. `/ct rollback` by alice: the model server (`ctbot serve-model`, started beside the
      bot) follows production, and the versions that answered a steady client are shown;
-  6. `/ct status`, then the channel is written as a text transcript and as a page that
-     looks like Slack (slack-channel.html), and their paths printed.
+  6. `/ct status`; `/ct train` alone opens the training form (a bad value is answered
+     next to its field); alice opens the App Home, which is printed;
+  7. the channel is written as a text transcript and as a page that looks like Slack
+     (slack-channel.html, with slack-train-form.html and slack-home.html), and their
+     paths printed.
 
 After the first deploy a few real eval digits are sent to the model server and its
 predictions printed.
@@ -349,6 +352,7 @@ def run(args: argparse.Namespace) -> int:
         if standin:
             standin.command(app_url, "status", user="U0ALICE01")
             time.sleep(1.0)  # the status reply is posted after the ack
+            show_form_and_home(standin, app_url, out)
             images = standin.save_files(out)
             path = standin.save_transcript(out / "slack-transcript.txt")
             page = standin.save_html(out / "slack-channel.html", channel)
@@ -380,6 +384,27 @@ def promote_held(service, standin, app_url, run):
         raise SystemExit(f"demo: run {run.run_id} did not reach production")
     say(f"run {run.run_id} is production as v{run.model_version}")
     return run
+
+def show_form_and_home(standin, app_url: str, out: Path) -> None:
+    """`/ct train` alone opens the training form; a bad value is answered next to its
+    field (nothing starts); then alice opens the App Home, which is printed."""
+    from devkit.standin import render_blocks
+    reply = standin.command(app_url, "train", user="U0ALICE01")
+    form = standin.wait_for("views.open")[-1]
+    age = standin.trigger_age(form.args["trigger_id"], form.at_mono)
+    say(f"/ct train (no arguments) -> HTTP {reply['status']}; the form opened {1000 * age:.0f} ms "
+        "after the command (Slack allows 3000)")
+    (modal,) = standin.modals("U0ALICE01")
+    answer = standin.submit_view(app_url, modal["id"], {"p_epochs": "0"})
+    say(f"submitted the form with epochs=0 -> errors next to the fields: {answer['errors']}")
+    say(f"the form as Slack shows it: {standin.save_view_html(out / 'slack-train-form.html', view_id=modal['id'])}")
+    seen = len(standin.calls("views.publish"))
+    standin.event(app_url, {"type": "app_home_opened", "user": "U0ALICE01", "channel": "D0ALICE01", "tab": "home",
+                            "event_ts": f"{time.time():.6f}"})
+    standin.wait_for("views.publish", seen + 1)
+    print("\n".join(["", "App Home of alice:", *("  " + line for line in render_blocks(
+        standin.home_views["U0ALICE01"]["blocks"], standin.users)), ""]))
+    say(f"the App Home as Slack shows it: {standin.save_view_html(out / 'slack-home.html', home_of='U0ALICE01')}")
 
 
 def follow_second_deploy_and_rollback(proc, standin, app_url, settings, url, second, image) -> None:

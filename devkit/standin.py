@@ -209,6 +209,7 @@ class SlackStandin:
         self._responses: dict[str, dict] = {}          # rid -> {channel, user, uses, message, posts}
         self._files: dict[str, dict] = {}
         self._fail: dict[str, list] = {}
+        self._outage: tuple | None = None              # every Web API call fails while set
         self.home_views: dict[str, dict] = {}          # user id -> last published Home tab
         self.views: dict[str, dict] = {}               # view id -> the view as Slack keeps it (modals, homes)
         self.view_users: dict[str, str] = {}           # view id -> the user it is shown to
@@ -359,6 +360,16 @@ class SlackStandin:
         call takes effect first and only its reply is lost, as when a connection drops."""
         with self._lock:
             self._fail.setdefault(method, []).extend([(status, retry_after, after_effect, delay)] * times)
+
+    def outage(self, status: int = 500, retry_after: int = 1) -> None:
+        """Slack is down: every Web API call fails with HTTP ``status`` (429 with
+        Retry-After) until ``end_outage()``. Calls are still recorded, with the status."""
+        with self._lock:
+            self._outage = (status, retry_after, False, 0.0)
+
+    def end_outage(self) -> None:
+        with self._lock:
+            self._outage = None
 
     # ---- Slack -> app: signed deliveries --------------------------------------------
     def response_url(self, channel: str, user: str, message_ts: str = "") -> str:
@@ -675,7 +686,7 @@ class SlackStandin:
             call = Call(method, args, time.time())
             self._calls.append(call)
             fails = self._fail.get(method)
-            fault = fails.pop(0) if fails else None
+            fault = fails.pop(0) if fails else self._outage
         if fault and fault[3]:
             time.sleep(fault[3])   # slow, outside the lock: other calls go on
         with self._lock:
@@ -1067,7 +1078,7 @@ EMOJI = {"white_check_mark": "✅", "heavy_check_mark": "✔️", "x": "❌", "w
          "robot_face": "🤖", "bell": "🔔", "hand": "✋", "raised_hand": "✋", "weight_lifter": "🏋️",
          "arrows_counterclockwise": "🔄", "information_source": "ℹ️", "fire": "🔥",
          "calendar": "📅", "double_vertical_bar": "⏸️", "arrow_forward": "▶️", "inbox_tray": "📥",
-         "satellite_antenna": "📡", "no_entry_sign": "🚫", "rewind": "⏪"}
+         "satellite_antenna": "📡", "no_entry_sign": "🚫", "rewind": "⏪", "large_green_circle": "🟢"}
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".gif", ".webp")
 EARLIER_VERSIONS_SHOWN = 8      # a run's message is edited once per step and epoch
 AVATAR_COLOURS = ("#e8912d", "#2eb67d", "#e01e5a", "#36c5f0", "#4a154b", "#1264a3")

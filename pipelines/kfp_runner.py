@@ -17,6 +17,7 @@ import io
 import json
 import logging
 import os
+import re
 import tempfile
 import warnings
 from pathlib import Path
@@ -44,6 +45,16 @@ KFP_STATES = {
 # created a run already.
 RETRY_ANY_METHOD = frozenset({503})
 RETRY_IDEMPOTENT = frozenset({500, 502, 504})
+
+
+class KfpBackendTooOld(RuntimeError):
+    """The KFP API server is older than MIN_BACKEND_VERSION: every run would be refused."""
+
+
+def release(tag: str) -> tuple[int, int, int] | None:
+    """(major, minor, patch) of a KFP release tag ("2.14.3", "v2.5.0-rc.1"); None if it is none."""
+    m = re.match(r"v?(\d+)\.(\d+)\.(\d+)", tag.strip())
+    return tuple(int(x) for x in m.groups()) if m else None
 
 
 def _retry(total: int, backoff: float = 0.5):
@@ -144,6 +155,28 @@ class KfpRunner:
                 urllib3.Timeout(connect=min(10.0, s.kfp_timeout_seconds), read=s.kfp_timeout_seconds))
             self._client = client
         return self._client
+
+    def backend_version(self) -> str:
+        """The API server's release: the ``tag_name`` of its healthz answer (kfp's model of
+        that answer drops the field, so the body is read as sent)."""
+        resp = self._call("healthz", self.client._healthz_api.healthz_service_get_healthz, _preload_content=False)
+        return str(json.loads(resp.data or b"{}").get("tag_name") or "")
+
+    def check_backend(self) -> str:
+        """Raise KfpBackendTooOld when the server's release is below MIN_BACKEND_VERSION;
+        a server that names no release (a dev build says "unknown") is let through with a
+        warning. Returns the release seen."""
+        tag = self.backend_version()
+        seen = release(tag)
+        if seen is None:
+            log.warning("the KFP backend at %s names no release (%r); ctbot needs %s or later",
+                        self.host, tag, MIN_BACKEND_VERSION)
+        elif seen < release(MIN_BACKEND_VERSION):
+            raise KfpBackendTooOld(
+                f"the Kubeflow Pipelines backend at {self.host} is {tag}; ctbot needs {MIN_BACKEND_VERSION} or "
+                f"later (its exit task reads the run's final status, kubeflow/pipelines#11953): upgrade KFP, "
+                f"or set runner: local")
+        return tag
 
     def _call(self, what: str, fn, *args, **kwargs):
         try:

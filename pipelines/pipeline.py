@@ -17,13 +17,25 @@ so the compiled YAML carries them while local runs stay free of Kubernetes setti
 # No `from __future__ import annotations`: kfp reads the real annotation objects.
 import json
 import os
+from importlib.metadata import PackageNotFoundError, version
 
 from kfp import dsl
 from kfp.dsl import ClassificationMetrics, Dataset, Input, Metrics, Model, Output, PipelineTaskFinalStatus
 
 from pipelines import resources as res
 
-IMAGE = os.environ.get("CT_IMAGE", "ghcr.io/ctbot/ctbot:latest")
+
+def default_image() -> str:
+    """The trainer image (torch, faiss, the steps) of this very release: the bot's own image
+    has no torch, and ``:latest`` would let a cluster run steps of another version."""
+    try:
+        tag = version("ctbot")
+    except PackageNotFoundError:   # a source tree never installed: no release to name
+        tag = "dev"
+    return f"ghcr.io/ctbot/ctbot-trainer:{tag}"
+
+
+IMAGE = os.environ.get("CT_IMAGE") or default_image()
 PIPELINE_NAME = "ctbot-mnist-arcface"
 SWEEP_PIPELINE_NAME = "ctbot-mnist-arcface-sweep"
 

@@ -14,7 +14,7 @@ import uuid
 from dataclasses import dataclass
 
 from core import metrics
-from core.errors import Conflict, ServiceError
+from core.fires import FireRecord, Fires
 from core.notify import SafeNotifier
 from core.types import NewData
 from scheduler.watcher import BucketWatcher, Scan, new_data
@@ -121,28 +121,28 @@ class DataWatch:
             return TickResult(False, d.reason, d.found, scan.cursor, action=d.action, **base)
         found, note = d.found, d.note
         if d.action == "run":
-            try:
-                # no mode given: the service picks ct.on_new_data's, guard rails applied
-                run = self.service.request_training(
-                    f"new data: {len(found.keys)} object(s), {human_bytes(found.total_bytes)}", {},
-                    "scheduler", trigger="new_data", dedupe_key=f"new_data:{found.fingerprint}")
-            except Conflict as e:
-                # Keep them waiting: the next tick after the active run ends retrains.
-                self.watcher.commit(scan, waiting=d.todo)
-                return TickResult(False, f"{len(d.todo)} new object(s) wait: {e}", found,
-                                  scan.cursor, **base)
-            except ServiceError as e:
-                log.warning("auto-retrain failed: %s", e)
-                note = f"auto-retrain could not start: {e}"
-            else:
-                self.watcher.commit(scan, waiting={})
-                return TickResult(True, None, found, scan.cursor, action="run",
-                                  run_id=run.run_id, **base)
+            # A fire like the weekly one (core/fires.py): once claimed it is retried, queued
+            # or announced with a Retry button, so the cursor may move on past its objects.
+            fire = Fires(self.service).fire(FireRecord(
+                id=f"new_data:{alert_id_for(found.fingerprint)}", trigger="new_data",
+                reason=f"new data: {len(found.keys)} object(s), {human_bytes(found.total_bytes)}",
+                dedupe_key=f"new_data:{found.fingerprint}", params=self.fire_params()))
+            self.watcher.commit(scan, waiting={})
+            run_id = fire.run.run_id if fire.run else (fire.record.run_id if fire.record else "")
+            if run_id:
+                return TickResult(True, None, found, scan.cursor, action="run", run_id=run_id, **base)
+            return TickResult(False, f"{len(d.todo)} new object(s) wait: {fire.detail or fire.outcome}",
+                              found, scan.cursor, action="run", **base)
         if note:
             self.notifier.say(f"New data: {note}.")
         alert_id = self._alert(found)
         self.watcher.commit(scan, waiting={})
         return TickResult(False, None, found, scan.cursor, action="alert", alert_id=alert_id, **base)
+
+    def fire_params(self) -> dict:
+        """Training parameters an automatic new-data run gets: none, so the service picks
+        ct.on_new_data's mode with the guard rails (core/ct_policy.py) when the run starts."""
+        return {}
 
     def _alert(self, found: NewData) -> str:
         """Post the alert once per data fingerprint; a failed post is retried next tick."""

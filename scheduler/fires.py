@@ -53,6 +53,17 @@ def previous_fire(trigger: CronTrigger, now: datetime) -> datetime | None:
     return prev
 
 
+def fires_between(trigger: CronTrigger, after: datetime, upto: datetime, limit: int = 1000) -> list[datetime]:
+    """Scheduled fires in (after, upto], oldest first; at most ``limit`` (the newest)."""
+    out: list[datetime] = []
+    t = trigger.get_next_fire_time(None, after + timedelta(seconds=1))
+    while t is not None and t <= upto:
+        if t > after:
+            out.append(t)
+        t = trigger.get_next_fire_time(t, t + timedelta(seconds=1))
+    return out[-limit:]
+
+
 def fire_key(fire: datetime, days_spec: str) -> str:
     """ISO week of the fire in the schedule's zone ("2026-W48"); with several days a week,
     the day too ("2026-W48-thu")."""

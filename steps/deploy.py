@@ -146,6 +146,20 @@ def _claim_version(store: Store, model: str, alias: dict | None) -> int:
             version += 1
 
 
+GATED = {"pending": "is waiting for approval", "rejected": "was rejected",
+         "expired": "has an expired approval"}
+
+
+def _check_not_gated(store: Store, run_id: str) -> None:
+    """The bot's approval gate, seen from the store: a run it holds for an approver is
+    published only with an approver's name (ctbot's own approve path passes it)."""
+    approval = store.get_json(layout.approval_key(run_id)) or {}
+    why = GATED.get(approval.get("state", ""))
+    if why:
+        raise ValueError(f"run {run_id} {why}: an approver publishes it through ctbot "
+                         f"(Approve, or an approver's `/ct deploy {run_id}`); nothing was deployed")
+
+
 def publish(store: Store, model: str, package_prefix: str, *, run_id: str, by: str, keep: int = 5,
             metrics: dict | None = None, action: str = "deploy", approved_by: str = "",
             expect_version: int | None | object = ANY) -> int:
@@ -155,6 +169,8 @@ def publish(store: Store, model: str, package_prefix: str, *, run_id: str, by: s
         raise ValueError(f"action must be deploy or promote, got {action!r}")
     if keep < 1:
         raise ValueError(f"keep must be >= 1, got {keep}")
+    if not approved_by:
+        _check_not_gated(store, run_id)
     package_prefix = package_prefix.rstrip("/") + "/"
     objects = [o for o in store.list(package_prefix) if o.key[len(package_prefix):] not in _BOOKKEEPING]
     if not objects:

@@ -50,6 +50,11 @@ def run_model_prefix(run_id: str) -> str:
     kept in the store so either branch of the pipeline's mode condition can hand it on."""
     return f"runs/{run_id}/model/"
 
+def approval_key(run_id: str) -> str:
+    """JSON {state: pending|approved|rejected|expired, by, at}: the run's approval as the
+    bot last decided it, for publishers that can't see ctbot's Redis (steps.deploy's CLI)."""
+    return f"runs/{run_id}/approval.json"
+
 
 def candidate_prefix(run_id: str) -> str:
     """The run's model package, kept whether deployed or held, so 'Promote anyway' works."""
@@ -137,3 +142,19 @@ def new_run_id(ts: float | None = None) -> str:
     collision is caught by the SET NX that creates the run record)."""
     stamp = datetime.fromtimestamp(time.time() if ts is None else ts, tz=UTC)
     return f"r-{stamp:%Y%m%d-%H%M}-{secrets.token_hex(2)}"
+
+
+AUDIT_PREFIX = "audit/"
+
+
+def audit_day_prefix(day: str) -> str:
+    """``day`` is YYYY/MM/DD (UTC). The audit trail's archive: one JSON-lines object per
+    batch under the day's folder (core/audit.py says why not one object per day)."""
+    return f"{AUDIT_PREFIX}{day}/"
+
+
+def audit_batch_key(day: str, first_id: str) -> str:
+    """A batch of audit entries, named by its first Redis stream id ("ms-seq"), zero-padded
+    so that keys sort in stream order."""
+    ms, _, seq = first_id.partition("-")
+    return f"{audit_day_prefix(day)}{int(ms):013d}-{int(seq or 0):06d}.jsonl"

@@ -3,11 +3,14 @@ check them without importing torch.
 
 KFP hands ints over as floats (3.0) and Slack hands everything over as strings ("3"),
 so ``from_dict`` coerces both and rejects unknown keys and out-of-range values with a
-message a user can act on.
+message a user can act on. Numbers typed as text are ASCII only: Python's int() and
+float() also read "３" (full-width), "٣" (Arabic-Indic), "3_0" and "1e1", so a typo
+or a pasted digit would silently become some other number.
 """
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import MISSING, asdict, dataclass, field, fields
 
 # Named parameter sets, applied under any explicit key=value. ``v0`` is the recipe the
@@ -111,7 +114,14 @@ class TrainParams:
             if not sep or not key.strip():
                 raise ValueError(f"expected key=value, got `{tok}`; "
                                  f"valid keys: preset, {', '.join(cls.valid_keys())}")
-            raw[key.strip().lower()] = value.strip()
+            key = key.strip().lower()
+            if key in raw:   # the last one silently winning would hide a typo
+                if key == "preset":
+                    raise ValueError(f"two presets given (`preset={raw[key]}`, `preset={value.strip()}`); "
+                                     "give one, and set single keys on top of it")
+                raise ValueError(f"`{key}` is given twice (`{key}={raw[key]}`, `{key}={value.strip()}`); "
+                                 "give it once")
+            raw[key] = value.strip()
         raw = expand_preset(raw)
         checked = cls.from_dict(raw)
         return {k: getattr(checked, k) for k in raw}
@@ -177,19 +187,25 @@ def expand_preset(d: dict) -> dict:
     return {**PRESETS[name], **d}
 
 
+# Text forms accepted for numbers: ASCII digits, a sign; for floats also a decimal point
+# and an exponent. re.ASCII keeps \d-like classes from matching other scripts' digits.
+_INT_TEXT = re.compile(r"[+-]?[0-9]+", re.ASCII)
+_FLOAT_TEXT = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?", re.ASCII)
+
+
 def _coerce(name: str, kind: type, value):
     try:
         if kind is int:
-            if isinstance(value, bool):
+            if isinstance(value, bool) or (isinstance(value, str) and not _INT_TEXT.fullmatch(value.strip())):
                 raise ValueError
-            x = float(value) if isinstance(value, str) else value
-            if isinstance(x, float):
+            x = int(value.strip()) if isinstance(value, str) else value
+            if isinstance(x, float):   # KFP hands ints over as floats
                 if not math.isfinite(x) or x != int(x):
                     raise ValueError
                 x = int(x)
             return int(x)
         if kind is float:
-            if isinstance(value, bool):
+            if isinstance(value, bool) or (isinstance(value, str) and not _FLOAT_TEXT.fullmatch(value.strip())):
                 raise ValueError
             x = float(value)
             if not math.isfinite(x):
@@ -200,4 +216,6 @@ def _coerce(name: str, kind: type, value):
     except (TypeError, ValueError):
         pass
     article = "an" if kind.__name__[0] in "aeiou" else "a"
-    raise ValueError(f"`{name}` must be {article} {kind.__name__}, got `{value}`")
+    digits = {int: " (write ASCII digits 0-9, optionally signed)",
+              float: " (write ASCII digits with an optional sign, decimal point and exponent, e.g. 0.01 or 1e-3)"}
+    raise ValueError(f"`{name}` must be {article} {kind.__name__}, got `{value}`{digits.get(kind, '')}")

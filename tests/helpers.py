@@ -18,6 +18,22 @@ def wait_until(predicate, timeout: float = 10.0, what: str = "the condition", ev
     raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
+class Clock:
+    """An injected clock (``clock=`` of the service, the jobs...) that a test moves."""
+
+    def __init__(self, when):
+        self.t = when.timestamp()
+
+    def __call__(self) -> float:
+        return self.t
+
+    def set(self, when) -> None:
+        self.t = when.timestamp()
+
+    def advance(self, seconds: float) -> None:
+        self.t += seconds
+
+
 def npz_bytes(**arrays) -> bytes:
     buf = io.BytesIO()
     np.savez(buf, **arrays)

@@ -66,6 +66,9 @@ class RecordingNotifier:
     def say(self, text):
         self._record("say", text)
 
+    def fire_failed(self, fire_id, text):
+        self._record("fire_failed", fire_id, text)
+
 
 def write_step(store, run_id: str, step: str, state: str, **summary) -> None:
     from pipelines.status import mark

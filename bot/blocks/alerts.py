@@ -44,6 +44,15 @@ def new_data_alert(found: NewData, alert_id: str, *, auto_retrain: bool = False,
     return msg(f"{n} new data object(s) ({size(found.total_bytes)}) — retrain?", blocks)
 
 
+def fire_failed(fire_id: str, text: str) -> dict:
+    """A weekly or new-data run that could not start, with a Retry button (one effect
+    however many clicks: the fire's own claim, core/fires.py)."""
+    return msg(text, [section(f":warning: {esc(text)}"),
+                      actions(button("Retry", ids.RETRY_FIRE, fire_id, style="primary"),
+                              block_id=f"fire:{fire_id}"[:255]),
+                      context(f"fire `{esc(fire_id)}`")])
+
+
 def resolved(blocks: list[dict], note: str, text: str = "", drop: tuple[str, ...] | None = None) -> dict:
     """The original message with a note saying who did what. Buttons in ``drop`` go
     (all buttons when None), so nobody clicks the same thing twice."""

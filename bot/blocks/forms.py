@@ -55,7 +55,7 @@ def train_form(params: dict, presets: dict, *, private_metadata: dict | None = N
     """The modal view. ``params`` is TrainParams.describe(), ``presets`` PRESETS."""
     options = [Option(value=NO_PRESET, text="none: the defaults")] + \
         [Option(value=name, text=clip(f"{name}: " + ", ".join(f"{k}={_shown(v)}" for k, v in keys.items()), 75))
-         for name, keys in presets.items()]
+         for name, keys in list(presets.items())[:99] if len(name) <= 150]   # Slack: 100 options
     blocks = [section("Starts one training run, like "
                       f"`{command} train key=value …`. Fields left at their default take the preset's value.")]
     blocks.append(InputBlock(block_id=PRESET_BLOCK, label="Preset", optional=False,

@@ -10,6 +10,8 @@ import copy
 import json
 
 MAX_BLOCKS = 50
+MAX_VIEW_BLOCKS = 100          # a modal or the Home tab
+MAX_VIEW_PAYLOAD = 24000       # characters of JSON blocks in a view; Slack's cap is 250 kB
 MAX_SECTION_TEXT = 3000
 MAX_FIELDS = 10
 MAX_FIELD_TEXT = 2000
@@ -38,11 +40,12 @@ def _text_len(obj) -> int:
     return len(obj.get("text", "")) if isinstance(obj, dict) else 0
 
 
-def check_limits(blocks: list[dict], text: str | None = None, max_payload: int = MAX_PAYLOAD) -> list[str]:
+def check_limits(blocks: list[dict], text: str | None = None, max_payload: int = MAX_PAYLOAD,
+                 max_blocks: int = MAX_BLOCKS) -> list[str]:
     """Every limit this message breaks, as readable strings; [] means it can be sent."""
     problems = []
-    if len(blocks) > MAX_BLOCKS:
-        problems.append(f"{len(blocks)} blocks > {MAX_BLOCKS}")
+    if len(blocks) > max_blocks:
+        problems.append(f"{len(blocks)} blocks > {max_blocks}")
     for i, b in enumerate(blocks):
         kind = b.get("type")
         if kind == "section":
@@ -86,11 +89,11 @@ def _clip_obj(obj: dict, n: int) -> None:
         obj["text"] = clip(obj["text"], n)
 
 
-def fit(blocks: list[dict], max_payload: int = MAX_PAYLOAD) -> list[dict]:
+def fit(blocks: list[dict], max_payload: int = MAX_PAYLOAD, max_blocks: int = MAX_BLOCKS) -> list[dict]:
     """``blocks`` if they pass check_limits, else a copy that does: clips texts, drops
     surplus fields, and when there are too many blocks or characters, keeps the head and
     the final actions (buttons must survive) with a note saying what was cut."""
-    if not check_limits(blocks, max_payload=max_payload):
+    if not check_limits(blocks, max_payload=max_payload, max_blocks=max_blocks):
         return blocks                   # the common case: nothing to change, nothing to copy
     out = copy.deepcopy(blocks)
     for b in out:
@@ -117,7 +120,7 @@ def fit(blocks: list[dict], max_payload: int = MAX_PAYLOAD) -> list[dict]:
         return len(json.dumps(b, ensure_ascii=False)) + 2     # plus the separator
 
     note_budget = 1 + len(tail)            # the note block, then the kept actions
-    dropped = max(0, len(head) + note_budget - MAX_BLOCKS)
+    dropped = max(0, len(head) + note_budget - max_blocks)
     head = head[: len(head) - dropped]
     sizes = [size(b) for b in head]
     budget = max_payload - 200 - sum(size(b) for b in tail)
@@ -148,6 +151,11 @@ def _shrink(block: dict) -> bool:
         return False
     _clip_obj(longest, n // 2)
     return True
+
+
+def fit_view(view: dict) -> dict:
+    """``fit`` for a modal or Home tab: 100 blocks, a larger payload."""
+    return {**view, "blocks": fit(view.get("blocks") or [], MAX_VIEW_PAYLOAD, MAX_VIEW_BLOCKS)}
 
 
 def fit_message(msg: dict) -> dict:

@@ -88,10 +88,16 @@ def status_message(status: dict) -> dict:
     if status.get("serving"):
         pairs.append(("Model server", serving_field(status["serving"], prod)))
     blocks += fields(pairs)
+    owed = status.get("owed") or {}
+    if owed.get("count"):
+        blocks.append(section(f":hourglass: *Owed to Slack*: {owed['count']} message(s), the oldest waiting "
+                              f"{duration(owed.get('oldest_seconds') or 0)}; they go out in order when Slack answers"))
     undelivered = status.get("undelivered") or []
     if undelivered:
-        lines = "\n".join(f"• {esc(f.get('what'))}: {esc(f.get('error'))} ({when(f.get('at'))})" for f in undelivered)
-        blocks.append(section(f":warning: *Not delivered to Slack* after every retry:\n{lines}"))
+        lines = "\n".join(f"• {esc(f.get('what'))}: {esc(f.get('error'))} ({when(f.get('at'))})"
+                          + (f" — {esc(f['detail'][:120])}" if f.get("detail") else "") for f in undelivered)
+        blocks.append(section(f":warning: *Not delivered to Slack*, given up after retrying for a day "
+                              f"(`outbox.give_up_hours`):\n{lines}"))
     text = (f"Active run {active.run_id} ({active.state})" if active else "No active run") + \
            f"; production {('v' + str(prod.get('version'))) if prod else 'none'}"
     return msg(text, blocks)

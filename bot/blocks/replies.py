@@ -10,8 +10,11 @@ from bot.blocks.common import code_table, context, esc, header, msg, section
 SUBCOMMANDS = {
     "help": ("", "this help"),
     "train": ("[key=value …]", "start a training run now with these parameters; alone, it opens a form"),
+    "sweep": ("key=v1,v2 …", "one run training every combination (a|b|c for values with commas); "
+                             "the best by validation top-1 is evaluated and deployed like a run"),
     "status": ("", "active run, production model, schedule and pending data"),
     "runs": ("[N]", "the last N runs (default 10, at most 50)"),
+    "history": ("[N]", "the model's last N versions: top-1, run, who deployed or rolled back to each, when"),
     "data": ("", "new data waiting for training, and what recent runs trained on"),
     "deploy": ("<run>", "promote a run's candidate model to production"),
     "rollback": ("[version]", "point production back to the previous (or the given) version"),

@@ -129,7 +129,9 @@ class _Final:
                    metrics=metrics, top1=metrics.get("top1", run.top1),
                    prod=report.get("production") or None,
                    decision=report.get("decision") or run.decision,
-                   reason=report.get("reason") or run.decision_reason,
+                   # a deploy held by a moved production: the service's words name who moved it
+                   reason=(report.get("held") and run.decision_reason) or report.get("reason")
+                   or run.decision_reason,
                    version=report.get("model_version") or run.model_version,   # approved after the report
                    data=data, counts=data.get("counts") or {})
 
@@ -198,7 +200,7 @@ def _approval(f: _Final) -> dict:
                          + (f" → *v{f.version}* is production" if f.version else ""),
              "rejected": f"Rejected by <@{esc(run.approval_by)}> at {when(run.approval_at)}; nothing was deployed.",
              "expired": f"Nobody answered before {when(run.approval_at)}; nothing was deployed. "
-                        "`/ct deploy` can still publish it."}.get(run.approval, "")
+                        f"An approver can still publish it with `/ct deploy {esc(run.run_id)}`."}.get(run.approval, "")
     buttons = []
     if run.approval == "pending":
         buttons = [button("Approve deploy", ids.APPROVE_DEPLOY, run.run_id, style="primary",
@@ -275,11 +277,33 @@ def _reuse(f: _Final) -> list:
         parts.append(line)
     return [context(" · ".join(parts))]
 
+def winning_trial(trials: list) -> int | None:
+    """The trial select_best keeps: the highest validation top-1 (first on a tie)."""
+    scored = [t for t in trials if isinstance(t, dict) and _number(t.get("val_top1")) is not None]
+    return max(scored, key=lambda t: _number(t["val_top1"]))["trial"] if scored else None
+
+
+def trials_table(trials: list) -> str:
+    """A sweep's trials: the parameters that differ, validation top-1, training time, the winner."""
+    trials = [t for t in trials or [] if isinstance(t, dict)]
+    params = [t.get("params") if isinstance(t.get("params"), dict) else {} for t in trials]
+    keys = sorted({k for p in params for k in p if len({str(q.get(k)) for q in params}) > 1}, key=str)
+    best = winning_trial(trials)
+    rows = [[("★ " if t.get("trial") == best else "  ") + str(t.get("trial")),
+             " ".join(f"{k}={p.get(k)}" for k in keys) or "–",
+             pct(_number(t.get("val_top1"))), duration(_number(t.get("seconds"))), str(t.get("state") or "–")]
+            for t, p in zip(trials, params, strict=True)]
+    return code_table([[clip(c, 60) for c in r] for r in rows], ["trial", "parameters", "val top-1", "time", "state"])
+
 
 def _finished(f: _Final, title: str, body: list, buttons: list) -> dict:
     """The frame all outcomes share: title, trigger, body, data and params, buttons."""
     run = f.run
     blocks = [header(title), context(_trigger(run), f"finished {when(run.finished_at)}", _links(run)), *body]
+    trials = f.report.get("trials")
+    if isinstance(trials, list) and trials:
+        blocks.append(section(f"*Sweep: {len(trials)} trials* (★ the best by validation top-1, evaluated above)\n"
+                              + trials_table(trials[:40])))
     if f.counts:
         blocks.append(context("per class: " + " ".join(f"`{esc(k)}`:{v}" for k, v in
                                                        sorted(f.counts.items(), key=lambda kv: str(kv[0])))))

@@ -1,19 +1,22 @@
-"""Buttons: on new-data alerts, run messages and reports.
+"""Buttons: on new-data alerts, run messages, reports and the App Home tab.
 
 Each ack()s at once (an empty 200) and does its work as a background job: call the
 service (which audits who did what), then update the message the button was on so
 everyone in the channel sees the outcome and nobody clicks the same thing twice.
-Failures go to the clicker only, as an ephemeral reply through the response_url.
+Failures go to the clicker only, as an ephemeral reply through the response_url. A
+click on the Home tab has no message and no response_url: it runs the very same job,
+and its outcome or failure is shown at the top of the clicker's Home.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import time
 
 from bot import blocks, ids
 from bot.blocks.common import esc
 from bot.blocks.events import run_metadata
-from bot.listeners.guard import replying_on_error
+from bot.listeners.guard import error_reply, replying_on_error
 from bot.listeners.parse import is_ascii_number
 from core.access import Actor
 
@@ -33,12 +36,30 @@ class Click:
         self.ts = message.get("ts") or (body.get("container") or {}).get("message_ts", "")
         self.blocks = message.get("blocks") or []
         self.response_url = body.get("response_url", "")
+        self.in_view = (body.get("container") or {}).get("type") == "view"   # the Home tab
+        if self.in_view:   # one effect per button of this rendering of the view: its hash changes on publish
+            self.ts = "view:" + str((body.get("view") or {}).get("hash") or (body.get("container") or {}).get("view_id"))
 
 
 def _private(ctx, click: Click):
     """Error replies go to the clicker only and leave the message alone."""
+    if click.in_view:
+        return _on_home_error(ctx, click)
     return replying_on_error(ctx.respond(click.response_url), "that button",
                              response_type="ephemeral", replace_original=False)
+
+
+@contextlib.contextmanager
+def _on_home_error(ctx, click: Click):
+    try:
+        yield
+    except Exception as exc:  # noqa: BLE001 - the clicker must learn why, on their Home
+        _home(ctx).notice(str(click.user), error_reply(exc, "that button")["text"].removeprefix("⚠️ "), ok=False)
+
+
+def _home(ctx):
+    from bot.homes import HomeTab
+    return HomeTab(ctx.service, ctx.client, ctx.settings)
 
 
 def _update(ctx, click: Click, note: str, drop: tuple[str, ...] | None, run=None) -> None:
@@ -51,6 +72,9 @@ def _update(ctx, click: Click, note: str, drop: tuple[str, ...] | None, run=None
 
 
 def _tell_clicker(ctx, click: Click, message: dict) -> None:
+    if click.in_view:
+        _home(ctx).notice(str(click.user), message.get("text") or "", ok=True)
+        return
     ctx.respond(click.response_url)(**blocks.fit_message(message), response_type="ephemeral",
                                     replace_original=False)
 
@@ -90,6 +114,8 @@ def _once_per_button(action: str, job):
                 ctx.service.settle_effect(key, c.user, outcome)
             else:
                 ctx.service.release_effect(key)
+        if outcome and c.in_view:
+            _home(ctx).notice(str(c.user), f"You {esc(outcome)}.", ok=True)
     return guarded
 
 
@@ -170,6 +196,31 @@ def reject_deploy(ctx, body: dict) -> str | None:
         return "rejected it"
 
 
+@once_per_button("rollback")
+def rollback_to(ctx, body: dict) -> str | None:
+    """The Home tab's *Roll back to this*: the version, if production is still the one
+    the Home showed (compare-and-set, like `/ct rollback`)."""
+    c = Click(body)
+    with _private(ctx, c):
+        version, _, shown = c.value.partition(":")
+        moved = ctx.service.rollback(int(version), by=c.user, expect_production=int(shown))
+        return f"rolled production back from v{moved.get('from')} to v{moved.get('to')}"
+
+
+@once_per_button("schedule")
+def pause_schedule(ctx, body: dict) -> str | None:
+    with _private(ctx, Click(body)):
+        ctx.service.set_schedule_paused(True, by=Click(body).user)
+        return "paused the weekly retrain"
+
+
+@once_per_button("schedule")
+def resume_schedule(ctx, body: dict) -> str | None:
+    with _private(ctx, Click(body)):
+        ctx.service.set_schedule_paused(False, by=Click(body).user)
+        return "resumed the weekly retrain"
+
+
 def view_run(ctx, body: dict) -> None:
     c = Click(body)
     with _private(ctx, c):
@@ -191,6 +242,30 @@ def retrain(ctx, body: dict) -> str | None:
         return f"started run {run.run_id}"
 
 
+@once_per_button("train")
+def retry_fire(ctx, body: dict) -> str | None:
+    c = Click(body)
+    with _private(ctx, c):
+        # Through the fire's own claim: a click racing the catch-up (or a second click
+        # elsewhere) cannot start a second run.
+        out = ctx.service.retry_fire(c.value, by=c.user)
+        if out.outcome == "launched":
+            note = f":rocket: <@{c.user}> retried it: run `{esc(out.run.run_id)}` started."
+        elif out.outcome == "queued":
+            note = f":hourglass: <@{c.user}> retried it: queued behind the active run."
+        elif out.outcome == "retrying":
+            note = f":repeat: <@{c.user}> retried it; it failed again ({esc(out.detail)}) and is retried on its own."
+        elif out.outcome == "error":
+            _tell_clicker(ctx, c, blocks.error(f"It still could not start: {out.detail}"))
+            return None   # the button stays: the fire is failed and announced again
+        elif out.run is not None:
+            note = f"Already started as run `{esc(out.run.run_id)}` ({esc(out.detail)})."
+        else:
+            note = f"Nothing to retry: {esc(out.detail or out.outcome)}."
+        _update(ctx, c, note, None)
+        return note
+
+
 def register(app, service, settings) -> None:
     for action_id, job in JOBS.items():
         app.action(action_id)(_acking(app, job))
@@ -208,4 +283,5 @@ def _acking(app, job):
 JOBS = {ids.RETRAIN_NEW_DATA: retrain_new_data, ids.REFRESH_NEW_DATA: refresh_new_data,
         ids.DISMISS_ALERT: dismiss_alert, ids.PROMOTE: promote,
         ids.ROLLBACK: rollback, ids.CANCEL_RUN: cancel_run, ids.VIEW_RUN: view_run, ids.RETRAIN: retrain,
-        ids.APPROVE_DEPLOY: approve_deploy, ids.REJECT_DEPLOY: reject_deploy}
+        ids.APPROVE_DEPLOY: approve_deploy, ids.REJECT_DEPLOY: reject_deploy, ids.HOME_ROLLBACK_TO: rollback_to,
+        ids.HOME_PAUSE: pause_schedule, ids.HOME_RESUME: resume_schedule, ids.RETRY_FIRE: retry_fire}

@@ -15,14 +15,14 @@ from bot import blocks
 from bot.blocks.common import esc
 from bot.listeners.form_open import on_train_without_arguments
 from bot.listeners.guard import STATE_ERRORS, error_reply, replying_on_error, state_lost_reply
-from bot.listeners.parse import Parsed, UnknownSubcommand, UsageError, parse
+from bot.listeners.parse import Parsed, UnknownSubcommand, UsageError, parse, sweep_size, sweep_trials
 from core.access import Actor
 from core.errors import ParamError, ServiceError
 from steps.crashpoints import crash_point
 
 log = logging.getLogger(__name__)
 
-WORKING = {"train": "Starting a training run", "status": "Checking", "runs": "Fetching runs",
+WORKING = {"train": "Starting a training run", "sweep": "Starting a sweep", "status": "Checking", "runs": "Fetching runs", "history": "Reading the model history",
            "data": "Looking at the data", "deploy": "Promoting", "rollback": "Rolling back",
            "schedule": "Updating the schedule", "cancel": "Canceling", "audit": "Reading the audit"}
 
@@ -130,6 +130,8 @@ def _classify(service, text: str, command: str) -> tuple[dict, Parsed | None]:
             return _help(command), None
         if p.sub == "train":
             service.parse_params(p.args)     # pure: raises ParamError listing valid keys
+        if p.sub == "sweep":
+            sweep_plan(service, p.args, command)    # checked before anything starts
         what = "Checking the schedule" if p.sub == "schedule" and not p.action else \
             WORKING[p.sub] + (f" `{esc(p.run_id)}`" if p.run_id else "")
         return blocks.working(what), p
@@ -146,7 +148,7 @@ def _classify(service, text: str, command: str) -> tuple[dict, Parsed | None]:
 
 
 # The access list each subcommand needs (None: reading only; the channel still counts).
-NEEDS = {"train": "train", "deploy": "deploy", "rollback": "rollback", "cancel": "cancel", "audit": "approve"}
+NEEDS = {"train": "train", "sweep": "train", "deploy": "deploy", "rollback": "rollback", "cancel": "cancel", "audit": "approve"}
 
 
 def _execute(service, client, settings, p: Parsed, who: Actor, cmd_id: str = "", record: dict | None = None) -> dict:
@@ -162,8 +164,19 @@ def _execute(service, client, settings, p: Parsed, who: Actor, cmd_id: str = "",
         return blocks.status_message(service.status())
     if p.sub == "runs":
         return blocks.runs_message(service.list_runs(p.n))
+    if p.sub == "history":
+        return blocks.history_message(service.model_history(p.n), settings.slash_command)
     if p.sub == "data":
         return blocks.data_message(service.data_summary())
+    if p.sub == "sweep":
+        trials = sweep_plan(service, p.args, settings.slash_command)
+        run = service.request_training(f"{settings.slash_command} sweep by <@{who}>", {}, who, trigger="manual",
+                                       dedupe_key=f"cmd:{cmd_id}" if cmd_id else None, sweep=trials)
+        link = _permalink(client, run.slack_channel, run.slack_ts)
+        where = f" — follow it <{link}|here>" if link else ""
+        shown = ", ".join(" ".join(f"`{k}={v}`" for k, v in t["params"].items()) for t in trials)
+        return blocks.info(f":rocket: Started sweep run `{run.run_id}` with {len(trials)} trials: {shown}{where}.",
+                           "The best by validation top-1 is evaluated and deployed like a single run.")
     if p.sub == "train":
         params = service.parse_params(p.args)
         run = service.request_training(f"{settings.slash_command} train by <@{who}>", params, who,
@@ -197,6 +210,22 @@ def _execute(service, client, settings, p: Parsed, who: Actor, cmd_id: str = "",
             return blocks.info(f":calendar: Weekly retrain {'paused' if p.action == 'pause' else 'resumed'}.")
         return blocks.schedule_message(service.status())
     raise AssertionError(f"unhandled subcommand {p.sub}")
+
+
+def sweep_plan(service, args: list[str], command: str) -> list[dict]:
+    """The trials of `/ct sweep key=v1,v2 …` as the pipeline takes them, each checked like
+    `/ct train`; ParamError when there are more than sweep.max_trials or one is invalid."""
+    most = service.settings.sweep.max_trials
+    n = sweep_size(args)
+    if n > most:
+        raise ParamError(f"That sweep makes {n} combinations; at most {most} are allowed (sweep.max_trials).")
+    trials = []
+    for i, tokens in enumerate(sweep_trials(args)):
+        try:
+            trials.append({"trial": i, "params": service.parse_params(tokens)})
+        except ParamError as e:
+            raise ParamError(f"Trial {i + 1} ({' '.join(tokens)}): {e}") from None
+    return trials
 
 
 def _permalink(client, channel: str, ts: str) -> str:

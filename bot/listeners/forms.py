@@ -11,7 +11,8 @@ import json
 from bot import blocks, ids
 from bot.blocks.forms import PRESET_BLOCK, form_tokens
 from bot.blocks.limits import clip
-from bot.listeners.commands import run_command
+from bot.listeners.commands import _execute as execute
+from bot.listeners.commands import actor_of, run_command
 from bot.listeners.guard import error_reply
 from bot.listeners.parse import parse
 from core.access import Actor
@@ -46,6 +47,20 @@ def register(app, service, settings) -> None:
             ack(response_action="errors", errors={PRESET_BLOCK: clip(text.removeprefix("⚠️ "), 300)})
             return
         ack()
-        if fresh:
-            app.background.submit(run_command, parse(command["text"], settings.slash_command), command,
-                                  what="train form")
+        if fresh:   # opened by /ct train: answered through its response_url; from the Home tab: on the Home
+            job = run_command if command["response_url"] else run_form_from_home
+            app.background.submit(job, parse(command["text"], settings.slash_command), command, what="train form")
+
+
+def run_form_from_home(ctx, parsed, command: dict) -> None:
+    """A form opened from the Home tab has no response_url: the outcome goes on the
+    submitter's Home instead. Otherwise the text command's own execution."""
+    from bot.homes import HomeTab
+    home, cmd_id, user = HomeTab(ctx.service, ctx.client, ctx.settings), command["trigger_id"], command["user_id"]
+    try:
+        record = ctx.service.command_started(cmd_id)
+        out = execute(ctx.service, ctx.client, ctx.settings, parsed, actor_of(command), cmd_id, record)
+        home.notice(user, out.get("text") or "", ok=True)
+    except Exception as e:  # noqa: BLE001 - the submitter must learn why, on their Home
+        home.notice(user, error_reply(e, "the training form")["text"].removeprefix("⚠️ "), ok=False)
+    ctx.service.finish_command(cmd_id)

@@ -8,7 +8,7 @@ from bot.blocks.replies import SUBCOMMANDS
 
 # Words people reach for, mapped to what they probably meant.
 ALIASES = {"promote": "deploy", "start": "train", "retrain": "train", "run": "train", "stop": "cancel",
-           "abort": "cancel", "list": "runs", "history": "runs", "undo": "rollback", "revert": "rollback",
+           "abort": "cancel", "list": "runs", "versions": "history", "undo": "rollback", "revert": "rollback",
            "pause": "schedule pause", "resume": "schedule resume", "info": "status", "?": "help"}
 MAX_RUNS = 50
 
@@ -58,12 +58,12 @@ def parse(text: str, command: str = "/ct") -> Parsed:
     p = Parsed(sub, args)
     if sub in ("help", "status", "data") and args:
         raise UsageError(f"`{command} {sub}` takes no arguments (got “{' '.join(args)}”).", _usage(command, sub))
-    if sub in ("runs", "audit"):
+    if sub in ("runs", "audit", "history"):
         if len(args) > 1:
             raise UsageError(f"`{command} {sub}` takes at most one number.", _usage(command, sub))
         if args:
             if not is_ascii_number(args[0]) or not 1 <= int(args[0]) <= MAX_RUNS:
-                what = "runs" if sub == "runs" else "entries"
+                what = {"runs": "runs", "history": "versions"}.get(sub, "entries")
                 raise UsageError(f"“{args[0]}” is not a number of {what} between 1 and {MAX_RUNS}.",
                                  _usage(command, sub))
             p.n = int(args[0])
@@ -86,6 +86,15 @@ def parse(text: str, command: str = "/ct") -> Parsed:
             raise UsageError(f"`{command} schedule` accepts only `pause` or `resume` (got “{' '.join(args)}”).",
                              _usage(command, sub))
         p.action = args[0].lower() if args else ""
+    elif sub == "sweep":
+        bad = [a for a in args if a.count("=") != 1 or not a.split("=")[0] or not a.split("=")[1]]
+        if bad or not args:
+            raise UsageError(f"Malformed sweep parameter(s): {', '.join(f'“{b}”' for b in bad)}. " if bad else
+                             f"`{command} sweep` needs at least one `key=v1,v2`.",
+                             f"Example: `{command} sweep lr=0.002,0.005 margin=0.3,0.4` trains 4 combinations.")
+        if sweep_size(args) < 2:
+            raise UsageError("A sweep needs a key with two or more values, like `lr=0.002,0.005`.",
+                             f"`{command} train` starts a single run.")
     elif sub == "train":
         bad = [a for a in args if a.count("=") != 1 or not a.split("=")[0] or not a.split("=")[1]]
         if bad:
@@ -93,6 +102,29 @@ def parse(text: str, command: str = "/ct") -> Parsed:
                              "Write each as `key=value` with no spaces around `=`.",
                              f"Example: `{command} train epochs=3 lr=0.01` — `{command} help` lists the keys.")
     return p
+
+
+def _values(value: str) -> list[str]:
+    """``a,b,c``, or ``a|b|c`` for values that hold commas themselves (layers)."""
+    return [v for v in value.split("|" if "|" in value else ",") if v != ""] or [value]
+
+
+def sweep_size(args: list[str]) -> int:
+    """How many combinations ``key=v1,v2 …`` makes, without making them."""
+    n = 1
+    for a in args:
+        n *= len(_values(a.split("=", 1)[1]))
+    return n
+
+
+def sweep_trials(args: list[str]) -> list[list[str]]:
+    """``["lr=1,2", "seed=0,1"]`` -> the key=value tokens of each combination, in order
+    (the last key varies fastest). Call sweep_size first: this makes them all."""
+    trials: list[list[str]] = [[]]
+    for a in args:
+        key, value = a.split("=", 1)
+        trials = [t + [f"{key}={v}"] for t in trials for v in _values(value)]
+    return trials
 
 
 def is_ascii_number(text: str) -> bool:

@@ -4,21 +4,11 @@ from __future__ import annotations
 import json
 import urllib.parse
 
-import pytest
-
 from bot import ids
 from core.types import NewData
 from steps import deploy
 from tests.recording import finish_run
-from tests.slack_helpers import ALICE, BOB, buttons, message_text, post, put_training_data, start_bot
-
-
-@pytest.fixture
-def bot(tmp_path, redis_url):
-    b = start_bot(tmp_path, redis_url)
-    put_training_data(b.store)
-    yield b
-    b.close()
+from tests.slack_helpers import ALICE, BOB, buttons, message_text, post
 
 
 def latest(bot, ts):

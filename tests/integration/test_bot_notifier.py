@@ -247,20 +247,51 @@ def test_lost_message_is_posted_again(world, standin):
     assert "deployed as v4" in message_text(msg.to_payload()) and len(msg.replies) == 1
 
 
-def test_undeliverable_is_surfaced_not_silent(world, standin):
-    from core.outbox import MAX_ATTEMPTS
+def test_undeliverable_is_given_up_only_after_a_day_and_surfaced(world, standin):
     w = world()
-    standin.fail_next("chat.postMessage", status=500, times=MAX_ATTEMPTS)
+    standin.outage(status=500)
     w.notifier.say("hello")
-    for _ in range(MAX_ATTEMPTS):
-        w.clock.t += 600
+    tries = []
+    for _ in range(30):          # 30 drains 5 minutes apart: 2.5 h, far past the old 8-try budget
+        w.clock.t += 300
         w.delivery.drain()
-    assert standin.messages("ct") == []
+        tries.append(len([c for c in standin.calls() if c.status == 500]))
+    assert w.outbox.failures() == [] and w.outbox.pending_count() == 1    # still owed, still tried
+    assert tries == list(range(2, 32))                                    # a try every 5 minutes at most
+    w.clock.t += 24 * 3600                                                # past outbox.give_up_hours
+    w.delivery.drain()
+    assert standin.messages("ct") == [] and w.outbox.pending_count() == 0
     (failure,) = w.outbox.failures()
-    assert "500" in failure["error"]
+    assert "500" in failure["error"] and failure["detail"] == "hello"
     from bot import blocks
     shown = message_text(blocks.status_message({"undelivered": w.outbox.failures(3)}))   # /ct status shows it
-    assert "Not delivered to Slack" in shown and failure["what"] in shown
+    assert "Not delivered to Slack" in shown and failure["what"] in shown and "hello" in shown
+
+
+def test_an_outage_pauses_every_delivery_and_then_sends_all_owed_in_order(world, standin):
+    w = world()
+    first = started(w)                               # posted before Slack went away
+    standin.outage(status=503)
+    w.notifier.say("one")
+    second = started(w, run_id="r-20261122-0913-cd34")
+    w.notifier.say("two")
+    w.store.put_json(layout.report_key(first.run_id), report(first.run_id))
+    first = finish(w, first)
+    assert w.outbox.pending_count() == 4 and w.outbox.paused()
+    for _ in range(12):                              # an hour of trying: one probe per pause, not one per message
+        w.clock.t += 300
+        w.delivery.drain()
+    down = [c for c in standin.calls() if c.status == 503]
+    assert len(down) == 13 and w.outbox.failures() == []
+    standin.end_outage()
+    w.clock.t += 300
+    w.delivery.drain()
+    assert w.outbox.pending_count() == 0 and not w.outbox.paused()
+    posted = standin.messages("ct")                  # in the order owed, each once
+    assert len(posted) == 4 and posted[0].ts == first.slack_ts
+    assert posted[1].text == "one" and second.run_id in message_text(posted[2].to_payload())
+    assert posted[3].text == "two"
+    assert "deployed as v4" in message_text(standin.message("ct", first.slack_ts).to_payload())
 
 
 def test_new_data_alert_and_say_once_each(world, standin):
@@ -275,3 +306,15 @@ def test_new_data_alert_and_say_once_each(world, standin):
     assert buttons(alert.blocks)[ids.RETRAIN_NEW_DATA]["value"] == "alert-9"
     assert line.text == "<@U0BOB0001> paused the weekly retrain."
     assert "@bob paused the weekly retrain." in standin.transcript()
+
+
+def test_a_deferred_run_does_not_reset_the_outage_backoff(world, standin):
+    w = world()
+    run = a_run()
+    w.state.create_run(run)
+    w.notifier.run_finished(run)          # owed first, but held until its record says final
+    standin.outage(status=500)
+    w.notifier.say("x")
+    w.clock.t += 300
+    w.delivery.drain()                    # the run is deferred again, "x" fails again
+    assert w.outbox.slack_outage()["failures"] == "2" and w.outbox.paused()

@@ -106,4 +106,4 @@ def test_app_home_is_published_when_opened(bot):
     call = bot.standin.wait_for("views.publish")[0]
     assert call.args["user_id"] == ALICE
     view = bot.standin.home_views[ALICE]
-    assert view["type"] == "home" and "ctbot status" in json.dumps(view)
+    assert view["type"] == "home" and "ctbot: continuous training" in json.dumps(view)

@@ -18,8 +18,10 @@ import yaml
 
 from core import metrics
 from core.config import Settings
-from ctbot.wiring import build_runner
+from ctbot.wiring import build_runner, runner_problem
 from devkit.kfp_standin import KfpStandin
+from devkit.localservices import free_port
+from pipelines.kfp_runner import MIN_BACKEND_VERSION
 from steps import layout
 from tests.helpers import wait_until as _wait
 
@@ -267,3 +269,29 @@ def test_connection_errors_are_retried_with_backoff(bucket, s3_store, token_file
     retries = [r for r in caplog.records if r.name == "urllib3.connectionpool" and "Retrying" in r.getMessage()]
     assert len(retries) == 2
     assert errors("kfp") == before + 1
+
+
+@pytest.mark.parametrize("tag, refused", [("2.14.3", False), ("2.14.0", False), ("v2.15.0-rc.1", False),
+                                          ("2.5.0", True), ("1.8.5", True), ("unknown", False)])
+def test_backend_release_is_checked_at_start_up(tag, refused, token_file, bucket, s3_store):
+    """kfp.Client reads the server's healthz; one below MIN_BACKEND_VERSION stops `ctbot serve`
+    with a message that says what to do. A server that names no release is let through."""
+    old = KfpStandin(token=TOKEN, multi_user=True, version=tag).start()
+    try:
+        runner = build_runner(kfp_settings(old, bucket, token_file), s3_store)
+        assert runner.backend_version() == tag
+        problem = runner_problem(runner)
+    finally:
+        old.stop()
+    if refused:
+        assert f"is {tag}; ctbot needs {MIN_BACKEND_VERSION} or later" in problem and "runner: local" in problem
+    else:
+        assert problem is None
+
+
+def test_an_unreachable_backend_does_not_stop_start_up(bucket, s3_store, caplog):
+    closed = f"http://127.0.0.1:{free_port()}"    # nothing listens there
+    runner = build_runner(Settings(runner="kfp", kfp_host=closed, kfp_token="t", store=f"s3://{bucket}/",
+                                   kfp_retries=0, kfp_timeout_seconds=5), s3_store)
+    assert runner_problem(runner) is None
+    assert "could not read the KFP backend's version" in caplog.text

@@ -6,6 +6,7 @@ import threading
 import pytest
 
 from core.config import Settings
+from core.fires import Fires
 from core.state import StateStore
 from scheduler.data_watch import DataWatch
 from tests.recording import RecordingNotifier, RecordingRunner, finish_run, make_service
@@ -89,9 +90,12 @@ def test_new_data_during_a_run_waits_for_it(parts, bucket):
     res = watch.tick()
     assert not res.run and active.run_id in res.skip_reason and "1 new object(s) wait" in res.skip_reason
     assert len(runner.submits) == 1
+    assert watch.tick().skip_reason == "no new objects"   # the fire owns them now, queued
     finish_run(store, runner, active.run_id)
-    res = watch.tick()  # nothing new listed, but the waiting object now gets its run
-    assert res.run and res.listed == 0 and res.new.keys == ["data/2026-11-22/y.npz"]
+    service.refresh(active.run_id)
+    started = Fires(service).tick()    # the run watch's tick: the queued fire gets its run
+    assert [f.outcome for f in started] == ["launched"]
+    assert store.uri("data/2026-11-22/y.npz") in started[0].run.data_uris
     assert len(runner.submits) == 2
 
 
@@ -209,3 +213,26 @@ def test_on_new_data_picks_the_mode_by_the_guard_rails(parts, bucket):
     assert f"the last refresh run `{held.run_id}` was held by the gate" in after.reason
     assert seen == ["full", "refresh", "refresh", "warm", "full", "refresh", "warm"]
     assert [s["params"]["mode"] for s in runner.submits] == seen     # what the pipeline was given
+
+def test_an_auto_retrain_that_failed_is_retried_at_start_up(parts, bucket, redis_url):
+    """The runner refuses the submit past the retry window: the fire is announced with a
+    Retry button; the next start-up's catch-up retries it, into one run."""
+    from ctbot.wiring import build_deps
+
+    state, store, _, notifier = parts
+    settings = settings_for(bucket, auto_retrain=True, schedule={"retry_window_minutes": 0})
+    broken = RecordingRunner(fail_with="KFP API answered 503")
+    watch, service = watch_for(settings, state, store, broken, notifier)
+    watch.tick()
+    store.put_bytes("data/2026-11-22/w.npz", b"w")
+    res = watch.tick()
+    assert not res.run and "503" in res.skip_reason
+    [(fire_id, text)] = notifier.named("fire_failed")
+    assert fire_id.startswith("new_data:nd-") and "could not start" in text
+
+    runner = RecordingRunner()
+    jobs = build_deps(settings, state=state, store=store, runner=runner, notifier=notifier).jobs
+    jobs.catch_up()
+    assert len(runner.submits) == 1 and Fires(service).get(fire_id).state == "started"
+    jobs.catch_up()                                     # another start-up: nothing owed any more
+    assert len(runner.submits) == 1

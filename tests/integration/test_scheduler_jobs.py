@@ -2,6 +2,7 @@
 the start-up catch-up driven by an injected clock, and the APScheduler wiring."""
 from __future__ import annotations
 
+import json
 import threading
 import time
 from datetime import datetime
@@ -15,22 +16,12 @@ from core.config import Settings
 from core.state import StateStore
 from ctbot.wiring import build_deps
 from scheduler.app import CtScheduler
-from scheduler.jobs import FIRST_START
+from scheduler.jobs import FIRST_START, WEEKLY_THROUGH
+from tests.helpers import Clock
 from tests.recording import RecordingNotifier, RecordingRunner, finish_run
 
 PARIS = ZoneInfo("Europe/Paris")
 TUE_0900 = datetime(2026, 11, 24, 9, 0, tzinfo=PARIS)     # ISO week 2026-W48
-
-
-class Clock:
-    def __init__(self, when: datetime):
-        self.t = when.timestamp()
-
-    def __call__(self) -> float:
-        return self.t
-
-    def set(self, when: datetime) -> None:
-        self.t = when.timestamp()
 
 
 @pytest.fixture
@@ -53,7 +44,9 @@ def data(s3_store):
 def replica(settings, redis_url, store, runner, clock, notifier=None, installed=datetime(2026, 11, 1, tzinfo=PARIS)):
     """One scheduler process: its own Redis connection, service and jobs; ctbot has been
     installed since ``installed`` (fires before that are not missed ones)."""
-    StateStore.from_url(redis_url).once(FIRST_START, 3600, value=str(installed.timestamp()))
+    state = StateStore.from_url(redis_url)
+    if state.once(FIRST_START, 3600, value=str(installed.timestamp())):
+        state.once(WEEKLY_THROUGH, 3600, value=str(installed.timestamp()))   # as a new install records it
     from ctbot.wiring import build_deps
     return build_deps(settings, state=StateStore.from_url(redis_url), store=store, runner=runner,
                       notifier=notifier, clock=clock).jobs
@@ -90,7 +83,9 @@ def test_a_missed_tuesday_is_caught_up_once(settings, redis_url, s3_store, runne
     a, b = (replica(settings, redis_url, s3_store, runner, clock) for _ in range(2))
     fire = a.catch_up()
     assert fire.outcome == "launched" and fire.key == "2026-W48"
-    assert fire.run.reason == "weekly retrain 2026-W48"
+    # every fire since install (1 Nov) was missed: one run covers them all and says so
+    assert fire.covers == ("2026-W45", "2026-W46", "2026-W47", "2026-W48")
+    assert fire.run.reason.startswith("weekly retrain 2026-W45, 2026-W46, 2026-W47, 2026-W48")
     assert b.catch_up().outcome == "duplicate"
     assert a.catch_up().outcome == "duplicate"
     assert len(runner.submits) == 1
@@ -181,7 +176,8 @@ def test_weekly_fire_without_data_says_why(settings, redis_url, s3_store, runner
     jobs = replica(settings, redis_url, s3_store, runner, Clock(TUE_0900), notifier)
     fire = jobs.weekly_retrain()
     assert fire.outcome == "error" and "No training data" in fire.detail
-    assert "could not start: No training data" in notifier.named("say")[-1][0]
+    fire_id, text = notifier.named("fire_failed")[-1]   # announced with a Retry button
+    assert fire_id == "weekly:2026-W48" and "could not start: No training data" in text
 
 
 def test_watch_jobs_run_once_per_interval_across_replicas(settings, redis_url, s3_store, runner, data):
@@ -291,3 +287,35 @@ def test_the_weekly_run_takes_schedule_mode_under_the_guard_rails(bucket, redis_
     assert second.params["mode"] == "refresh"
     assert second.reason == "weekly retrain 2026-W49; mode refresh: the configured mode is refresh"
     assert [s["params"]["mode"] for s in runner.submits] == ["full", "refresh"]
+
+def test_a_failed_fire_is_folded_into_the_next_catch_up(settings, redis_url, s3_store, runner):
+    """W47 failed (no data: a refusal, announced at once); the scheduler is then down over
+    W48. Once data is there, the start-up catch-up runs both weeks in one run."""
+    notifier = RecordingNotifier()
+    clock = Clock(datetime(2026, 11, 17, 9, 0, 1, tzinfo=PARIS))
+    jobs = replica(settings, redis_url, s3_store, runner, clock, notifier,
+                   installed=datetime(2026, 11, 16, tzinfo=PARIS))
+    assert jobs.weekly_retrain().outcome == "error"
+    assert [f.id for f in jobs.fires.owed("weekly", "failed")] == ["weekly:2026-W47"]
+    s3_store.put_bytes("data/2026-11-20/a.npz", b"a")
+    clock.set(datetime(2026, 11, 25, 8, 0, tzinfo=PARIS))
+    fire = replica(settings, redis_url, s3_store, runner, clock, notifier).catch_up()
+    assert fire.outcome == "launched" and fire.covers == ("2026-W47", "2026-W48")
+    assert "2026-W47, 2026-W48" in fire.run.reason and len(runner.submits) == 1
+    assert jobs.fires.get("weekly:2026-W47").state == "covered" and jobs.fires.owed("weekly", "failed") == []
+
+
+def test_a_weekly_fire_queued_by_an_older_ctbot_is_kept(settings, redis_url, s3_store, runner, data):
+    clock = Clock(datetime(2026, 11, 24, 10, 0, tzinfo=PARIS))
+    jobs = replica(settings, redis_url, s3_store, runner, clock)
+    jobs.state.forget(WEEKLY_THROUGH)    # an older ctbot kept no watermark
+    for week, day in (("2026-W46", 10), ("2026-W47", 17), ("2026-W48", 24)):   # the old claims, 21 days each
+        jobs.state.once(f"fire:weekly:{week}", 21 * 86400,
+                        value=json.dumps({"scheduled": f"2026-11-{day}T09:00:00+01:00"}))
+    jobs.state.put_marker("queued:weekly", "2026-W48", 3600)     # what the old run watch waited on
+    assert jobs.catch_up().outcome == "duplicate"
+    assert jobs.fires.queue() == ["weekly:2026-W48"] and jobs.state.marker("queued:weekly") is None
+    clock.t += 5
+    jobs.run_watch()
+    assert [s["run_id"] for s in runner.submits] and jobs.fires.queue() == []
+    assert jobs.service.get_run(runner.submits[0]["run_id"]).reason == "weekly retrain 2026-W48"

@@ -210,3 +210,35 @@ def test_audit_stream_is_capped(redis_url):
         state.audit("tick", "scheduler", i=i)
     n = state.r.xlen("ct:audit")
     assert 50 <= n < 500  # MAXLEN ~ trims by whole nodes, never below the cap
+
+
+def test_a_command_is_recorded_whole_once_and_never_after_its_deadline():
+    """accept_command on the ack path: all of the record or none of it, False for a
+    repeat; and a call that reached Redis while it was stopped (SIGSTOP), so after the
+    client gave up, records nothing when Redis wakes and runs it."""
+    import os
+    import signal
+
+    from devkit.localservices import start_redis
+    private = start_redis()      # its own server: this test stops it
+    try:
+        state = StateStore.from_url(private.url, ack_timeout=0.3)
+        state.ping()                                   # measures Redis's clock against ours
+        assert state.accept_command("cmd-1", {"text": "status"}, 60) is True     # the script is loaded now
+        record = state.command("cmd-1")
+        assert record["payload"] == {"text": "status"} and record["state"] == "accepted"
+        assert 0 < state.r.ttl(state.k("cmd", "cmd-1")) <= 60
+        assert state.open_commands(older_than=-3600) == ["cmd-1"]
+        assert state.accept_command("cmd-1", {"text": "status"}, 60) is False     # a retry of the same request
+
+        os.kill(private.proc.pid, signal.SIGSTOP)
+        try:
+            with pytest.raises(redis.TimeoutError):
+                state.accept_command("cmd-late", {"text": "status"}, 60)
+        finally:
+            os.kill(private.proc.pid, signal.SIGCONT)
+        # Redis ran the waiting script on waking, before this read: it refused, being late.
+        assert state.command("cmd-late") == {}
+        assert state.open_commands(older_than=-3600) == ["cmd-1"]
+    finally:
+        private.stop()

@@ -85,9 +85,12 @@ def answers(world, rurl: str) -> list[str]:
     return [message_text(r) for r in world.standin.responses(rurl.rsplit("/", 1)[1])]
 
 
-def no_traceback(bot) -> None:
+def no_traceback(bot, http_only: bool = False) -> None:
+    """Nothing sent to the bot cost a traceback in its log (``http_only``: none from the
+    HTTP layer; a Redis outage may log the scheduler's own failed ticks)."""
     text = bot.log.read_text()
-    assert "Traceback" not in text and "Exception in ASGI" not in text, text[-3000:]
+    assert "Exception in ASGI" not in text and "HTTP parser callback failed" not in text, text[-3000:]
+    assert http_only or "Traceback" not in text, text[-3000:]
 
 
 # ---- slow clients ----------------------------------------------------------------------
@@ -143,14 +146,15 @@ def test_slow_clients_do_not_starve_the_probes_or_the_acks(world, ledger):
     bot = world.bot(CT_HTTP__REQUEST_SECONDS="600")   # they are held for the whole test
     port, probes = port_of(bot.url), probe_url(bot)
     base = bot.url.rsplit("/slack/events", 1)[0]
+    wait(lambda: get(probes + "/readyz")[0] == 200, 60, "the bot to be ready")
     slow = SlowClients(port, SLOW_CLIENTS)
     ledger.fault(f"{SLOW_CLIENTS} slow clients holding connections")
     try:
         wait(lambda: slow.still_open() == SLOW_CLIENTS, 60, "the slow clients to be connected")
         for url in (base, probes):
             assert get(url + "/livez") == (200, {"ok": True})
-            status, ready = get(url + "/readyz")
-            assert status == 200 and ready["ok"] is True, ready
+            # answered, and ready: a check slower than 1.5 s on a loaded machine says 503, so poll
+            wait(lambda u=url: get(u + "/readyz")[0] == 200, 60, f"{url}/readyz to say ready")
         status, raw, rurl, _ = bot.slash("status")
         assert status == 200 and "Checking" in raw
         final = wait(lambda: [a for a in answers(world, rurl) if "ctbot status" in a], 60, "the status answer")
@@ -268,15 +272,20 @@ def test_a_hung_redis_gets_the_specific_ack_and_readyz_503(world, ledger):
     bot = world.bot()
     probes = probe_url(bot)
     wait(lambda: get(probes + "/readyz")[0] == 200, 60, "the bot to be ready")
+    # One command through first: the record's script is cached in Redis, so the one sent
+    # to the stopped Redis would run when it wakes (were it not past its deadline).
+    status, raw, first, _ = bot.slash("status")
+    assert status == 200 and "Checking" in raw
+    wait(lambda: [a for a in answers(world, first) if "ctbot status" in a], 60, "the first status answer")
     os.kill(world.redis.proc.pid, signal.SIGSTOP)
     ledger.fault("Redis hung (SIGSTOP) under an ack")
     try:
         status, raw, rurl, body = bot.slash("status")
         assert status == 200
         assert "ctbot can't reach its state store; nothing was changed" in message_text(json.loads(raw))
-        status, ready = wait(lambda: (lambda r: r if r[0] == 503 else None)(get(probes + "/readyz")), 60,
-                             "/readyz to say 503")
-        assert ready["ok"] is False and "redis" in ready, ready
+        status, ready = wait(lambda: (lambda r: r if r[0] == 503 and "redis" in r[1] else None)(
+            get(probes + "/readyz")), 60, "/readyz to say 503 for Redis")
+        assert ready["ok"] is False and ready["redis"] == "TimeoutError", ready
         assert get(probes + "/livez")[0] == 200      # alive: no restart for a dependency's outage
     finally:
         os.kill(world.redis.proc.pid, signal.SIGCONT)
@@ -289,7 +298,7 @@ def test_a_hung_redis_gets_the_specific_ack_and_readyz_503(world, ledger):
     trigger = urllib.parse.parse_qs(body)["trigger_id"][0]
     assert world.state().command(trigger) == {}            # never recorded
     assert answers(world, rurl) == []                      # and never run
-    no_traceback(bot)
+    no_traceback(bot, http_only=True)
     ledger.survived_since(mark)
 
 
@@ -319,6 +328,7 @@ def test_a_command_recorded_before_redis_hung_is_never_told_nothing_changed(worl
     ledger.lost += len(final) < 1
     ledger.duplicated += max(0, len(final) - 1)
     assert len(final) == 1
+    no_traceback(bot, http_only=True)
     ledger.survived_since(mark)
 
 

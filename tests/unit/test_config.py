@@ -32,7 +32,8 @@ DEFAULTS = {
     "kfp_namespace": "", "kfp_ui_url": "", "kfp_token": "", "kfp_token_path": "", "kfp_timeout_seconds": 30.0,
     "kfp_retries": 4, "image": "", "log_format": "text",
     # added with the Slack outbox and crash recovery (issue 9)
-    "schedule.catch_up": True, "outbox_drain_seconds": 2.0, "command_resume_seconds": 10.0,
+    "schedule.catch_up": True, "schedule.retry_window_minutes": 360.0, "schedule.retry_first_seconds": 30.0,
+    "schedule.retry_max_seconds": 900.0, "outbox_drain_seconds": 2.0, "command_resume_seconds": 10.0,
     "command_stale_seconds": 300.0, "finish_retry_seconds": 30.0,
     # the model server's section (issue 10)
     "serving.url": "", "serving.host": "127.0.0.1", "serving.port": 8080, "serving.poll_seconds": 2.0,
@@ -42,6 +43,9 @@ DEFAULTS = {
     "access.train": ["*"], "access.deploy": [], "access.rollback": [], "access.cancel": ["*"],
     "access.schedule": ["*"], "access.approve": [], "access.channels": [], "access.team_id": "",
     "deploy.require_approval": False, "deploy.allow_self_approval": False, "deploy.approval_timeout_hours": 72.0,
+    # the outbox gives up only after a day (issue 18)
+    "outbox.give_up_hours": 24.0, "outbox.max_backoff_seconds": 300.0, "outbox.time_scale": 1.0,
+    "audit.archive_seconds": 60.0,
     # the bot's front door and the ack path's Redis timeout (issue 19)
     "redis_ack_timeout_seconds": 0.3, "redis_timeout_seconds": 5.0,
     "http.probe_port": 3001, "http.max_header_bytes": 16 << 10, "http.max_headers": 100,
@@ -49,6 +53,8 @@ DEFAULTS = {
     "http.keepalive_seconds": 5.0, "http.ack_threads": 4, "http.shutdown_seconds": 20.0,
     # continuous-training modes (issue 21)
     "schedule.mode": "full", "ct.on_new_data": "alert", "ct.refresh.max_in_a_row": 5,
+    # the App Home tab republished after changes (issue 22)
+    "home_refresh_seconds": 10.0, "sweep.max_trials": 8,
 }
 
 
@@ -120,7 +126,8 @@ SAMPLES = {"http_port": "8080", "deploy_floor": "0.5", "auto_retrain": "true", "
            "deploy_tolerance": "0.01", "slack_channel": "#x", "slash_command": "/x",
            "kfp_timeout_seconds": "5", "kfp_retries": "1", "log_format": "json",
            "outbox_drain_seconds": "5", "command_resume_seconds": "3", "command_stale_seconds": "60",
-           "finish_retry_seconds": "10", "redis_ack_timeout_seconds": "0.5", "redis_timeout_seconds": "2"}
+           "finish_retry_seconds": "10", "redis_ack_timeout_seconds": "0.5", "redis_timeout_seconds": "2",
+           "home_refresh_seconds": "30"}
 SECTIONS = [f for f, info in Settings.model_fields.items() if isinstance(info.annotation, type)
             and issubclass(info.annotation, Section)]
 
@@ -354,3 +361,9 @@ def test_bad_config_stops_a_command_with_one_line(args, env):
     assert line.startswith("ctbot: config error: ")
     if env.get("CT_HTTP_PORT"):
         assert line.endswith("got 'abc' (from env CT_HTTP_PORT)")
+
+
+@pytest.mark.parametrize("var, raw", [("CT_ACCESS", "{bad"), ("CT_ACCESS__DEPLOY", "[bad")])
+def test_bad_json_from_the_environment_names_the_variable(var, raw):
+    [p] = problems(env={var: raw})
+    assert p.startswith("access: not valid JSON in " + var)

@@ -15,6 +15,7 @@ import yaml
 
 from core.config import Settings
 from pipelines.compile import compile_pipeline
+from pipelines.pipeline import default_image
 from steps.layout import STEPS
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
@@ -123,7 +124,7 @@ def test_no_pip_and_no_cache(compiled):
     for name, ex in compiled["deploymentSpec"]["executors"].items():
         command = " ".join(ex["container"]["command"])
         assert "pip install" not in command, name
-        assert ex["container"]["image"] == os.environ.get("CT_IMAGE", "ghcr.io/ctbot/ctbot:latest")
+        assert ex["container"]["image"] == (os.environ.get("CT_IMAGE") or default_image())
     for tasks in dags(compiled).values():
         for name, t in tasks.items():
             assert not t.get("cachingOptions", {}).get("enableCache"), name
@@ -207,6 +208,11 @@ def _normalised(doc: dict) -> dict:
     return doc
 
 
+def test_default_image_is_the_trainer_of_this_release():
+    from ctbot import __version__
+    assert default_image() == f"ghcr.io/ctbot/ctbot-trainer:{__version__}"
+
+
 def test_matches_saved_yaml(compiled, tmp_path):
     saved = FIXTURES / "ct_pipeline.yaml"
     if os.environ.get("CT_UPDATE_FIXTURES"):
@@ -276,8 +282,10 @@ def test_local_runner_command_is_a_valid_cli_call(tmp_path):
 def test_set_and_sweep_are_checked_against_train_params():
     from ctbot.pipeline_cli import UsageError, parse_overrides, parse_sweep
 
-    assert parse_overrides(["epochs=2.0", "lr=0.003", "device=CPU"]) == {
+    assert parse_overrides(["epochs=2", "lr=0.003", "device=CPU"]) == {
         "epochs": 2, "lr": 0.003, "device": "cpu"}
+    with pytest.raises(UsageError, match="must be an int, got `2.0`"):   # a decimal point is for floats
+        parse_overrides(["epochs=2.0"])
     with pytest.raises(UsageError, match="valid: epochs, batch_size"):
         parse_overrides(["epoch=2"])
     with pytest.raises(UsageError, match="valid keys: preset, epochs"):

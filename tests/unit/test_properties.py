@@ -182,3 +182,108 @@ def test_replies_fit(text, hint):
     sent(blocks.info(text * 20, hint))
     sent(blocks.working(text))
     sent(blocks.unknown_subcommand("/ct", text, [text] * 5))
+
+
+# ---- the cockpit: the training form, the Home tab, /ct history --------------------------------
+
+def view_limits_broken(view: dict) -> list[str]:
+    """Slack's limits for a modal or Home tab: 100 blocks, 24-character titles, input labels
+    and hints of plain text, unique block ids, private_metadata of 3000 characters."""
+    out = [p for p in slack_limits_broken({"text": "x", "blocks": []})]
+    bl = view.get("blocks") or []
+    if len(bl) > 100:
+        out.append("over 100 blocks")
+    if len(json.dumps(view, ensure_ascii=False)) > 250_000:
+        out.append("view over 250 kB")
+    ids_ = [b["block_id"] for b in bl if b.get("block_id")]
+    if len(ids_) != len(set(ids_)):
+        out.append("duplicate block ids")
+    for key in ("title", "submit", "close"):
+        if key in view and len(view[key]["text"]) > 24:
+            out.append(f"{key} over 24")
+    if len(view.get("private_metadata") or "") > 3000:
+        out.append("private_metadata over 3000")
+    for b in bl:
+        if b.get("type") == "input":
+            if len(b["label"]["text"]) > 2000 or len((b.get("hint") or {}).get("text", "")) > 2000:
+                out.append("input label or hint over 2000")
+            options = b["element"].get("options")
+            if options is not None and not 1 <= len(options) <= 100:
+                out.append("a select needs 1-100 options")
+            if any(len(o["text"]["text"]) > 75 or len(o["value"]) > 150 for o in options or []):
+                out.append("option text over 75 or value over 150")
+        elif b.get("type") == "section":
+            out += slack_limits_broken({"text": "x", "blocks": [b]})
+            if b.get("accessory") and len(b["accessory"]["text"]["text"]) > 75:
+                out.append("button text over 75")
+    return out
+
+
+moves = st.fixed_dictionaries({"action": st.sampled_from(["deploy", "promote", "rollback", weird]),
+                               "by": st.one_of(ids, st.just("U0ALICE01")), "at": st.one_of(weird, st.none())},
+                              optional={"approved_by": ids, "from": st.integers(1, 99)})
+version_rows = st.lists(st.fixed_dictionaries({
+    "version": st.integers(1, 10**6), "top1": floats, "run_id": st.one_of(ids, weird, st.none()),
+    "moves": st.lists(moves, min_size=1, max_size=40), "available": st.booleans(), "production": st.booleans()}),
+    max_size=12)
+histories = st.fixed_dictionaries({
+    "production": st.one_of(st.none(), st.fixed_dictionaries({"version": st.integers(1, 99), "top1": floats,
+                                                              "updated_at": weird})),
+    "versions": version_rows, "last_move": st.one_of(st.none(), moves)})
+
+
+@PROPS
+@given(st.lists(runs(), max_size=12), st.one_of(st.none(), runs()), step_docs, histories,
+       st.lists(runs(), max_size=6), st.sets(st.sampled_from(["train", "cancel", "approve", "rollback", "schedule",
+                                                              "deploy"])),
+       st.one_of(st.none(), st.fixed_dictionaries({"text": weird, "ok": st.booleans()})), st.booleans())
+def test_home_tab_fits_a_view(many, active, steps, history, waiting, can, notice, paused):
+    status = {"active": active, "steps": steps, "production": history["production"], "next_retrain": None,
+              "schedule_paused": paused, "pending": {"objects": 5, "bytes": 10},
+              "serving": {"url": "http://m", "versions": [3], "error": ""}}
+    view = blocks.home_view(status, many, history, waiting, can, viewer="U0ALICE01", notice=notice)
+    assert view["type"] == "home" and view_limits_broken(view) == []
+    shown = {e.get("action_id") for b in view["blocks"]
+             for e in (b.get("elements") or []) + ([b["accessory"]] if b.get("accessory") else [])}
+    if "rollback" not in can:
+        assert "ct_home_rollback_to" not in shown
+    if "approve" not in can:
+        assert not shown & {"ct_approve_deploy", "ct_reject_deploy"}
+    if "train" not in can:
+        assert "ct_home_train" not in shown
+
+
+@PROPS
+@given(histories, st.sampled_from(["/ct", "/" + "x" * 40]))
+def test_history_message_fits(history, command):
+    sent(blocks.history_message(history, command))
+
+
+@PROPS
+@given(st.dictionaries(st.sampled_from(TrainParams.valid_keys() + ["new_knob", "x" * 100]),
+                       st.fixed_dictionaries({"type": st.sampled_from(["int", "float", "str"]),
+                                              "default": st.one_of(st.integers(), st.floats(0, 1e9), weird),
+                                              "range": st.one_of(st.lists(weird, min_size=1, max_size=30),
+                                                                 st.tuples(st.floats(0, 1), st.floats(1, 1e9))
+                                                                 .map(list)),
+                                              "help": weird}), max_size=30),
+       st.dictionaries(ids, st.dictionaries(ids, st.integers(), max_size=12), max_size=120), weird)
+def test_train_form_fits_a_modal(params, presets, where):
+    from bot.blocks.forms import train_form
+    view = train_form(params, presets, private_metadata={"c": "C0CT", "r": where[:500]})
+    assert view_limits_broken(view) == []
+
+
+@PROPS
+@given(weird, weird)
+def test_other_command_answer_fits(command, served):
+    sent(blocks.other_command(command, served))
+
+
+@PROPS
+@given(runs(), reports(), st.lists(st.fixed_dictionaries({
+    "trial": st.integers(0, 100), "state": st.sampled_from(["done", "failed", None]),
+    "seconds": st.one_of(st.none(), st.floats(0, 1e6)), "val_top1": st.one_of(st.none(), st.floats(0, 1), weird),
+    "params": st.one_of(st.none(), params)}), min_size=1, max_size=64))
+def test_a_sweeps_report_fits(run, report, trials):
+    sent(blocks.final_report(run, {**report, "trials": trials}))

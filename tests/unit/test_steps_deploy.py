@@ -231,3 +231,20 @@ def test_a_held_deploy_turns_the_report_into_a_hold(s3_store):
     assert report["status"] == "succeeded" and report["decision"] == "hold" and report["model_version"] is None
     assert report["held"]["expected"] == 2 and report["held"]["current"] == 1
     assert report["reason"].startswith("production moved from v2 to v1 during the run (rolled back by")
+
+
+def test_the_cli_cannot_publish_a_run_the_bot_holds_for_an_approver(s3_store, bucket):
+    make_candidate(s3_store, "r1", 0.98)
+    base = [sys.executable, "-m", "steps.deploy", "--store", f"s3://{bucket}/", "--model", MODEL, "publish",
+            "--package-prefix", "runs/r1/candidate/", "--run-id", "r1"]
+    for state, said in (("pending", "is waiting for approval"), ("rejected", "was rejected"),
+                        ("expired", "has an expired approval")):
+        s3_store.put_json(layout.approval_key("r1"), {"state": state, "by": "U0OPS0001"})
+        r = subprocess.run(base, capture_output=True, text=True)
+        assert r.returncode == 1 and f"run r1 {said}: an approver publishes it through ctbot" in \
+            json.loads(r.stdout)["error"]
+        assert read_alias(s3_store, MODEL) is None
+    with pytest.raises(ValueError, match="has an expired approval"):
+        publish(s3_store, MODEL, "runs/r1/candidate/", run_id="r1", by="U1")
+    s3_store.put_json(layout.approval_key("r1"), {"state": "approved", "by": "U0OPS0001"})
+    assert json.loads(subprocess.run(base, capture_output=True, text=True).stdout)["version"] == 1
