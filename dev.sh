@@ -3,10 +3,12 @@
 #   ./dev.sh demo    the whole CT loop offline, ending in a posted report
 #   ./dev.sh test    the test suite (what CI runs)
 #   ./dev.sh setup   only the set-up
-#   ./dev.sh bench   the benchmarks (need ../shared/data/mnist for the model one)
+#   ./dev.sh bench   the benchmarks (need ../shared/data/mnist for the model one);
+#                    --smoke: every bench/ script at a tiny size, seconds each, no figures judged
 #   ./dev.sh images        build the bot and trainer images with podman (sets podman up)
 #   ./dev.sh images check  run them as a cluster would: entrypoints, kube play, a pipeline step
 #   ./dev.sh lock    refresh the hashed lock files (requirements/*.txt) from pyproject.toml
+#   ./dev.sh picture run the demo, then screenshot its channel into docs/img/channel.png
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -201,7 +203,8 @@ case "$cmd" in
   setup) setup ;;
   demo)  setup; exec "$VENV/bin/ctbot" demo "$@" ;;
   test)  setup; "$VENV/bin/ruff" check . ; exec "$VENV/bin/python" -m pytest "$@" ;;
-  bench) setup; for b in bench/bench_*.py; do echo "== $b"; "$VENV/bin/python" "$b"; done ;;
+  picture) setup; "$VENV/bin/ctbot" demo >/dev/null; exec "$VENV/bin/python" -m devkit.picture ;;
+  bench) setup; for b in bench/bench_*.py; do echo "== $b $*"; "$VENV/bin/python" "$b" "$@"; done ;;
   serve) setup; exec "$VENV/bin/ctbot" serve "$@" ;;
   lock)  lock ;;
   images)
@@ -210,5 +213,5 @@ case "$cmd" in
       exec "$VENV/bin/python" -m devkit.images_check "${@:2}"
     fi
     build_images ;;
-  *) sed -n '2,10p' "$0"; exit 2 ;;
+  *) sed -n '2,11p' "$0"; exit 2 ;;
 esac

@@ -1,6 +1,6 @@
 """Cost of a data-watch detection tick against bucket size.
 
-    .venv/bin/python bench/bench_detection.py [--sizes 1000 10000 100000] [--new 100]
+    .venv/bin/python bench/bench_detection.py [--sizes 1000 10000 100000] [--new 100] [--smoke]
 
 For each bucket size N it seeds N objects and the cursor a previous sweep would have
 left, then times and counts ticks:
@@ -143,7 +143,10 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[1_000, 10_000, 100_000])
     ap.add_argument("--new", type=int, default=100)
+    ap.add_argument("--smoke", action="store_true", help="one small bucket: the script still runs (no figures judged)")
     args = ap.parse_args(argv)
+    if args.smoke:
+        args.sizes, args.new = [200], 10
     redis_url, proc, tmp = start_redis()
     try:
         print(f"{'bucket':>8}  {'tick':<22} {'seconds':>8} {'listed':>8} {'calls':>6} {'found':>6}")

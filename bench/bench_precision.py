@@ -2,7 +2,7 @@
 ctbot's default network, timed in alternating rounds in one process; and, beside
 them, an fp32 step with AdamW's fused CPU kernel instead of its per-tensor loop.
 
-    .venv/bin/python bench/bench_precision.py [--rounds 2] [--steps 15] [--threads 2]
+    .venv/bin/python bench/bench_precision.py [--rounds 2] [--steps 15] [--threads 2] [--smoke]
 
 bf16 is `torch.autocast("cpu", dtype=torch.bfloat16)` around the forward pass, with
 channels-last as in training. It only pays on a CPU with native bf16 (avx512_bf16 or
@@ -32,7 +32,10 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=2, help="alternating fp32/bf16 rounds")
     ap.add_argument("--steps", type=int, default=15, help="timed training steps (batch 256) per round")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--smoke", action="store_true", help="one round of one step: the script still runs (no figures judged)")
     args = ap.parse_args(argv)
+    if args.smoke:
+        args.rounds, args.steps = 1, 1
 
     import torch
 

@@ -6,7 +6,7 @@ pipeline through kfp.local, and the Slack stand-in timing each Web API call. Thr
 moments per run: report.json's `finished_at`, the chat.update that shows the final
 report, and files.completeUploadExternal (the confusion matrix in the thread).
 
-    .venv/bin/python bench/bench_report.py [--runs 2] [--watch 5 1]
+    .venv/bin/python bench/bench_report.py [--runs 2] [--watch 5 1] [--smoke]
 """
 from __future__ import annotations
 
@@ -86,7 +86,10 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=2)
     ap.add_argument("--watch", type=float, nargs="+", default=[5.0, 1.0],
                     help="run-watch intervals to measure (CT_RUN_WATCH_SECONDS)")
+    ap.add_argument("--smoke", action="store_true", help="one run at one interval: the script still runs")
     args = ap.parse_args()
+    if args.smoke:
+        args.runs, args.watch = 1, [1.0]
     os.environ.setdefault("AWS_ACCESS_KEY_ID", "bench")
     os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "bench")
     os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")

@@ -31,13 +31,12 @@ from core.outbox import Outbox
 from core.serving_client import serving_status
 from core.types import NewData, RunRecord
 from steps.crashpoints import crash_point
-from steps.results import read_confusion_png, read_report, read_steps
+from steps.results import TRIAL_PREFIX, read_confusion_png, read_report, read_steps, read_trials
 
 log = logging.getLogger(__name__)
 
 METADATA_EVENT = RUN_EVENT
 POST_CLAIM_SECONDS = 60      # longer than one chat.postMessage with its retries
-LOCK_WAIT_SECONDS = 3.0         # wait this long for another delivery (another drain) to end
 DELIVERY_LOCK_SECONDS = 30      # a replica that died mid-delivery holds it up at most this long
 HISTORY_LOOKBACK = 200       # messages searched for a run's lost first post
 SERVING_WAIT_SECONDS = 8     # a deployed report waits this long for the model server to reload
@@ -64,11 +63,8 @@ class SlackDelivery:
         if self.outbox.paused():
             return 0
         lock, token = "outbox:drain", uuid.uuid4().hex
-        deadline = time.monotonic() + LOCK_WAIT_SECONDS
-        while not self.state.acquire_lock(lock, token, DELIVERY_LOCK_SECONDS):
-            if time.monotonic() > deadline:
-                return 0   # another drain is at it, and will see what is due
-            time.sleep(0.05)
+        if not self.state.acquire_lock(lock, token, DELIVERY_LOCK_SECONDS):
+            return 0   # another drain is at it: it looks again for what became due, and so does the next tick
         n = 0
         try:
             for _ in range(20):   # what became due while draining, within bounds
@@ -134,6 +130,8 @@ class SlackDelivery:
                 self.outbox.defer_run(run_id, wait)
                 return False
         steps = read_steps(self.store, run_id)
+        if run.active:   # a sweep's trials, each with its own progress line
+            steps.update({f"{TRIAL_PREFIX}{i}": doc for i, doc in read_trials(self.store, run_id).items()})
         final = run.state in ("succeeded", "failed")
         report = self._report(run) if final else None
         view = blocks.final_report(run, report) if final else blocks.run_progress(run, steps, self.wall_clock())

@@ -121,6 +121,16 @@ class ServingSection(Section):
     # "ivf": an inverted-file index built at load (about 0.1 ms an image against 3.7 ms for
     # "exact", the package's flat index, over 60k); agreement with exact: bench_serving.py.
     search: Literal["exact", "ivf"] = "ivf"
+    # Processes and limits (docs/serving.md says which limit is enforced where).
+    workers: int = Field(0, ge=0)                  # worker processes, each holding the model; 0: one per CPU
+    infer_threads: int = Field(2, ge=1)            # requests one worker parses and embeds at once
+    probe_port: int = Field(8081, ge=-1, le=65535)   # health probes and /metrics only; 0: any free port; -1: none
+    max_header_bytes: int = Field(16384, ge=1024)  # request line and headers; over: 431
+    max_headers: int = Field(100, ge=8)            # header fields; over: 431
+    max_connections: int = Field(1000, ge=1)       # open connections per worker; over: closed at once
+    keepalive_seconds: float = Field(5.0, gt=0)    # an idle keep-alive connection is closed after this
+    request_seconds: float = Field(30.0, gt=0)     # a whole request must arrive within this; over: 408
+    graceful_seconds: float = Field(25.0, ge=0)    # on SIGTERM, how long requests in flight may take
 
 
 class OutboxSection(Section):

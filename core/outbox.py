@@ -307,8 +307,8 @@ class OutboxNotifier:
                         key=f"alert-{alert_id}")
         self._kick()
 
-    def say(self, text: str) -> None:
-        self.outbox.put("say", {"text": text})
+    def say(self, text: str, key: str | None = None) -> None:
+        self.outbox.put("say", {"text": text}, key=f"say-{key}" if key else None)
         self._kick()
 
     def fire_failed(self, fire_id: str, text: str) -> None:

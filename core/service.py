@@ -524,13 +524,18 @@ class TrainingService(RunQueries):
 
     # ---- who may act ---------------------------------------------------------------------
 
-    def authorize(self, action: str | None, actor: Actor, *, owner: str = "") -> None:
+    def authorize(self, action: str | None, actor: Actor, *, owner: str = "", run_id: str = "") -> None:
         """Raise Forbidden (audited, nothing changed) unless ``actor`` may do ``action``
-        from where they asked; ``action`` None checks only the workspace and channel."""
+        from where they asked; ``action`` None checks only the workspace and channel.
+        ``run_id`` (deploy): an approver off the deploy list may still `/ct deploy` a run
+        awaiting approval, since that is approving it; the gate then decides."""
         rule = "access: workspace and channel" if action is None else f"access: the {action} list"
         try:
             why = self.access.place_refusal(actor) if action is None else \
                 self.access.refusal(action, actor, owner=owner)
+            if why and action == "deploy" and run_id and not self.access.place_refusal(actor) \
+                    and self._approving(run_id, actor):
+                why = None
         except GroupLookupFailed as e:   # fail closed, and say it was the lookup that failed
             why, rule = str(e), f"access: the {e.group} group could not be resolved"
         if why:
@@ -538,6 +543,10 @@ class TrainingService(RunQueries):
             audit = self.state.audit_quick if action is None else self.state.audit
             audit("refused", actor, requested=action or "read", outcome="refused", rule=rule, reason=why)
             raise Forbidden(why)
+
+    def _approving(self, run_id: str, actor: Actor) -> bool:
+        run = self.state.get_run(run_id)
+        return bool(run and run.approval in ("pending", "expired") and self.access.allowed("approve", actor))
 
     # ---- Slack's retries and double clicks: accepted once, done once --------------------
 
@@ -677,10 +686,12 @@ class TrainingService(RunQueries):
         from core.fires import Fires
         return Fires(self).retry(fire_id, str(by))
 
-    def set_schedule_paused(self, paused: bool, by: str) -> None:
+    def set_schedule_paused(self, paused: bool, by: str, *, attempt: str = "") -> None:
+        """``attempt`` names the request (a command id): a resumed command announces once."""
         self.state.set_schedule_paused(paused)
         self.state.audit("schedule_paused" if paused else "schedule_resumed", by)
-        self.notifier.say(f"{who(by)} {'paused' if paused else 'resumed'} the weekly retrain.")
+        self.notifier.say(f"{who(by)} {'paused' if paused else 'resumed'} the weekly retrain.",
+                          key=f"schedule-{attempt}" if attempt else None)
 
 
 def _msg(e: Exception) -> str:

@@ -77,8 +77,9 @@ class Notifier(Protocol):
     def new_data(self, found: NewData, alert_id: str) -> None:
         """New-data alert with Retrain now / Dismiss buttons."""
 
-    def say(self, text: str) -> None:
-        """A plain line in the channel (audit-worthy events: promote, rollback...)."""
+    def say(self, text: str, key: str | None = None) -> None:
+        """A plain line in the channel (audit-worthy events: promote, rollback...); with
+        ``key``, said once however often it is asked."""
 
     def fire_failed(self, fire_id: str, text: str) -> None:
         """A scheduled or automatic run that could not start, with a Retry button."""

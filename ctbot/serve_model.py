@@ -19,6 +19,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int,
                    help="torch/faiss threads per request, 0: all CPUs; requests run in parallel "
                         "(default: serving.threads)")
+    p.add_argument("--workers", type=int,
+                   help="worker processes, each loads the model and follows the alias; 0: one per CPU "
+                        "(default: serving.workers)")
+    p.add_argument("--probe-port", type=int,
+                   help="a second port answering only the health probes and /metrics; 0: any free one, "
+                        "-1: none (default: serving.probe_port, 8081)")
     p.add_argument("--search", choices=("exact", "ivf"),
                    help="exact: the package's flat index; ivf: an inverted-file index built from it at "
                         "load, much faster on a large gallery (default: serving.search)")
@@ -36,9 +42,18 @@ def with_config_defaults(args: argparse.Namespace, settings) -> argparse.Namespa
     return args
 
 
+def limits_of(args: argparse.Namespace):
+    from serving.limits import HttpLimits
+    return HttpLimits(max_header_bytes=args.max_header_bytes, max_headers=args.max_headers,
+                      max_body_bytes=args.max_body_bytes, max_connections=args.max_connections,
+                      keepalive_seconds=args.keepalive_seconds, request_seconds=args.request_seconds,
+                      shutdown_seconds=args.graceful_seconds)
+
+
 def run(args: argparse.Namespace) -> int:
     from core.config import load_settings
     from ctbot.lifetime import until_signalled
+    from steps.cpus import available_cpus
 
     settings = load_settings(getattr(args, "config", None))
     with_config_defaults(args, settings)
@@ -47,23 +62,41 @@ def run(args: argparse.Namespace) -> int:
         # set_num_threads reaches only one; an idle worker of the other spun on every
         # request (bench: 29 ms CPU per one-image request against 9 ms with this set).
         os.environ["OMP_NUM_THREADS"] = str(args.threads)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    model = args.model or settings.model_name
+    channel = args.notice_channel if args.notice_channel is not None else f"ct:alias:{model}"
+    probe_port = None if args.probe_port < 0 else args.probe_port
+    workers = args.workers or available_cpus()
+
+    def say_ready(url: str, probe_url: str | None, what: str) -> None:
+        # One machine-readable line: tests and the bench read the chosen port from it.
+        print(f"ctbot serve-model: serving {url} ({what})", flush=True)
+        if probe_url:
+            print(f"ctbot serve-model: probes and metrics on {probe_url}", flush=True)
+
+    if workers > 1:   # the supervisor stays free of torch: each worker loads its own model
+        from serving.server import WorkerSpec, run_workers
+        spec = WorkerSpec(store=args.store or settings.store, model=model, poll_seconds=args.poll_seconds,
+                          max_body_bytes=args.max_body_bytes, max_batch=args.max_batch, threads=args.threads,
+                          infer_threads=args.infer_threads, search=args.search, redis_url=settings.redis_url,
+                          notice_channel=channel, log_level=args.log_level)
+        return run_workers(spec, workers, args.host, args.port, limits=limits_of(args), probe_port=probe_port,
+                           graceful_seconds=args.graceful_seconds, on_ready=say_ready)
+
     from ctbot.wiring import build_store
     from serving.app import start_serving
     from steps.storage import open_store
 
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    model = args.model or settings.model_name
-    channel = args.notice_channel if args.notice_channel is not None else f"ct:alias:{model}"
     store = open_store(args.store) if args.store else build_store(settings)
     serving = start_serving(store, model, host=args.host, port=args.port,
                             poll_seconds=args.poll_seconds, max_body_bytes=args.max_body_bytes,
                             max_batch=args.max_batch, threads=args.threads, search=args.search,
-                            redis_url=settings.redis_url, notice_channel=channel)
+                            redis_url=settings.redis_url, notice_channel=channel, probe_port=probe_port,
+                            infer_threads=args.infer_threads, limits=limits_of(args),
+                            graceful_seconds=args.graceful_seconds)
     current = serving.holder.current
     why = serving.holder.last_error or "no production model yet"
-    what = f"{model} v{current.version}" if current else f"{model}: {why}; not ready"
-    # One machine-readable line: tests and the bench read the chosen port from it.
-    print(f"ctbot serve-model: serving {serving.url} ({what})", flush=True)
+    say_ready(serving.url, serving.probe_url, f"{model} v{current.version}" if current else f"{model}: {why}; not ready")
     until_signalled()
     serving.stop()
     return 0

@@ -409,21 +409,28 @@ def check_serving(world: World, workdir: Path, trainer_image: str) -> None:
     say(f"store: {MODEL} v{version} published by a pipeline run (kfp.local) on 600 digits")
     docs = render("dev-serving")
     [server] = [d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "ctbot-serving"]
-    port = free_port()
+    port = probe_port = free_port()
     [c] = server["spec"]["template"]["spec"]["containers"]
     args = c["args"]
     args[args.index("--host") + 1], args[args.index("--port") + 1] = "127.0.0.1", str(port)
     c["image"] = trainer_image
-    say(f"config: the model server on 127.0.0.1:{port}")
+    ready_path = c["readinessProbe"]["httpGet"]["path"]
     keep = [server] + [d for d in docs if d["kind"] == "Secret" or
                        d["kind"] == "ConfigMap" and d["metadata"]["name"].startswith("ctbot-serving-config")]
+    if any(p.get("name") == "probes" for p in c.get("ports") or []):    # health on a listener of its own
+        probe_port = free_port()
+        config_map(keep, "ctbot-serving-config")["data"]["CT_SERVING__PROBE_PORT"] = str(probe_port)
+    say(f"config: the model server on 127.0.0.1:{port}, its probes on {probe_port}")
     played, secret = for_podman(keep, world.secret_values())
     run = Played(played, secret, workdir, "serving")
     try:
         url = f"http://127.0.0.1:{port}"
-        wait_for("/v2/health/ready", lambda: http("GET", f"{url}/v2/health/ready")[0] == 200,
+        wait_for(ready_path, lambda: http("GET", f"http://127.0.0.1:{probe_port}{ready_path}")[0] == 200,
                  alive=run.alive("ctbot-serving", "serving"))
-        say("serving: /v2/health/ready 200")
+        status, _ = http("GET", f"{url}/v2/health/ready")
+        if status != 200:
+            raise AssertionError(f"/v2/health/ready on the API port: HTTP {status}")
+        say(f"serving: its readiness probe {ready_path} 200, and /v2/health/ready on the API port")
         x, y = world.digits[0][::20][:8], world.digits[1][::20][:8]     # one digit of each class 0-7
         body = {"inputs": [{"name": "images", "shape": [8, 28, 28], "datatype": "UINT8",
                             "data": x.ravel().tolist()}]}

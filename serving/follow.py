@@ -85,6 +85,8 @@ class AliasFollower:
             return False
         old = current.version if current else None
         self.holder.current = loaded   # the atomic swap
+        from serving import metrics
+        metrics.SERVED_VERSION.labels(self.model).set(version)
         settle_heap()
         self.holder.last_error = None
         how = getattr(loaded, "how", None) or {}   # test loaders may not say

@@ -4,16 +4,24 @@ The three phase histograms carry the names KServe's own model server uses
 (``request_preprocess_seconds``, ``request_predict_seconds``,
 ``request_postprocess_seconds``, labelled by model), so dashboards made for KServe
 predictors read them unchanged. Preprocess is parsing and checking the request body,
-predict is the embedder, the search and the vote, postprocess is building and writing
-the response. Their own registry keeps library series out of the scrape.
+predict is the embedder, the search and the vote, postprocess is building the
+response body; all three are recorded before the response is sent, so a scrape right
+after an answer counts it. Their own registry keeps library series out of the scrape.
 """
 from __future__ import annotations
+
+import os
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+# Several worker processes (serving.workers > 1) share their series through files in
+# this directory (prometheus_client's multiprocess mode); a scrape of any worker adds
+# them all up. The process_* series are then left out: they would be one worker's.
+MULTIPROCESS_DIR = os.environ.get("PROMETHEUS_MULTIPROC_DIR", "")
 REGISTRY = CollectorRegistry(auto_describe=True)
-ProcessCollector(registry=REGISTRY)
+if not MULTIPROCESS_DIR:
+    ProcessCollector(registry=REGISTRY)
 
 # One image takes about a millisecond here, a batch of 256 tens of milliseconds.
 _BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
@@ -25,8 +33,9 @@ POSTPROCESS = Histogram("request_postprocess_seconds", "Building and writing an 
                         ["model_name"], buckets=_BUCKETS, registry=REGISTRY)
 INFER_REQUESTS = Counter("ctbot_serving_infer_requests_total", "Infer requests answered, by HTTP status",
                          ["model_name", "code"], registry=REGISTRY)
-SERVED_VERSION = Gauge("ctbot_serving_model_version", "The model version being served (0: none yet)",
-                       ["model_name"], registry=REGISTRY)
+SERVED_VERSION = Gauge("ctbot_serving_model_version",
+                       "The model version being served (0: none yet; with several workers the lowest)",
+                       ["model_name"], registry=REGISTRY, multiprocess_mode="livemin")
 
 
 def infer_done(model: str, preprocess: float, predict: float, postprocess: float) -> None:
@@ -38,4 +47,9 @@ def infer_done(model: str, preprocess: float, predict: float, postprocess: float
 def exposition(model: str, version: int | None) -> tuple[bytes, str]:
     """(body, content type) of a scrape; the version gauge is read at scrape time."""
     SERVED_VERSION.labels(model).set(version or 0)
+    if MULTIPROCESS_DIR:
+        from prometheus_client import multiprocess
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry, MULTIPROCESS_DIR)
+        return generate_latest(registry), CONTENT_TYPE_LATEST
     return generate_latest(REGISTRY), CONTENT_TYPE_LATEST

@@ -40,7 +40,8 @@ def parse_infer(body: bytes, *, max_batch: int, max_k: int,
     json_length: the Inference-Header-Content-Length header, when the client sent one."""
     binary = None
     if json_length is not None:
-        if not json_length.isdigit() or not 0 < int(json_length) <= len(body):
+        # ASCII digits only: str.isdigit() and int() also take other scripts' digits ('٣').
+        if not (json_length.isascii() and json_length.isdigit()) or not 0 < int(json_length) <= len(body):
             raise _bad(f"Inference-Header-Content-Length must be a byte count from 1 to the body's "
                        f"{len(body)}, got {json_length!r}")
         body, binary = body[:int(json_length)], body[int(json_length):]
@@ -48,6 +49,8 @@ def parse_infer(body: bytes, *, max_batch: int, max_k: int,
         req = json.loads(body)
     except (ValueError, UnicodeDecodeError) as e:
         raise _bad(f"malformed JSON: {e}")
+    except RecursionError:   # deeply nested arrays or objects: the parser's stack, not ours
+        raise _bad("malformed JSON: nested too deeply")
     if not isinstance(req, dict):
         raise _bad("the request body must be a JSON object with an 'inputs' list")
     inputs = req.get("inputs")
@@ -110,11 +113,15 @@ def _parse_tensor(t: dict, max_batch: int, maybe_bool: bool = True, binary: byte
         except (ValueError, TypeError):
             pass   # the general path below says what is wrong
     try:
-        # float64 keeps every JSON number exact enough to check; a string or a ragged
-        # nesting fails here.
-        arr = np.array(data, dtype=np.float64)
-    except (ValueError, TypeError, OverflowError):
-        raise _bad(f"input {name!r}: 'data' must hold only numbers, in a flat or evenly nested array")
+        # No dtype given: numpy would turn the string "7" into the number 7. Strings come
+        # out as a text array, a ragged nesting fails.
+        arr = np.array(data)
+    except (ValueError, TypeError, OverflowError, RecursionError):
+        arr = None
+    if arr is None or arr.dtype.kind not in "biuf":
+        raise _bad(f"input {name!r}: 'data' must hold only numbers (not strings), in a flat or evenly nested array")
+    # float64 keeps every JSON number exact enough to check.
+    arr = arr.astype(np.float64)
     if arr.size != want:
         raise _bad(f"input {name!r}: data has {arr.size} values but shape {shape} needs {want}")
     if maybe_bool and _has_bool(data):

@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from steps.cpus import available_cpus  # noqa: F401  (steps.model's name for it)
 from steps.params import TrainParams
 
 log = logging.getLogger("steps.model")
@@ -116,21 +117,6 @@ class ArcFace(nn.Module):
         loss = F.cross_entropy(self._margin_logits(cos, labels), labels.long(),
                                label_smoothing=self.label_smoothing)
         return loss, cos.detach()
-
-
-def available_cpus() -> int:
-    """CPUs this process may use: the affinity mask, capped by a cgroup v2 CPU quota (a
-    Kubernetes CPU limit), which os.cpu_count() ignores; too many threads thrash."""
-    import os
-
-    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    try:
-        quota, period = open("/sys/fs/cgroup/cpu.max").read().split()
-        if quota != "max":
-            n = min(n, max(1, int(int(quota) / int(period))))
-    except (OSError, ValueError):
-        pass
-    return max(1, n)
 
 
 def count_params(module: nn.Module) -> int:

@@ -63,7 +63,7 @@ class RecordingNotifier:
     def new_data(self, found, alert_id):
         self._record("new_data", found, alert_id)
 
-    def say(self, text):
+    def say(self, text, key=None):
         self._record("say", text)
 
     def fire_failed(self, fire_id, text):

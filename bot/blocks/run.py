@@ -29,6 +29,7 @@ from bot.blocks.overview import as_run, elapsed
 from core.serving_client import serving_text
 from core.types import RunRecord
 from steps.layout import STEPS
+from steps.results import TRIAL_PREFIX as TRIAL_STEP  # a sweep trial's step file
 
 MAX_WARNINGS_SHOWN = 15
 
@@ -48,7 +49,7 @@ def _step_line(name: str, st: dict | None) -> str:
     if st.get("seconds") is not None and state != "running":
         line += f" · {duration(st['seconds'])}"
     summary = st.get("summary") if isinstance(st.get("summary"), dict) else {}
-    if name == "train" and summary.get("epochs"):
+    if name.startswith("train") and summary.get("epochs"):
         # Step files come from pipeline pods: show what parses, never fail on what doesn't.
         line += f" · epoch {esc(str(summary.get('epoch', 0)))[:12]}/{esc(str(summary['epochs']))[:12]}"
         for key, label in (("loss", "loss"), ("val_top1", "val top-1"), ("train_acc", "train acc")):
@@ -73,8 +74,11 @@ def _links(run: RunRecord) -> str:
 def run_progress(run: RunRecord, steps: dict, now: float) -> dict:
     """The run's message while it is queued or running; ``now`` keeps this pure."""
     run = as_run(run)
-    names = list(STEPS) + [s for s in steps if s not in STEPS]
-    lines = [_step_line(n, steps.get(n)) for n in names]
+    trials = sorted((s for s in steps if s.startswith(TRIAL_STEP)),
+                    key=lambda s: int(s[len(TRIAL_STEP):]) if s[len(TRIAL_STEP):].isdigit() else 1 << 30)
+    names = [n for s in STEPS for n in ([s, *trials] if s == "train" else [s])]   # a sweep's trials under train
+    names += [s for s in steps if s not in names]
+    lines = [("    " if n in trials else "") + _step_line(n, steps.get(n)) for n in names]
     blocks = [header(f"🏋️ Training run {run.run_id}"),
               section("\n".join(lines)),
               context(_trigger(run), f"{run.state} · elapsed {elapsed(run, now)}", _links(run))]

@@ -157,7 +157,7 @@ def _execute(service, client, settings, p: Parsed, who: Actor, cmd_id: str = "",
     owner = ""
     if p.sub == "cancel":
         owner = service.get_run(p.run_id).requested_by
-    service.authorize(action, who, owner=owner)
+    service.authorize(action, who, owner=owner, run_id=p.run_id if p.sub == "deploy" else "")
     if p.sub == "audit":
         return blocks.audit_message(service.audit_log(p.n))
     if p.sub == "status":
@@ -206,7 +206,7 @@ def _execute(service, client, settings, p: Parsed, who: Actor, cmd_id: str = "",
         return blocks.info(f":no_entry_sign: Canceled run `{esc(run.run_id)}`.")
     if p.sub == "schedule":
         if p.action:
-            service.set_schedule_paused(p.action == "pause", by=who)
+            service.set_schedule_paused(p.action == "pause", by=who, attempt=f"cmd:{cmd_id}" if cmd_id else "")
             return blocks.info(f":calendar: Weekly retrain {'paused' if p.action == 'pause' else 'resumed'}.")
         return blocks.schedule_message(service.status())
     raise AssertionError(f"unhandled subcommand {p.sub}")

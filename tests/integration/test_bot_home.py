@@ -42,7 +42,10 @@ def published_run(bot, version: int) -> str:
 
 def awaiting_approval(bot, by=BOB) -> str:
     run = bot.service.request_training("t", {}, by)
-    finish_run(bot.store, bot.runner, run.run_id, decision="deploy", top1=0.995, awaiting_approval=True)
+    report = finish_run(bot.store, bot.runner, run.run_id, decision="deploy", top1=0.995, awaiting_approval=True)
+    prod = deploy.read_alias(bot.store, MODEL)     # what evaluate compared against: the approval's expectation
+    report["production"] = {"version": prod["version"], "top1": prod["top1"]} if prod else None
+    bot.store.put_json(layout.report_key(run.run_id), report)
     assert bot.service.refresh(run.run_id).approval == "pending"
     return run.run_id
 

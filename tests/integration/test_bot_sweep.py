@@ -12,7 +12,7 @@ from PIL import Image
 
 from steps import layout
 from tests.recording import finish_run
-from tests.slack_helpers import ALICE, message_text
+from tests.slack_helpers import ALICE, message_text, write_step
 
 
 def test_a_sweep_submits_every_combination_as_one_run(bot):
@@ -80,3 +80,19 @@ def test_chromium_renders_the_trials_table_and_chart(bot, tmp_path):
     assert any("-sweep-" in src for src in re.findall(r'<img[^>]*\bsrc="([^"]+)"', dom))
     img = Image.open(shot).convert("RGB")
     assert (46, 182, 125) in {c for _, c in img.getcolors(1 << 20)}      # the chart's winning bar is on screen
+
+
+def test_the_run_message_shows_each_trials_progress(bot):
+    bot.responses(bot.slash("sweep lr=0.002,0.004"))
+    run_id = bot.runner.submits[0]["run_id"]
+    write_step(bot.store, run_id, "ingest", "done", 0.3)
+    write_step(bot.store, run_id, "train", "running", epoch=1, epochs=2, trial=1)
+    write_step(bot.store, run_id, "train-trial-0", "done", 20.0, epoch=2, epochs=2, val_top1=0.981)
+    write_step(bot.store, run_id, "train-trial-1", "running", epoch=1, epochs=2, loss=0.52)
+    run = bot.service.refresh(run_id)
+    bot.standin.wait_for("chat.update", where=lambda a: a.get("ts") == run.slack_ts)
+    lines = message_text(bot.standin.message(bot.channel, run.slack_ts).to_payload()).splitlines()
+    at = next(i for i, line in enumerate(lines) if line.startswith("⏳ *train*"))
+    assert lines[at + 1] == "    ✅ *train-trial-0* · 20s · epoch 2/2 · val top-1 0.981"
+    assert lines[at + 2] == "    ⏳ *train-trial-1* · epoch 1/2 · loss 0.520"
+    assert lines[at + 3].startswith("▫️ *embed*")

@@ -187,3 +187,14 @@ def test_the_registry_cli_is_held_at_the_same_gate(bot):
     answer(bot, bot.slash(f"deploy {run_id}", user=OPS))          # through ctbot, by an approver: published
     assert bot.store.get_json(f"runs/{run_id}/approval.json")["state"] == "approved"
     assert read_alias(bot.store, MODEL)["version"] == 1
+
+
+def test_an_approver_off_the_deploy_list_may_deploy_only_a_run_awaiting_approval(bot):
+    approver = "U0APPROVR"
+    bot.settings.access.approve = [*ACCESS["approve"], approver]
+    held_id = held(bot)
+    text = answer(bot, bot.slash(f"deploy {held_id}", user=approver))   # no approval pending: the deploy list
+    assert "You may not deploy a model" in text and last_audit(bot, "refused")["rule"] == "access: the deploy list"
+    run_id, _ = awaiting(bot)
+    assert "v1" in answer(bot, bot.slash(f"deploy {run_id}", user=approver))
+    assert (bot.service.get_run(run_id).approval_by, last_audit(bot, "approved")["via"]) == (approver, "deploy")

@@ -39,6 +39,10 @@ DEFAULTS = {
     "serving.url": "", "serving.host": "127.0.0.1", "serving.port": 8080, "serving.poll_seconds": 2.0,
     "serving.max_body_bytes": 8 << 20, "serving.max_batch": 256, "serving.threads": 1,
     "serving.search": "ivf",
+    # the model server's processes and limits (issue 19)
+    "serving.workers": 0, "serving.infer_threads": 2, "serving.probe_port": 8081,
+    "serving.max_header_bytes": 16384, "serving.max_headers": 100, "serving.max_connections": 1000,
+    "serving.keepalive_seconds": 5.0, "serving.request_seconds": 30.0, "serving.graceful_seconds": 25.0,
     # who may act (issue 8): secure by default for deploy, rollback and approve
     "access.train": ["*"], "access.deploy": [], "access.rollback": [], "access.cancel": ["*"],
     "access.schedule": ["*"], "access.approve": [], "access.channels": [], "access.team_id": "",
