@@ -115,4 +115,6 @@ def test_demo_command_ends_in_a_posted_report(tmp_path, redis_url):
     transcript = (out / "slack-transcript.txt").read_text()
     assert "Retrain now" in transcript and "/ct train" in transcript
     assert "the channel transcript is in" in proc.stdout
+    assert "Sweep: 2 trials" in transcript and "App Home of alice:" in proc.stdout
+    assert "the form opened" in proc.stdout and (out / "slack-home.html").is_file()
     assert list(out.glob("*.png")), "the confusion matrix image was not saved"
