@@ -553,3 +553,53 @@ def test_a_rolling_restart_under_load_loses_no_request(package_store, tmp_path, 
     print(f"rolling restart: {len(results)} requests, {len(failed)} failed")
     assert failed == [] and len(results) > 40
     ledger.survived_since(mark)
+
+
+def test_every_worker_follows_a_promote_without_a_failed_request(server, package_store, ledger):
+    """The alias moves while clients keep both workers busy: each worker swaps on its own
+    poll, no request fails, and in the end every answer is the new version. (Last in the
+    file: it points the alias back at v1 when done.)"""
+    from steps.deploy import publish, rollback
+    from steps.storage import open_store
+
+    ledger.fault("a promote under load, two workers")
+    mark = ledger.mark() - 1
+    store = open_store(str(package_store))
+    body = image_body()
+    seen: list[tuple[int, str]] = []   # (status, model_version)
+    stop = threading.Event()
+
+    def client():
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+        for _ in range(20_000):
+            if stop.is_set():
+                break
+            try:
+                conn.request("POST", INFER, body, {"Content-Type": "application/json"})
+                r = conn.getresponse()
+                seen.append((r.status, json.loads(r.read()).get("model_version")))
+            except (OSError, http.client.HTTPException, ValueError):
+                seen.append((-1, ""))
+                conn.close()
+                conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+        conn.close()
+
+    threads = [threading.Thread(target=client) for _ in range(3)]
+    for t in threads:
+        t.start()
+    try:
+        wait_until(lambda: len(seen) > 10, 60, "answers from v1")
+        publish(store, MODEL, "runs/h/candidate/", run_id="h", by="test", action="promote")
+        # both workers swapped: a long run of answers, all from v2
+        wait_until(lambda: len(seen) > 60 and {v for _, v in seen[-60:]} == {"2"}, 120, "every worker on v2")
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+        rollback(store, MODEL, to_version=1, by="test")
+    failed = [s for s in seen if s[0] != 200]
+    ledger.lost += len(failed)
+    print(f"promote under load: {len(seen)} requests, {len(failed)} failed, versions seen "
+          f"{sorted({v for _, v in seen})}")
+    assert failed == [] and {v for _, v in seen} == {"1", "2"}
+    ledger.survived_since(mark)
