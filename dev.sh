@@ -8,6 +8,7 @@
 #   ./dev.sh images        build the bot and trainer images with podman (sets podman up)
 #   ./dev.sh images check  run them as a cluster would: entrypoints, kube play, a pipeline step
 #   ./dev.sh lock    refresh the hashed lock files (requirements/*.txt) from pyproject.toml
+#   ./dev.sh picture run the demo, then screenshot its channel into docs/img/channel.png
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -202,6 +203,7 @@ case "$cmd" in
   setup) setup ;;
   demo)  setup; exec "$VENV/bin/ctbot" demo "$@" ;;
   test)  setup; "$VENV/bin/ruff" check . ; exec "$VENV/bin/python" -m pytest "$@" ;;
+  picture) setup; "$VENV/bin/ctbot" demo >/dev/null; exec "$VENV/bin/python" -m devkit.picture ;;
   bench) setup; for b in bench/bench_*.py; do echo "== $b $*"; "$VENV/bin/python" "$b" "$@"; done ;;
   serve) setup; exec "$VENV/bin/ctbot" serve "$@" ;;
   lock)  lock ;;
@@ -211,5 +213,5 @@ case "$cmd" in
       exec "$VENV/bin/python" -m devkit.images_check "${@:2}"
     fi
     build_images ;;
-  *) sed -n '2,10p' "$0"; exit 2 ;;
+  *) sed -n '2,11p' "$0"; exit 2 ;;
 esac

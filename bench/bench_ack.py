@@ -31,9 +31,11 @@ without the slow clients; probes p99 <= 100 ms throughout; with Redis hung, /rea
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
@@ -138,7 +140,10 @@ def start_bot(env: dict, kind: str, extra: list[str]) -> tuple[subprocess.Popen,
     if kind != "ours":   # the same app and job workers, served by Bolt's app.start() or its ASGI adapter
         args = [sys.executable, "-c", BOLT_DEV_SERVER if kind == "bolt-dev" else BOLT_ASGI_SERVER, str(port)]
     t0 = time.perf_counter()
-    proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # Its own process group: the job workers of the Bolt baselines (which never shut their
+    # pool down) are ended with it.
+    proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=True)
     probe = f"http://127.0.0.1:{port}/healthz"
     deadline = t0 + 60
     while time.perf_counter() < deadline:
@@ -239,7 +244,6 @@ def wait_ready(probe_base: str) -> None:
 def hung_redis(redis, standin: SlackStandin, url: str, probe_base: str, n: int) -> dict:
     """SIGSTOP Redis (connections hang rather than fail); time how long /readyz takes to
     say 503 and ``n`` signed `/ct status` acks one after another; SIGCONT."""
-    import signal
     port = urllib.parse.urlsplit(url).port
     os.kill(redis.proc.pid, signal.SIGSTOP)
     t0, to_503 = time.perf_counter(), None
@@ -446,9 +450,12 @@ def main() -> int:
             finally:
                 proc.terminate()
                 try:
-                    proc.wait(10)
+                    proc.wait(30)
                 except subprocess.TimeoutExpired:
                     proc.kill()
+                    proc.wait()
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)     # whatever of its group is left
     finally:
         training.terminate()
         standin.stop()

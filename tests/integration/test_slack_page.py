@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import io
 import re
-import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -19,6 +18,7 @@ from slack_sdk import WebClient
 
 from bot import blocks
 from core.types import RunRecord
+from devkit import picture
 from devkit.standin import SlackStandin, mrkdwn_html
 from tests.slack_helpers import ALICE, report
 
@@ -38,21 +38,14 @@ def confusion_png() -> bytes:
     return buf.getvalue()
 
 
-def chromium() -> str:
-    path = shutil.which("chromium") or shutil.which("chromium-browser")
-    if not path:
-        pytest.fail("chromium is not installed: run ./dev.sh setup (it installs Debian's chromium)")
-    return path
-
-
 def browse(page: Path, tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    """Headless Chromium as the README's picture is taken (devkit/picture.py), a fresh
+    profile each time."""
     profile = tmp_path / f"profile-{len(list(tmp_path.glob('profile-*')))}"
-    cmd = [chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-           "--disable-background-networking", "--disable-component-update", "--disable-sync",
-           f"--user-data-dir={profile}", "--window-size=1200,2400", *args, page.as_uri()]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr[-2000:]
-    return out
+    try:
+        return picture.browse(page, profile, *args)
+    except SystemExit as e:   # chromium missing
+        pytest.fail(str(e))
 
 
 @pytest.fixture
