@@ -11,9 +11,11 @@ It starts what is not configured: a redis-server (REDIS_URL unset), a local S3 s
      that run is compared with production v1;
   5. `/ct rollback` by alice: the model server (`ctbot serve-model`, started beside the
      bot) follows production, and the versions that answered a steady client are shown;
-  6. `/ct status`; `/ct train` alone opens the training form (a bad value is answered
+  6. `/ct sweep` of two learning rates: one run, its report with the trials table and a
+     chart of validation top-1 by trial in the thread;
+  7. `/ct status`; `/ct train` alone opens the training form (a bad value is answered
      next to its field); alice opens the App Home, which is printed;
-  7. the channel is written as a text transcript and as a page that looks like Slack
+  8. the channel is written as a text transcript and as a page that looks like Slack
      (slack-channel.html, with slack-train-form.html and slack-home.html), and their
      paths printed.
 
@@ -50,6 +52,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval", type=int, default=1000, help="images in the fixed eval set")
     p.add_argument("--epochs", type=int, default=6, help="epochs for the demo's /ct train")
     p.add_argument("--timeout", type=float, default=900, help="seconds to wait for each run")
+    p.add_argument("--no-sweep", dest="sweep", action="store_false", help="skip the two-trial /ct sweep")
     p.add_argument("--log-level", default="WARNING")
 
 
@@ -138,7 +141,8 @@ def configure(services: Services, out: Path) -> tuple[dict, object]:
 
 def start_model_server(services: Services, settings, out: Path, timeout: float = 180) -> str:
     """`ctbot serve-model --port 0` on the demo's store, as a pod would run it; its URL."""
-    env = {**os.environ, "REDIS_URL": settings.redis_url}   # the service's reload notices
+    env = {**os.environ, "REDIS_URL": settings.redis_url,    # the service's reload notices
+           "CT_SERVING__PROBE_PORT": "0"}    # any free port: a fixed one may be taken on a shared machine
     log = open(out / "model-server.log", "w")  # noqa: SIM115 (the process writes to it until stopped)
     proc = subprocess.Popen([sys.executable, "-m", "ctbot.cli", "serve-model", "--port", "0",
                              "--store", settings.store, "--model", settings.model_name, "--poll-seconds", "1"],
@@ -349,6 +353,9 @@ def run(args: argparse.Namespace) -> int:
         if standin and deployed_first:
             follow_second_deploy_and_rollback(proc, standin, app_url, settings, serving_url, second, x[:1])
 
+        if standin and args.sweep:
+            run_sweep(proc, standin, app_url, args, {first.run_id, second.run_id})
+
         if standin:
             standin.command(app_url, "status", user="U0ALICE01")
             time.sleep(1.0)  # the status reply is posted after the ack
@@ -384,6 +391,21 @@ def promote_held(service, standin, app_url, run):
         raise SystemExit(f"demo: run {run.run_id} did not reach production")
     say(f"run {run.run_id} is production as v{run.model_version}")
     return run
+
+
+def run_sweep(proc, standin, app_url: str, args, known: set) -> None:
+    """`/ct sweep` of two learning rates: one run, the best trial evaluated; its report
+    carries the trials table, its thread the chart."""
+    text = f"sweep lr=0.003,0.008 epochs={args.epochs}"
+    reply = standin.command(app_url, text, user="U0ALICE01")
+    say(f"/ct {text} (signed HTTP request) -> HTTP {reply['status']}")
+    run = wait_for_run(proc.service, _wait_new_run(proc.service, known).run_id, args.timeout)
+    print_report(run)
+    from steps.results import read_report
+    for t in (read_report(proc.service.store, run.run_id) or {}).get("trials") or []:
+        say(f"  trial {t['trial']}: lr={(t.get('params') or {}).get('lr')} "
+            f"val top-1 {t['val_top1']:.2%}" if t.get("val_top1") is not None else f"  trial {t['trial']}: -")
+
 
 def show_form_and_home(standin, app_url: str, out: Path) -> None:
     """`/ct train` alone opens the training form; a bad value is answered next to its

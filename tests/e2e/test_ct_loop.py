@@ -121,4 +121,6 @@ def test_demo_command_ends_in_a_posted_report(tmp_path, redis_url):
     assert re.search(r"mode \*?refresh\*?.* · took \d+", transcript)
     assert "clicked [Refresh gallery] on the alert" in proc.stdout
     assert "the channel transcript is in" in proc.stdout
+    assert "Sweep: 2 trials" in transcript and "App Home of alice:" in proc.stdout
+    assert "the form opened" in proc.stdout and (out / "slack-home.html").is_file()
     assert list(out.glob("*.png")), "the confusion matrix image was not saved"
