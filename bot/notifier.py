@@ -26,6 +26,7 @@ from slack_sdk.errors import SlackApiError
 
 from bot import blocks
 from bot.blocks.events import RUN_EVENT, run_metadata
+from core import ct_policy
 from core.outbox import Outbox
 from core.serving_client import serving_status
 from core.types import NewData, RunRecord
@@ -155,7 +156,18 @@ class SlackDelivery:
         elif self.serving_url and report.get("decision") == "deploy" and isinstance(report.get("model_version"), int):
             report = {**report, "serving": serving_status(self.serving_url, run.model, wait=SERVING_WAIT_SECONDS,
                                                           expect=report["model_version"])}
-        return report
+        return {**report, **self._timing(run)}
+
+    def _timing(self, run: RunRecord) -> dict:
+        """This run's duration and the last full run's, for "time saved" (best effort)."""
+        try:
+            full = ct_policy.last_full(self.state.list_runs(50), before=run.run_id)
+        except Exception as e:  # noqa: BLE001 - advisory
+            log.warning("no last full run to compare %s with: %s", run.run_id, e)
+            full = None
+        took = (run.finished_at - run.started_at) if run.finished_at and run.started_at else None
+        return {"run_seconds": took,
+                "last_full": full and {"run_id": full.run_id, "seconds": ct_policy.run_seconds(full)}}
 
     def _ensure_message(self, run: RunRecord, view: dict):
         """(channel, ts) of the run's message; "posted" when this call posted it with
@@ -317,7 +329,8 @@ class SlackDelivery:
     def _send(self, msg_id: str, kind: str, payload: dict) -> None:
         if kind == "new_data":
             found = NewData(**payload["found"])
-            message = blocks.new_data_alert(found, payload["alert_id"], auto_retrain=self.auto_retrain)
+            message = blocks.new_data_alert(found, payload["alert_id"], auto_retrain=self.auto_retrain,
+                                            expected=self._expected_seconds())
         elif kind == "say":
             message = {"text": payload["text"]}
         elif kind == "fire_failed":
@@ -325,6 +338,17 @@ class SlackDelivery:
         else:
             raise ValueError(f"unknown outbox message kind {kind!r}")
         self._post_once(msg_id, self.channel, None, blocks.fit_message(message))
+
+
+    def _expected_seconds(self) -> dict:
+        """Each mode's expected duration from its last runs (best effort: the alert goes out
+        without times rather than not at all)."""
+        try:
+            runs = self.state.list_runs(50)
+        except Exception as e:  # noqa: BLE001 - advisory
+            log.warning("no expected run times for the alert: %s", e)
+            return {}
+        return {m: ct_policy.expected_seconds(runs, m) for m in ct_policy.MODES}
 
 
 def _retry_after(e: SlackApiError) -> float | None:

@@ -89,6 +89,19 @@ class ScheduleSection(Section):
     retry_window_minutes: float = Field(360.0, ge=0)
     retry_first_seconds: float = Field(30.0, gt=0)
     retry_max_seconds: float = Field(900.0, gt=0)
+    mode: Literal["full", "warm", "refresh"] = "full"   # the weekly run's mode (guard rails: core/ct_policy.py)
+
+
+class RefreshSection(Section):
+    max_in_a_row: int = Field(5, ge=1)  # refreshes in a row before the next automatic run is warm
+
+
+class CtSection(Section):
+    """Continuous training (docs/continuous-training.md): what new data starts."""
+    # alert: post the alert with Refresh gallery / Retrain / Dismiss; otherwise start a run
+    # of that mode (guard rails apply). Unset, auto_retrain: true means full.
+    on_new_data: Literal["alert", "refresh", "warm", "full"] = "alert"
+    refresh: RefreshSection = Field(default_factory=RefreshSection)
 
 
 class SweepSection(Section):
@@ -197,6 +210,7 @@ class Settings(BaseSettings):
     auto_retrain: bool = False
     misfire_grace_seconds: int = Field(6 * 3600, ge=1)
     schedule: ScheduleSection = Field(default_factory=ScheduleSection)
+    ct: CtSection = Field(default_factory=CtSection)
     access: AccessSection = Field(default_factory=AccessSection)
     deploy: DeploySection = Field(default_factory=DeploySection)
     serving: ServingSection = Field(default_factory=ServingSection)
@@ -252,6 +266,13 @@ class Settings(BaseSettings):
         except (ZoneInfoNotFoundError, ValueError):
             raise ValueError("not an IANA zone name such as 'Europe/Paris'") from None
         return v
+
+    @property
+    def on_new_data(self) -> str:
+        """ct.on_new_data, where an unset one follows the older auto_retrain: true (full)."""
+        if "on_new_data" not in self.ct.model_fields_set and self.auto_retrain:
+            return "full"
+        return self.ct.on_new_data
 
     # ------------------------------------------------------------------ loading
 

@@ -16,7 +16,7 @@ import logging
 import time
 import uuid
 
-from core import metrics
+from core import ct_policy, metrics
 from core.access import AccessPolicy, Actor, Forbidden, GroupLookupFailed
 from core.config import Settings
 from core.errors import Conflict, ParamError, ServiceError, Unavailable, UnknownRun
@@ -77,14 +77,51 @@ class TrainingService(RunQueries):
             raise ParamError(str(e)) from None
         return dataclasses.asdict(p) if dataclasses.is_dataclass(p) else dict(vars(p))
 
+    def automatic_mode(self, wanted: str) -> tuple[str, str]:
+        """(mode, why) for an automatic run that wants ``wanted``, the guard rails applied."""
+        from steps import deploy as registry
+        has_production = (registry.read_alias(self.store, self.model) or {}).get("version") is not None
+        return ct_policy.choose_mode(wanted, self.state.list_runs(50),
+                                     max_refresh_in_a_row=self.settings.ct.refresh.max_in_a_row,
+                                     has_production=has_production)
+
+    def expected_seconds(self) -> dict[str, float | None]:
+        """Each mode's median duration over its last runs: what the alert's buttons say."""
+        runs = self.state.list_runs(50)
+        return {m: ct_policy.expected_seconds(runs, m) for m in ct_policy.MODES}
+
+    def _check_mode(self, params: dict, sweep) -> None:
+        """refresh and warm reuse production's weights: refused up front, with the reason,
+        when there is no production model (the pipeline would fail in its first minute)."""
+        from steps.reuse import production_version
+        mode = params.get("mode", "full")
+        if mode == "refresh" and sweep:
+            raise ParamError("mode=refresh trains nothing, so it cannot sweep: use mode=warm or mode=full")
+        if mode in ("refresh", "warm"):
+            try:
+                production_version(self.store, self.model, mode)
+            except ValueError as e:
+                raise ParamError(str(e)) from None
+
     # ---- starting a run ---------------------------------------------------------------
 
     def request_training(self, reason: str, params: dict, requested_by: str, *, trigger="manual",
                          data_uris: list[str] | None = None, force=False,
                          dedupe_key: str | None = None, sweep=None) -> RunRecord:
         """Start a run. With ``dedupe_key`` the same request (a retry, a resumed command,
-        a second replica) gets the same run, whatever step the first try died after."""
-        params = self._resolve(params or {})
+        a second replica) gets the same run, whatever step the first try died after.
+        An automatic run (new data, weekly) given no mode gets the policy's, and the reason
+        says why (core/ct_policy.py)."""
+        params = dict(params or {})
+        if trigger in ct_policy.AUTOMATIC_TRIGGERS and "mode" not in params:
+            wanted = self.settings.schedule.mode if trigger == "weekly" else self.settings.on_new_data
+            wanted = "full" if wanted == "alert" else wanted
+            mode, why = self.automatic_mode(wanted)
+            params["mode"] = mode
+            if (mode, wanted) != ("full", "full"):   # today's default needs no explaining
+                reason = f"{reason}; mode {mode}: {why}"
+        params = self._resolve(params)
+        self._check_mode(params, sweep)
         run_id = layout.new_run_id(self.clock())
         if dedupe_key:
             existing, run_id = self._claim_dedupe(dedupe_key, run_id)

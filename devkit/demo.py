@@ -7,13 +7,15 @@ It starts what is not configured: a redis-server (REDIS_URL unset), a local S3 s
   2. a data-watch tick finds the batch and posts a new-data alert;
   3. `/ct train` arrives as a signed HTTP request; the run's message is updated as the
      pipeline's steps finish, then shows the report (first model: deploy v1);
-  4. a second batch lands, the next tick alerts, and someone clicks *Retrain now*;
+  4. a second batch lands, the next tick alerts, and someone clicks *Refresh gallery*;
      that run is compared with production v1;
   5. `/ct rollback` by alice: the model server (`ctbot serve-model`, started beside the
      bot) follows production, and the versions that answered a steady client are shown;
-  6. `/ct status`; `/ct train` alone opens the training form (a bad value is answered
+  6. `/ct sweep` of two learning rates: one run, its report with the trials table and a
+     chart of validation top-1 by trial in the thread;
+  7. `/ct status`; `/ct train` alone opens the training form (a bad value is answered
      next to its field); alice opens the App Home, which is printed;
-  7. the channel is written as a text transcript and as a page that looks like Slack
+  8. the channel is written as a text transcript and as a page that looks like Slack
      (slack-channel.html, with slack-train-form.html and slack-home.html), and their
      paths printed.
 
@@ -50,6 +52,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval", type=int, default=1000, help="images in the fixed eval set")
     p.add_argument("--epochs", type=int, default=6, help="epochs for the demo's /ct train")
     p.add_argument("--timeout", type=float, default=900, help="seconds to wait for each run")
+    p.add_argument("--no-sweep", dest="sweep", action="store_false", help="skip the two-trial /ct sweep")
     p.add_argument("--log-level", default="WARNING")
 
 
@@ -138,7 +141,8 @@ def configure(services: Services, out: Path) -> tuple[dict, object]:
 
 def start_model_server(services: Services, settings, out: Path, timeout: float = 180) -> str:
     """`ctbot serve-model --port 0` on the demo's store, as a pod would run it; its URL."""
-    env = {**os.environ, "REDIS_URL": settings.redis_url}   # the service's reload notices
+    env = {**os.environ, "REDIS_URL": settings.redis_url,    # the service's reload notices
+           "CT_SERVING__PROBE_PORT": "0"}    # any free port: a fixed one may be taken on a shared machine
     log = open(out / "model-server.log", "w")  # noqa: SIM115 (the process writes to it until stopped)
     proc = subprocess.Popen([sys.executable, "-m", "ctbot.cli", "serve-model", "--port", "0",
                              "--store", settings.store, "--model", settings.model_name, "--poll-seconds", "1"],
@@ -181,7 +185,7 @@ def show_predictions(url: str, model: str, x: np.ndarray, y: np.ndarray) -> None
             + ("" if int(truth) == label else "  (wrong)"))
 
 
-def wait_served(url: str, model: str, version: int, timeout: float = 30) -> None:
+def wait_served(url: str, model: str, version: int, timeout: float = 180) -> None:
     from core.serving_client import serving_status
     got = serving_status(url, model, expect=version, wait=timeout)
     if version not in got["versions"]:
@@ -263,7 +267,9 @@ def latest_alert(standin, channel: str):
 
 
 def print_report(run) -> None:
-    say(f"run {run.run_id}: {run.state}; decision {run.decision or '-'}"
+    took = f" in {run.finished_at - run.started_at:.0f} s" if run.finished_at and run.started_at else ""
+    say(f"run {run.run_id} (mode {(run.params or {}).get('mode', 'full')}{took}): {run.state}; "
+        f"decision {run.decision or '-'}"
         + (f", top-1 {run.top1:.2%}" if run.top1 is not None else "")
         + (f", model v{run.model_version}" if run.model_version else ""))
     if run.decision_reason:
@@ -320,26 +326,35 @@ def run(args: argparse.Namespace) -> int:
             run1 = proc.service.request_training("demo: /ct train", {"epochs": args.epochs}, "demo")
         first = wait_for_run(proc.service, run1.run_id, args.timeout)
         print_report(first)
-        if first.model_version:
+        deployed_first = bool(first.model_version)   # the serving walk-through follows a deployed one
+        if standin and not first.model_version:
+            # a refresh reuses production's weights: a held first model is promoted first
+            first = promote_held(proc.service, standin, app_url, first)
+        if deployed_first:
             wait_served(serving_url, settings.model_name, first.model_version)
             show_predictions(serving_url, settings.model_name, x[:8], y[:8])
 
-        # 3. More data; the alert's Retrain now button starts the next run.
+        # 3. More data; the alert's Refresh gallery button starts the next run: production's
+        #    weights embed the new images into a copy of its gallery, no training.
         key = f"{settings.data_prefix}2026-11-20/batch-0002.npz"
         store.put_bytes(key, npz_bytes(*batches[1]))
         say(f"uploaded {key}")
         tick(proc)
         if standin:
             alert = latest_alert(standin, channel)
-            click = standin.click(app_url, channel, alert.ts, ids.RETRAIN_NEW_DATA, user="U0BOB0001")
-            say(f"clicked [Retrain now] on the alert -> HTTP {click['status']}")
+            click = standin.click(app_url, channel, alert.ts, ids.REFRESH_NEW_DATA, user="U0BOB0001")
+            say(f"clicked [Refresh gallery] on the alert -> HTTP {click['status']}")
             run2 = _wait_new_run(proc.service, {first.run_id})
         else:
-            run2 = proc.service.request_training("demo: new data", {}, "demo", trigger="new_data")
+            run2 = proc.service.request_training("demo: new data", {"mode": "refresh"}, "demo",
+                                                 trigger="new_data")
         second = wait_for_run(proc.service, run2.run_id, args.timeout)
         print_report(second)
-        if standin and first.model_version:
+        if standin and deployed_first:
             follow_second_deploy_and_rollback(proc, standin, app_url, settings, serving_url, second, x[:1])
+
+        if standin and args.sweep:
+            run_sweep(proc, standin, app_url, args, {first.run_id, second.run_id})
 
         if standin:
             standin.command(app_url, "status", user="U0ALICE01")
@@ -363,6 +378,33 @@ def run(args: argparse.Namespace) -> int:
         if proc is not None:
             proc.stop()
         services.stop()
+
+
+def promote_held(service, standin, app_url, run):
+    reply = standin.command(app_url, f"deploy {run.run_id}", user="U0ALICE01")
+    say(f"/ct deploy {run.run_id} (the run was held) -> HTTP {reply['status']}")
+    deadline = time.monotonic() + 60
+    while not service.get_run(run.run_id).model_version and time.monotonic() < deadline:
+        time.sleep(0.2)
+    run = service.get_run(run.run_id)
+    if not run.model_version:
+        raise SystemExit(f"demo: run {run.run_id} did not reach production")
+    say(f"run {run.run_id} is production as v{run.model_version}")
+    return run
+
+
+def run_sweep(proc, standin, app_url: str, args, known: set) -> None:
+    """`/ct sweep` of two learning rates: one run, the best trial evaluated; its report
+    carries the trials table, its thread the chart."""
+    text = f"sweep lr=0.003,0.008 epochs={args.epochs}"
+    reply = standin.command(app_url, text, user="U0ALICE01")
+    say(f"/ct {text} (signed HTTP request) -> HTTP {reply['status']}")
+    run = wait_for_run(proc.service, _wait_new_run(proc.service, known).run_id, args.timeout)
+    print_report(run)
+    from steps.results import read_report
+    for t in (read_report(proc.service.store, run.run_id) or {}).get("trials") or []:
+        say(f"  trial {t['trial']}: lr={(t.get('params') or {}).get('lr')} "
+            f"val top-1 {t['val_top1']:.2%}" if t.get("val_top1") is not None else f"  trial {t['trial']}: -")
 
 
 def show_form_and_home(standin, app_url: str, out: Path) -> None:
@@ -392,11 +434,7 @@ def follow_second_deploy_and_rollback(proc, standin, app_url, settings, url, sec
     the model server all along."""
     model, service = settings.model_name, proc.service
     if not second.model_version:
-        reply = standin.command(app_url, f"deploy {second.run_id}", user="U0ALICE01")
-        say(f"/ct deploy {second.run_id} (the run was held) -> HTTP {reply['status']}")
-        deadline = time.monotonic() + 60
-        while not service.get_run(second.run_id).model_version and time.monotonic() < deadline:
-            time.sleep(0.2)
+        second = promote_held(service, standin, app_url, second)
     version = service.get_run(second.run_id).model_version
     if not version:
         raise SystemExit("demo: the second model did not reach production")

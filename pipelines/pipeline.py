@@ -5,6 +5,9 @@ store (pipelines.status). KFP ships only a component function's source, so every
 a component needs is inside its body, and everything a component uses must be installed
 in the image (the ctbot image has the project installed).
 
+The run mode (``mode``: full, warm or refresh, steps.reuse) is one condition in the same
+definition: refresh skips training and reuses production's weights and gallery.
+
 Two pipeline functions share the components:
   ct_pipeline        one training config
   ct_sweep_pipeline  a ParallelFor over ``sweep`` configs, select_best picks the model
@@ -57,7 +60,8 @@ def ingest(run_id: str, store: str, data_uris: list, eval_uri: str, data: Output
         target = open_store(store)
         uris = json.loads(data_uris) if isinstance(data_uris, str) else list(data_uris)
         os.makedirs(data.path, exist_ok=True)
-        result = run_ingest(uris, data.path, eval_uri=layout.resolve_eval_uri(store, eval_uri))
+        result = run_ingest(uris, data.path, eval_uri=layout.resolve_eval_uri(store, eval_uri),
+                            cache=target)  # decoded shards of objects seen before
         card_path = os.path.join(data.path, layout.DATA_CARD_JSON)
         if os.path.exists(card_path):
             with open(card_path) as f:
@@ -81,18 +85,20 @@ def validate(run_id: str, store: str, data: Input[Dataset], validated: Output[Da
 
 
 @component
-def train(run_id: str, store: str, params: dict, data: Input[Dataset], model: Output[Model]) -> float:
+def train(run_id: str, store: str, model_name: str, params: dict, data: Input[Dataset],
+          model: Output[Model]) -> float:
     import os
 
     from pipelines.status import track
     from steps.params import TrainParams
-    from steps.train import train as run_train
+    from steps.reuse import train_in_mode
 
     with track(store, run_id, "train") as st:
         p = TrainParams.from_dict(params)
         st.progress(params=p.to_dict())
         os.makedirs(model.path, exist_ok=True)
-        result = run_train(data.path, model.path, p, on_epoch=lambda info: st.progress(**info))
+        result = train_in_mode(store, model_name, data.path, model.path, p,
+                               on_epoch=lambda info: st.progress(**info))
         st.summary = {**result, "params": p.to_dict()}
     val = result.get("val_top1")  # None when val_fraction=0
     model.metadata.update({"val_top1": val, "epochs": result["epochs"]})
@@ -100,23 +106,23 @@ def train(run_id: str, store: str, params: dict, data: Input[Dataset], model: Ou
 
 
 @component
-def train_trial(run_id: str, store: str, params: dict, trial: dict, data: Input[Dataset],
-                model: Output[Model]) -> float:
+def train_trial(run_id: str, store: str, model_name: str, params: dict, trial: dict,
+                data: Input[Dataset], model: Output[Model]) -> float:
     """One sweep config. Progress goes to steps/train.json too, so the run shows as
     training; select_best writes train's final status."""
     import os
 
     from pipelines.status import track
     from steps.params import TrainParams
-    from steps.train import train as run_train
+    from steps.reuse import train_in_mode
 
     index = int(trial["trial"])
     with track(store, run_id, f"train-trial-{index}", mirror="train") as st:
         p = TrainParams.from_dict({**params, **(trial.get("params") or {})})
         st.progress(trial=index, params=p.to_dict())
         os.makedirs(model.path, exist_ok=True)
-        result = run_train(data.path, model.path, p,
-                           on_epoch=lambda info: st.progress(trial=index, **info))
+        result = train_in_mode(store, model_name, data.path, model.path, p,
+                               on_epoch=lambda info: st.progress(trial=index, **info))
         st.summary = {**result, "trial": index, "params": p.to_dict()}
     val = result.get("val_top1")  # None when val_fraction=0: the trial cannot win on merit
     model.metadata.update({"val_top1": val, "trial": index})
@@ -150,21 +156,52 @@ def select_best(run_id: str, store: str, models: Input[list[Model]], scores: lis
 
 
 @component
-def embed(run_id: str, store: str, model: Input[Model], data: Input[Dataset],
+def reuse_production(run_id: str, store: str, model_name: str) -> str:
+    """mode=refresh, instead of training: stage production's weights and gallery as the
+    run's model; returns where (the store prefix embed and evaluate read)."""
+    from pipelines.status import StepStatus, error_message
+    from steps.reuse import stage_production
+    from steps.storage import open_store
+
+    target = open_store(store)
+    st = StepStatus(target, run_id, "train")
+    try:
+        staged = stage_production(target, model_name, run_id)
+    except Exception as e:
+        st.failed(error_message(e))
+        raise
+    st.summary = {"reason": f"mode=refresh: weights reused from v{staged['version']}",
+                  "weights_from": staged["version"], "mode": "refresh"}
+    st.record("skipped", finished=True)
+    return str(staged["prefix"])
+
+
+@component
+def stage_model(run_id: str, store: str, model: Input[Model]) -> str:
+    """full and warm: the trained model into the store, where embed and evaluate read it
+    whichever branch of the mode condition ran."""
+    from steps.reuse import stage_trained
+    from steps.storage import open_store
+
+    return str(stage_trained(open_store(store), run_id, model.path))
+
+
+@component
+def embed(run_id: str, store: str, model_uri: str, data: Input[Dataset],
           embeddings: Output[Dataset]):
+    """The gallery and the eval set; for refresh, only the objects production has not
+    seen go into the gallery, and production's index is copied beside it to append to."""
     import os
+    import tempfile
 
     from pipelines.status import track
-    from steps.embed import embed as run_embed
+    from steps.embed import embed_for_run
+    from steps.storage import open_store
 
-    with track(store, run_id, "embed") as st:
+    with track(store, run_id, "embed") as st, tempfile.TemporaryDirectory() as model_dir:
         os.makedirs(embeddings.path, exist_ok=True)
-        st.summary = {
-            "gallery": run_embed(model.path, os.path.join(data.path, "data.npz"),
-                                 os.path.join(embeddings.path, "gallery.npz")),
-            "eval": run_embed(model.path, os.path.join(data.path, "eval.npz"),
-                              os.path.join(embeddings.path, "eval.npz")),
-        }
+        st.summary = embed_for_run(open_store(store), model_uri, model_dir, data.path,
+                                   embeddings.path)
 
 
 @component
@@ -173,17 +210,19 @@ def index(run_id: str, store: str, embeddings: Input[Dataset], index: Output[dsl
     import os
 
     from pipelines.status import track
-    from steps.index import build_index
+    from steps.index import BASE_DIR, build_index
 
     with track(store, run_id, "index") as st:
         os.makedirs(index.path, exist_ok=True)
-        st.summary = build_index(os.path.join(embeddings.path, "gallery.npz"), index.path, kind=kind)
+        base = os.path.join(embeddings.path, BASE_DIR)
+        st.summary = build_index(os.path.join(embeddings.path, "gallery.npz"), index.path, kind=kind,
+                                 base_dir=base if os.path.isdir(base) else None)
 
 
 @component
 def evaluate(run_id: str, store: str, model_name: str, floor: float, tolerance: float,
-             require_approval: bool,
-             data: Input[Dataset], model: Input[Model], embeddings: Input[Dataset],
+             require_approval: bool, model_uri: str,
+             data: Input[Dataset], embeddings: Input[Dataset],
              index: Input[dsl.Artifact], metrics: Output[Metrics],
              confusion: Output[ClassificationMetrics], evaluation: Output[dsl.Artifact]) -> str:
     """Candidate vs floor and vs the production model on the same eval set; returns the
@@ -192,19 +231,28 @@ def evaluate(run_id: str, store: str, model_name: str, floor: float, tolerance: 
     decision, for 'Promote anyway'. (The decision is the single return value because
     kfp.local cannot resolve a dsl.If on a named output of a multi-output task.)"""
     import os
+    import tempfile
 
     from pipelines.status import track
     from steps import layout
     from steps.evaluate import evaluate_against_production, upload_candidate
+    from steps.reuse import fetch_staged, read_lineage
+    from steps.storage import open_store
 
-    with track(store, run_id, "evaluate") as st:
+    with track(store, run_id, "evaluate") as st, tempfile.TemporaryDirectory() as model_dir:
+        fetch_staged(open_store(store), model_uri, model_dir)
+        lineage = read_lineage(model_dir)
+        reused = ({"version": lineage["weights_from"], "index_dir": model_dir}
+                  if lineage.get("mode") == "refresh" else None)
         os.makedirs(evaluation.path, exist_ok=True)
         result = evaluate_against_production(
             store, model_name, index.path, os.path.join(embeddings.path, "eval.npz"),
-            os.path.join(data.path, "eval.npz"), evaluation.path, floor=floor, tolerance=tolerance)
-        upload_candidate(store, run_id, model_dir=model.path, index_dir=index.path,
+            os.path.join(data.path, "eval.npz"), evaluation.path, floor=floor, tolerance=tolerance,
+            reused=reused)
+        upload_candidate(store, run_id, model_dir=model_dir, index_dir=index.path,
                          eval_dir=evaluation.path,
-                         data_card=os.path.join(data.path, layout.DATA_CARD_JSON))
+                         data_card=os.path.join(data.path, layout.DATA_CARD_JSON),
+                         added=os.path.join(embeddings.path, "added.json"))
         if require_approval and result["decision"] == "deploy":
             result["reason"] = f"{result['reason']}; awaiting approval"
         st.summary = {k: result.get(k) for k in ("top1", "decision", "reason", "production")}
@@ -264,7 +312,7 @@ def build_pipeline(resources: dict | None = None, *, sweep: bool = False, parall
     """Return the pipeline function. ``resources`` is a pipelines.resources config (None
     = no Kubernetes settings, as for kfp.local); ``parallelism`` bounds sweep trials."""
 
-    def body(run_id, store, model_name, data_uris, eval_uri, params, floor, tolerance,
+    def body(run_id, store, model_name, data_uris, eval_uri, params, mode, floor, tolerance,
              keep_versions, requested_by, require_approval, train_model):
         exit_task = _configure(finalize(run_id=run_id, store=store, model_name=model_name,
                                         params=params), "finalize", resources)
@@ -274,15 +322,23 @@ def build_pipeline(resources: dict | None = None, *, sweep: bool = False, parall
             val = _configure(validate(run_id=run_id, store=store, data=ing.outputs["data"]),
                              "validate", resources)
             data = val.outputs["validated"]
-            model = train_model(data)
-            emb = _configure(embed(run_id=run_id, store=store, model=model, data=data),
+            # One definition for every mode: refresh skips training and reuses production's
+            # weights; either branch stages the model in the store and returns where.
+            with dsl.If(mode == "refresh", name="mode-refresh"):
+                reused = _configure(reuse_production(run_id=run_id, store=store,
+                                                     model_name=model_name), "reuse", resources)
+            with dsl.Else(name="mode-train"):
+                staged = _configure(stage_model(run_id=run_id, store=store, model=train_model(data)),
+                                    "stage_model", resources)
+            model_uri = dsl.OneOf(reused.output, staged.output)
+            emb = _configure(embed(run_id=run_id, store=store, model_uri=model_uri, data=data),
                              "embed", resources)
             idx = _configure(index(run_id=run_id, store=store,
                                    embeddings=emb.outputs["embeddings"]), "index", resources)
             ev = _configure(evaluate(run_id=run_id, store=store, model_name=model_name,
                                      floor=floor, tolerance=tolerance,
-                                     require_approval=require_approval, data=data,
-                                     model=model, embeddings=emb.outputs["embeddings"],
+                                     require_approval=require_approval, model_uri=model_uri,
+                                     data=data, embeddings=emb.outputs["embeddings"],
                                      index=idx.outputs["index"]), "evaluate", resources)
             with dsl.If(ev.outputs["Output"] == "deploy", name="decision-deploy"):
                 _configure(deploy(run_id=run_id, store=store, model_name=model_name,
@@ -295,14 +351,15 @@ def build_pipeline(resources: dict | None = None, *, sweep: bool = False, parall
                                   "index, evaluate, deploy when better")
         def ct_pipeline(run_id: str, store: str, model_name: str = "mnist-arcface",
                         data_uris: list = [], eval_uri: str = "", params: dict = {},  # noqa: B006 - kfp compiles literal defaults
-                        floor: float = 0.97, tolerance: float = 0.002, keep_versions: int = 5,
-                        requested_by: str = "", require_approval: bool = False):
+                        mode: str = "full", floor: float = 0.97, tolerance: float = 0.002,
+                        keep_versions: int = 5, requested_by: str = "",
+                        require_approval: bool = False):
             def train_model(data):
-                t = _configure(train(run_id=run_id, store=store, params=params, data=data),
-                               "train", resources)
+                t = _configure(train(run_id=run_id, store=store, model_name=model_name,
+                                     params=params, data=data), "train", resources)
                 return t.outputs["model"]
 
-            body(run_id, store, model_name, data_uris, eval_uri, params, floor, tolerance,
+            body(run_id, store, model_name, data_uris, eval_uri, params, mode, floor, tolerance,
                  keep_versions, requested_by, require_approval, train_model)
 
         return ct_pipeline
@@ -312,21 +369,22 @@ def build_pipeline(resources: dict | None = None, *, sweep: bool = False, parall
                               "trial by val_top1 goes on to embed, index, evaluate, deploy")
     def ct_sweep_pipeline(run_id: str, store: str, sweep: list, model_name: str = "mnist-arcface",
                           data_uris: list = [], eval_uri: str = "", params: dict = {},  # noqa: B006 - kfp compiles literal defaults
-                          floor: float = 0.97, tolerance: float = 0.002, keep_versions: int = 5,
-                          requested_by: str = "", require_approval: bool = False):
+                          mode: str = "full", floor: float = 0.97, tolerance: float = 0.002,
+                          keep_versions: int = 5, requested_by: str = "",
+                          require_approval: bool = False):
         def train_model(data):
             # sweep comes in as a pipeline parameter: kfp.local mishandles a static list
             # under ExitHandler/If.
             with dsl.ParallelFor(sweep, parallelism=parallelism, name="sweep") as trial:
-                t = _configure(train_trial(run_id=run_id, store=store, params=params, trial=trial,
-                                           data=data), "train", resources)
+                t = _configure(train_trial(run_id=run_id, store=store, model_name=model_name,
+                                           params=params, trial=trial, data=data), "train", resources)
             best = _configure(select_best(run_id=run_id, store=store,
                                           models=dsl.Collected(t.outputs["model"]),
                                           scores=dsl.Collected(t.outputs["Output"])),
                               "select_best", resources)
             return best.outputs["best"]
 
-        body(run_id, store, model_name, data_uris, eval_uri, params, floor, tolerance,
+        body(run_id, store, model_name, data_uris, eval_uri, params, mode, floor, tolerance,
              keep_versions, requested_by, require_approval, train_model)
 
     return ct_sweep_pipeline
@@ -354,13 +412,18 @@ def pipeline_arguments(*, run_id: str, store: str, model_name: str, data_uris: l
                        eval_uri: str, params: dict, floor: float, tolerance: float,
                        keep_versions: int, requested_by: str, sweep=None,
                        require_approval: bool = False) -> dict:
-    """The pipeline's arguments, shared by the local and the KFP runner."""
+    """The pipeline's arguments, shared by the local and the KFP runner. The run mode is
+    a params key for users and a pipeline parameter for the pipeline's condition."""
+    mode = str((params or {}).get("mode") or "full")
+    trials = normalize_sweep(sweep)
+    if mode == "refresh" and trials:
+        raise ValueError("mode=refresh trains nothing, so it cannot sweep: use mode=warm or mode=full")
     args = {"run_id": run_id, "store": store, "model_name": model_name,
             "data_uris": list(data_uris), "eval_uri": eval_uri or "", "params": dict(params or {}),
+            "mode": mode,
             "floor": float(floor), "tolerance": float(tolerance),
             "keep_versions": int(keep_versions), "requested_by": requested_by or "",
             "require_approval": bool(require_approval)}
-    trials = normalize_sweep(sweep)
     if trials:
         args["sweep"] = trials
     return args

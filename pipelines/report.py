@@ -33,7 +33,8 @@ def outcome(steps: dict, pipeline_state: str, pipeline_error: str = "") -> tuple
     if failed:
         return "failed", failed, f"{failed}: {steps[failed].get('error') or 'failed'}"
     unfinished = next((s for s in layout.STEPS if _state(steps, s) == "running"), None)
-    missing = next((s for s in REQUIRED if _state(steps, s) != "done"), None)
+    # "skipped" before the exit task ran: a step the run's mode leaves out (refresh: train)
+    missing = next((s for s in REQUIRED if _state(steps, s) not in ("done", "skipped")), None)
     if pipeline_state != SUCCEEDED or unfinished or missing:
         culprit = unfinished or missing or "finalize"
         why = pipeline_error or "step ended without reporting a result"
@@ -43,7 +44,7 @@ def outcome(steps: dict, pipeline_state: str, pipeline_error: str = "") -> tuple
 
 def assemble(run_id: str, model: str, *, steps: dict, card: dict | None, metrics: dict | None,
              params: dict | None, status: str, failed_step: str | None, error: str | None,
-             trials: dict | None = None, now: float | None = None) -> dict:
+             trials: dict | None = None, lineage: dict | None = None, now: float | None = None) -> dict:
     """Pure: the report.json document (schema in docs/architecture.md)."""
     now = time.time() if now is None else now
     card = card or {}
@@ -68,6 +69,7 @@ def assemble(run_id: str, model: str, *, steps: dict, card: dict | None, metrics
             "counts": counts,
             "sources": card.get("sources", []),
             "fingerprint": card.get("fingerprint"),
+            "cache": card.get("cache"),   # objects read anew vs taken from the shard cache
         },
         "eval": {"uri": eval_info.get("uri"), "n": eval_info.get("n"),
                  "fingerprint": eval_info.get("fingerprint")},
@@ -84,6 +86,7 @@ def assemble(run_id: str, model: str, *, steps: dict, card: dict | None, metrics
         "failed_step": failed_step,
         "error": error,
         "finished_at": now,
+        **reuse_section(params, lineage, summary),
     }
     if held:
         report["held"] = held
@@ -93,6 +96,21 @@ def assemble(run_id: str, model: str, *, steps: dict, card: dict | None, metrics
                              "val_top1": (d.get("summary") or {}).get("val_top1")}
                             for i, d in trials.items()]
     return report
+
+
+def reuse_section(params: dict | None, lineage: dict | None, summary: dict) -> dict:
+    """The run's mode and what it reused: weights from which version, images added to the
+    gallery and from which objects (from the package's lineage.json, else the steps)."""
+    lineage = dict(lineage or {})
+    train = summary.get("train") or {}
+    embed = summary.get("embed") or {}
+    mode = lineage.get("mode") or train.get("mode") or embed.get("mode") or (params or {}).get("mode") or "full"
+    weights_from = lineage.get("weights_from", train.get("weights_from", embed.get("weights_from")))
+    reuse = {"weights_from": weights_from}
+    if mode == "refresh":
+        reuse["added_images"] = lineage.get("added_images", embed.get("added_images"))
+        reuse["added_objects"] = lineage.get("added_objects", [])
+    return {"mode": mode, "reuse": reuse}
 
 
 def finalize_run(store, run_id: str, *, model: str, params: dict | None = None,
@@ -124,12 +142,17 @@ def finalize_run(store, run_id: str, *, model: str, params: dict | None = None,
             steps[step] = mark(store, run_id, step, "skipped", summary=summary)
 
     metrics = store.get_json(layout.candidate_key(run_id, layout.METRICS_JSON))
-    run_params = (store.get_json(layout.candidate_key(run_id, layout.PARAMS_JSON))
-                  or (steps.get("train") or {}).get("summary", {}).get("params")
-                  or _full_params(params))
+    lineage = store.get_json(layout.candidate_key(run_id, "lineage.json"))
+    if (lineage or {}).get("mode") == "refresh" or (params or {}).get("mode") == "refresh":
+        run_params = _full_params(params)   # the package's params.json is production's training
+    else:
+        run_params = (store.get_json(layout.candidate_key(run_id, layout.PARAMS_JSON))
+                      or (steps.get("train") or {}).get("summary", {}).get("params")
+                      or _full_params(params))
     report = assemble(run_id, model, steps=steps, card=store.get_json(layout.data_card_key(run_id)),
                       metrics=metrics, params=run_params, status=status,
-                      failed_step=failed_step, error=error, trials=read_trials(store, run_id))
+                      failed_step=failed_step, error=error, trials=read_trials(store, run_id),
+                      lineage=lineage)
     if write:
         store.put_json(layout.report_key(run_id), report)
     return report

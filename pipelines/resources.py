@@ -18,7 +18,8 @@ Config format (YAML or JSON file, ``ctbot pipeline compile --resources FILE``)::
       timeout_seconds: 7200
     image: ghcr.io/ctbot/ctbot:v1.2   # optional: container image for every step
 
-Steps: ingest validate train embed index evaluate deploy finalize select_best. A sweep's
+Steps: ingest validate train embed index evaluate deploy finalize select_best reuse
+stage_model (reuse: mode=refresh's stand-in for train). A sweep's
 trials take the ``train`` settings. Unknown keys are an error, so typos do not silently
 drop a GPU request.
 """
@@ -29,7 +30,7 @@ import json
 from pathlib import Path
 
 STEP_NAMES = ("ingest", "validate", "train", "embed", "index", "evaluate", "deploy",
-              "finalize", "select_best")
+              "finalize", "select_best", "reuse", "stage_model")
 STEP_KEYS = {"cpu", "cpu_limit", "memory", "memory_limit", "gpu", "gpu_type", "node_selector",
              "tolerations", "pvc", "env", "secret_env", "timeout_seconds"}
 TOP_KEYS = {"default", "image", *STEP_NAMES}

@@ -52,7 +52,8 @@ class Decision:
 
 def decide(scan: Scan, *, prefix: str, threshold: int, auto_retrain: bool, paused: bool) -> Decision:
     """A pure decision from a scan, like a dagster sensor's: run, alert or skip (with a
-    reason). The new cursor is the scan's own."""
+    reason). The new cursor is the scan's own. ``auto_retrain``: ct.on_new_data starts
+    runs (its mode, and the guard rails, are the service's: core/ct_policy.py)."""
     if scan.mode == "baseline":
         return Decision("baseline", f"first tick: the {scan.listed} object(s) already under "
                                     f"`{prefix}` count as seen", waiting={})
@@ -108,7 +109,7 @@ class DataWatch:
         metrics.data_watch_tick(scan.found if scan.mode != "baseline" else {}, self.clock())
         d = decide(scan, prefix=self.watcher.prefix,
                    threshold=max(1, int(self.settings.new_data_threshold)),
-                   auto_retrain=self.settings.auto_retrain and self.service is not None,
+                   auto_retrain=self.settings.on_new_data != "alert" and self.service is not None,
                    paused=self.state.schedule_paused())
         return self.apply(scan, d)
 
@@ -139,7 +140,8 @@ class DataWatch:
         return TickResult(False, None, found, scan.cursor, action="alert", alert_id=alert_id, **base)
 
     def fire_params(self) -> dict:
-        """Training parameters an automatic new-data run gets (none: the defaults)."""
+        """Training parameters an automatic new-data run gets: none, so the service picks
+        ct.on_new_data's mode with the guard rails (core/ct_policy.py) when the run starts."""
         return {}
 
     def _alert(self, found: NewData) -> str:

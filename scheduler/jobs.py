@@ -183,7 +183,8 @@ class Jobs:
         return lead, members
 
     def _weekly_params(self) -> dict:
-        """Training parameters a weekly run gets (none: the defaults). A run mode goes here."""
+        """Training parameters a weekly run gets: none, so the service picks schedule.mode with
+        the guard rails (core/ct_policy.py) when the run starts."""
         return {}
 
     def _cover(self, lead: FireRecord, members: list[FireRecord]) -> None:

@@ -44,6 +44,42 @@ def embed(model_dir: str, npz_path: str, out_path: str, batch_size: int = 0,
             "seconds": round(time.time() - t0, 2)}
 
 
+def embed_for_run(store, model_prefix: str, model_dir: str, data_dir: str, out_dir: str) -> dict:
+    """The pipeline's embed step: fetch the run's staged model (steps.reuse) and embed the
+    gallery (data.npz) and the eval set into out_dir. For a refresh the gallery is only the
+    rows from objects production has not seen, production's index is copied to
+    out_dir/base_index/ for index to append to, and added.json names what was added."""
+    import shutil
+
+    from steps import layout, reuse
+    from steps.index import BASE_DIR, GALLERY_FILES
+
+    reuse.fetch_staged(store, model_prefix, model_dir)
+    lineage = reuse.read_lineage(model_dir)
+    data, out = Path(data_dir), Path(out_dir)
+    gallery_npz = data / "data.npz"
+    added = None
+    if lineage.get("mode") == "refresh":
+        card = json.loads((data / layout.DATA_CARD_JSON).read_text())
+        base_card = json.loads((Path(model_dir) / layout.DATA_CARD_JSON).read_text())
+        with np.load(gallery_npz) as d:
+            rows, objects = reuse.new_rows(card, d["src"], base_card)
+            gallery_npz = out / "new_images.npz"
+            np.savez(gallery_npz, x=d["x"][rows], y=d["y"][rows])
+        (out / BASE_DIR).mkdir(parents=True, exist_ok=True)
+        for name in GALLERY_FILES:
+            shutil.copy(Path(model_dir) / name, out / BASE_DIR / name)
+        added = {**lineage, "added_images": int(len(rows)), "added_objects": objects}
+        (out / "added.json").write_text(json.dumps(added))
+    summary = {"gallery": embed(model_dir, str(gallery_npz), str(out / "gallery.npz")),
+               "eval": embed(model_dir, str(data / "eval.npz"), str(out / "eval.npz")),
+               "mode": lineage.get("mode"), "weights_from": lineage.get("weights_from")}
+    if added:
+        summary["added_images"], summary["added_objects"] = added["added_images"], len(objects)
+        gallery_npz.unlink()
+    return summary
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m steps.embed", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)

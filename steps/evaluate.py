@@ -189,23 +189,40 @@ def measure_production(store, model_name: str, eval_npz: str, k: int = DEFAULT_K
 
 def evaluate_against_production(store_root: str, model_name: str, index_dir: str, eval_emb: str,
                                 eval_npz: str, out_dir: str, *, floor: float = 0.97,
-                                tolerance: float = 0.002, k: int = DEFAULT_K) -> dict:
+                                tolerance: float = 0.002, k: int = DEFAULT_K,
+                                reused: dict | None = None) -> dict:
     """evaluate() with production measured on the same eval set (images in eval_npz; the
-    candidate's own embeddings of them in eval_emb)."""
+    candidate's own embeddings of them in eval_emb). ``reused`` ({"version", "index_dir"}:
+    a refresh's production weights and gallery): while production is still that version,
+    its eval embeddings are the candidate's own, so it is measured on its gallery without
+    embedding the eval set again."""
+    from steps import deploy as registry
     from steps.storage import open_store
 
-    production = measure_production(open_store(store_root), model_name, eval_npz, k)
+    store = open_store(store_root)
+    production = None
+    if reused and (registry.read_alias(store, model_name) or {}).get("version") == reused["version"]:
+        from steps.index import load_index
+        index, labels = load_index(reused["index_dir"])
+        with np.load(eval_emb) as d:
+            q, y = d["emb"], d["y"].astype(np.int64)
+        production = {"version": int(reused["version"]),
+                      "top1": float((knn_predict(index, labels, q, k) == y).mean())}
+    if production is None:
+        production = measure_production(store, model_name, eval_npz, k)
     return evaluate(index_dir, eval_emb, out_dir, production=production, floor=floor,
                     tolerance=tolerance, k=k)
 
 
 def upload_candidate(store_root: str, run_id: str, *, model_dir: str, index_dir: str,
-                     eval_dir: str, data_card: str) -> list[str]:
+                     eval_dir: str, data_card: str, added: str | None = None) -> list[str]:
     """Put the run's confusion matrix and its candidate package (model, index, labels,
-    metrics, data card, params) into the store, whatever the decision: a held candidate
-    is what 'Promote anyway' publishes. Returns the package keys."""
+    metrics, data card, params, lineage) into the store, whatever the decision: a held
+    candidate is what 'Promote anyway' publishes. Returns the package keys. ``added``: a
+    refresh's added.json (embed), the images and objects appended to the gallery."""
     from steps import layout
     from steps.deploy import upload_package
+    from steps.reuse import LINEAGE_JSON, read_lineage
     from steps.storage import open_store
 
     store = open_store(store_root)
@@ -219,6 +236,10 @@ def upload_candidate(store_root: str, run_id: str, *, model_dir: str, index_dir:
             shutil.copytree(src, pkg, dirs_exist_ok=True)
         shutil.copy(ev / METRICS_JSON, Path(pkg) / METRICS_JSON)
         shutil.copy(data_card, Path(pkg) / layout.DATA_CARD_JSON)
+        lineage = read_lineage(model_dir)
+        if added and Path(added).is_file():
+            lineage.update(json.loads(Path(added).read_text()))
+        (Path(pkg) / LINEAGE_JSON).write_text(json.dumps(lineage, indent=1))
         return upload_package(store, pkg, layout.candidate_prefix(run_id))
 
 

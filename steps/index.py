@@ -19,7 +19,10 @@ from pathlib import Path
 import numpy as np
 
 KINDS = ("flat", "ivf", "hnsw")
-INDEX_FILE, LABELS_FILE = "index.faiss", "labels.npy"
+INDEX_FILE, LABELS_FILE, INFO_FILE = "index.faiss", "labels.npy", "index.json"
+GALLERY_FILES = (INDEX_FILE, LABELS_FILE, INFO_FILE)
+# Where embed puts a copy of production's index for a refresh to append to.
+BASE_DIR = "base_index"
 
 
 def _make(kind: str, emb: np.ndarray):
@@ -43,7 +46,9 @@ def _make(kind: str, emb: np.ndarray):
     raise ValueError(f"unknown index kind {kind!r}: use one of {', '.join(KINDS)}")
 
 
-def build_index(emb_path: str, out_dir: str, kind: str = "flat") -> dict:
+def build_index(emb_path: str, out_dir: str, kind: str = "flat", *, base_dir: str | None = None) -> dict:
+    """A new index over the embeddings, or with ``base_dir`` (a refresh) a copy of that
+    index with them appended: the base's kind and settings are kept."""
     import faiss
 
     t0 = time.time()
@@ -53,6 +58,8 @@ def build_index(emb_path: str, out_dir: str, kind: str = "flat") -> dict:
     with np.load(emb_path) as d:
         emb = np.ascontiguousarray(d["emb"], dtype=np.float32)
         labels = d["y"]
+    if base_dir is not None:
+        return _append(base_dir, emb, labels, out_dir, t0)
     if emb.ndim != 2 or len(emb) == 0 or len(labels) != len(emb):
         raise ValueError(f"{emb_path}: need emb (N,D) with N>0 and one label per row")
     index, settings = _make(kind, emb)
@@ -63,7 +70,28 @@ def build_index(emb_path: str, out_dir: str, kind: str = "flat") -> dict:
     np.save(out / LABELS_FILE, labels)
     info = {"kind": kind, "n": int(index.ntotal), "dim": int(emb.shape[1]), **settings,
             "seconds": round(time.time() - t0, 2)}
-    (out / "index.json").write_text(json.dumps(info, indent=1))
+    (out / INFO_FILE).write_text(json.dumps(info, indent=1))
+    return info
+
+
+def _append(base_dir: str, emb: np.ndarray, labels: np.ndarray, out_dir: str, t0: float) -> dict:
+    import faiss
+
+    index, base_labels = load_index(base_dir)
+    base_info = json.loads((Path(base_dir) / INFO_FILE).read_text())
+    if len(emb) and (emb.ndim != 2 or emb.shape[1] != index.d):
+        raise ValueError(f"cannot append {emb.shape} embeddings to an index of dimension {index.d}")
+    base_n = int(index.ntotal)
+    if len(emb):
+        index.add(emb)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    faiss.write_index(index, str(out / INDEX_FILE))
+    np.save(out / LABELS_FILE, np.concatenate([base_labels, labels.astype(base_labels.dtype)]))
+    settings = {k: v for k, v in base_info.items() if k not in ("n", "seconds", "base_n", "added")}
+    info = {**settings, "n": int(index.ntotal), "base_n": base_n, "added": int(len(emb)),
+            "seconds": round(time.time() - t0, 2)}
+    (out / INFO_FILE).write_text(json.dumps(info, indent=1))
     return info
 
 

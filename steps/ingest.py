@@ -13,6 +13,13 @@ card["shape_issues"], bad labels to card["label_issues"] and bad pixel values to
 card["value_issues"], each naming the object's URI, for validate to judge. Training rows
 identical to an eval image are dropped here (and counted in card["leakage"]) so no later
 step can train or search on them.
+
+Shard cache (``cache=`` a store): what an object decodes to (images, labels, one hash per
+image, the issues found) is kept in the store under cache/shards/, keyed by the object's
+URI and content tag (its S3 ETag; an MD5 of the file locally). A run then reads and
+decodes only objects it has not seen; a rewritten object has a new tag and is read again.
+Leakage is still checked against the whole eval set, from the cached hashes. The card's
+"cache" says how many objects were new and how many came from the cache.
 """
 from __future__ import annotations
 
@@ -32,7 +39,10 @@ from pathlib import Path
 import numpy as np
 
 from steps import storage
-from steps.layout import DATA_CARD_JSON
+from steps.layout import DATA_CARD_JSON, shard_key
+
+# Bump when what a shard holds, or how an object is decoded, changes: old shards are ignored.
+SHARD_FORMAT = 1
 
 DIGITS = [str(d) for d in range(10)]
 
@@ -46,6 +56,8 @@ class Loaded:
     x: np.ndarray | None = None
     y: np.ndarray | None = None
     issues: dict = field(default_factory=dict)  # kind -> issue dict, kinds as in the card
+    h: np.ndarray | None = None   # image_hashes(x), computed once and cached with the shard
+    tag: str | None = None        # the content tag of the unit it came from (see _units)
 
 
 class BadObject(Exception):
@@ -54,10 +66,11 @@ class BadObject(Exception):
 
 # ---------------------------------------------------------------- listing
 
-def expand(uris: list[str]) -> tuple[list[tuple[str, int]], list[dict]]:
-    """((uri, size) of every object, prefixes expanded, sorted and de-duplicated;
-    errors for prefixes that hold nothing)."""
-    found: dict[str, int] = {}
+def expand(uris: list[str]) -> tuple[list[tuple[str, int, str]], list[dict]]:
+    """((uri, size, etag) of every object, prefixes expanded, sorted and de-duplicated;
+    errors for prefixes that hold nothing). The etag is "" where the listing has none
+    (local files)."""
+    found: dict[str, tuple[int, str]] = {}
     errors = []
     for uri in uris:
         local = not uri.startswith("s3://")
@@ -69,12 +82,14 @@ def expand(uris: list[str]) -> tuple[list[tuple[str, int]], list[dict]]:
             if not objs:
                 errors.append({"uri": uri, "error": "no objects under this prefix"})
             for o in objs:
-                found[o.key] = o.size
+                found[o.key] = (o.size, o.etag)
         elif local:
-            found[str(path)] = path.stat().st_size if path.is_file() else -1
+            found[str(path)] = (path.stat().st_size if path.is_file() else -1, "")
         else:
-            found[uri] = -1  # size learned when read; a missing key is reported as an error
-    return sorted(found.items()), errors
+            # one listing call gives the size and ETag; a missing key is reported when read
+            same = [o for o in storage.list_uri(uri) if o.key == uri]
+            found[uri] = (same[0].size, same[0].etag) if same else (-1, "")
+    return sorted((u, size, etag) for u, (size, etag) in found.items()), errors
 
 
 def _looks_like_data(uri: str) -> bool:
@@ -277,49 +292,146 @@ class _Reader:
             yield from pool.map(one, uris)
 
 
-def load_sources(uris: list[str]) -> tuple[list[Loaded], list[dict], list[dict]]:
-    """(loaded sources, errors [{uri, error}], skipped [{uri, reason}])."""
-    loaded, skipped = [], []
-    objects, errors = expand(uris)
-    reader = _Reader()
-    idx_parts: dict[str, dict[str, tuple[str, int]]] = {}
-    singles = []
-    for uri, size in objects:
+def _units(objects: list[tuple[str, int, str]]):
+    """Group the listing into units that decode together: one .npz, an IDX pair, or a
+    folder tree of PNGs (<root>/<label>/<name>.png). Returns (units, errors, skipped);
+    a unit is (kind, [(uri, size, etag), ...])."""
+    errors, skipped = [], []
+    idx_parts: dict[str, dict[str, tuple]] = {}
+    pngs: dict[str, list] = {}
+    units = []
+    for obj in objects:
+        uri = obj[0]
         name = _name(uri).lower()
         if _idx_role(uri):
-            idx_parts.setdefault(_idx_stem(uri), {})[_idx_role(uri)] = (uri, size)
-        elif name.endswith((".npz", ".png")):
-            singles.append(uri)
+            idx_parts.setdefault(_idx_stem(uri), {})[_idx_role(uri)] = obj
+        elif name.endswith(".npz"):
+            units.append(("npz", [obj]))
+        elif name.endswith(".png"):
+            pngs.setdefault(posixpath.dirname(posixpath.dirname(uri)), []).append(obj)
         else:
             skipped.append({"uri": uri, "reason": "not .npz, .png or IDX"})
-    for uri, data in reader.read_many(singles):
-        try:
-            if isinstance(data, BadObject):
-                raise data
-            decode = _load_npz if uri.lower().endswith(".npz") else _load_png
-            loaded.append(decode(data, uri, len(data)))
-        except BadObject as e:
-            errors.append({"uri": uri, "error": str(e)})
+    units += [("png", objs) for _root, objs in sorted(pngs.items())]
     for _stem, parts in sorted(idx_parts.items()):
         if set(parts) != {"images", "labels"}:
-            (uri, _), = parts.values()
+            (obj,) = parts.values()
             missing = "labels-idx1" if "images" in parts else "images-idx3"
-            errors.append({"uri": uri, "error": f"IDX file without its {missing} partner"})
+            errors.append({"uri": obj[0], "error": f"IDX file without its {missing} partner"})
             continue
-        (iu, _), (lu, _) = parts["images"], parts["labels"]
+        units.append(("idx", [parts["images"], parts["labels"]]))
+    return units, errors, skipped
+
+
+def _content_tag(uri: str, etag: str) -> str | None:
+    """The object's ETag, or for a local file the MD5 of its bytes (a path's mtime would
+    miss a same-second rewrite); None when it cannot be read (the read reports why)."""
+    if etag:
+        return etag
+    if uri.startswith("s3://"):
+        return None
+    try:
+        return hashlib.md5(Path(uri.removeprefix("file://")).read_bytes(), usedforsecurity=False).hexdigest()
+    except OSError:
+        return None
+
+
+def _unit_tag(kind: str, objs: list[tuple]) -> str | None:
+    tags = [_content_tag(uri, etag) for uri, _size, etag in objs]
+    if any(t is None for t in tags):
+        return None
+    doc = json.dumps([SHARD_FORMAT, kind, [[o[0], t] for o, t in zip(objs, tags, strict=True)]])
+    return hashlib.sha256(doc.encode()).hexdigest()
+
+
+def _shard_bytes(items: list[Loaded]) -> bytes:
+    """One npz per unit: the concatenated arrays and, as JSON, where each item's rows are."""
+    meta = [{"uri": it.uri, "size": it.size, "fmt": it.fmt, "issues": it.issues,
+             "n": None if it.x is None else int(len(it.x))} for it in items]
+    with_x = [it for it in items if it.x is not None]
+    buf = io.BytesIO()
+    np.savez(buf, meta=np.array(json.dumps(meta)),
+             x=np.concatenate([it.x for it in with_x]) if with_x else np.zeros((0, 28, 28), np.uint8),
+             y=np.concatenate([it.y for it in with_x]) if with_x else np.zeros(0, np.uint8),
+             h=np.concatenate([it.h for it in with_x]) if with_x else np.zeros(0, "S16"))
+    return buf.getvalue()
+
+
+def _shard_items(data: bytes, tag: str) -> list[Loaded]:
+    with np.load(io.BytesIO(data), allow_pickle=False) as z:
+        meta, x, y, h = json.loads(str(z["meta"])), z["x"], z["y"], z["h"]
+    items, at = [], 0
+    for m in meta:
+        item = Loaded(m["uri"], m["size"], m["fmt"], issues=m["issues"], tag=tag)
+        if m["n"] is not None:
+            item.x, item.y, item.h = x[at:at + m["n"]], y[at:at + m["n"]], h[at:at + m["n"]]
+            at += m["n"]
+        items.append(item)
+    return items
+
+
+def _decode_unit(kind: str, objs: list[tuple], reader: _Reader) -> tuple[list[Loaded], list[dict]]:
+    items, errors = [], []
+    if kind == "idx":
+        (iu, _, _), (lu, _, _) = objs
         try:
             idata, ldata = reader.read(iu), reader.read(lu)
-            loaded.append(_load_idx_pair(iu, idata, lu, ldata, len(idata) + len(ldata)))
+            items.append(_load_idx_pair(iu, idata, lu, ldata, len(idata) + len(ldata)))
         except BadObject as e:
             errors.append({"uri": f"{iu} + {_name(lu)}", "error": str(e)})
-    return loaded, sorted(errors, key=lambda e: e["uri"]), skipped
+    else:
+        decode = _load_npz if kind == "npz" else _load_png
+        for uri, data in reader.read_many([o[0] for o in objs]):
+            try:
+                if isinstance(data, BadObject):
+                    raise data
+                items.append(decode(data, uri, len(data)))
+            except BadObject as e:
+                errors.append({"uri": uri, "error": str(e)})
+    for it in items:
+        if it.x is not None:
+            it.h = image_hashes(it.x)
+    return items, errors
+
+
+def load_sources(uris: list[str], cache: storage.Store | None = None
+                 ) -> tuple[list[Loaded], list[dict], list[dict], dict]:
+    """(loaded sources, errors [{uri, error}], skipped [{uri, reason}], cache stats).
+
+    With a cache store, a unit whose content tag has a shard there is taken from it
+    unread; any other unit is read, decoded and hashed, and (when nothing in it was
+    unreadable) its shard written for the next run."""
+    objects, errors = expand(uris)
+    units, unit_errors, skipped = _units(objects)
+    errors += unit_errors
+    reader = _Reader()
+    loaded: list[Loaded] = []
+    stats = {"objects_new": 0, "objects_cached": 0, "new": []}
+    for kind, objs in units:
+        tag = _unit_tag(kind, objs)
+        if cache is not None and tag:
+            try:
+                loaded += _shard_items(cache.get_bytes(shard_key(tag)), tag)
+                stats["objects_cached"] += len(objs)
+                continue
+            except (KeyError, ValueError, OSError, zipfile.BadZipFile):
+                pass   # no shard, or an unreadable one: a miss, the objects are read again
+        items, bad = _decode_unit(kind, objs, reader)
+        for it in items:
+            it.tag = tag
+        loaded += items
+        errors += bad
+        stats["objects_new"] += len(objs)
+        stats["new"] += [o[0] for o in objs]
+        if cache is not None and tag and not bad:
+            cache.put_bytes(shard_key(tag), _shard_bytes(items))
+    return loaded, sorted(errors, key=lambda e: e["uri"]), skipped, stats
 
 
 def _merge(loaded: list[Loaded]):
     """Concatenate; PNGs from one folder are reported as one source (one entry per object
     would bloat the card for thousands of files)."""
     groups: dict[str, dict] = {}
-    xs, ys, srcs = [], [], []
+    xs, ys, hs, srcs = [], [], [], []
     issues: dict[str, list] = {"shape_issues": [], "label_issues": [], "value_issues": []}
     for item in loaded:
         for kind, issue in item.issues.items():
@@ -328,21 +440,23 @@ def _merge(loaded: list[Loaded]):
             continue
         key = posixpath.dirname(posixpath.dirname(item.uri)) + "/" if item.fmt == "png" else item.uri
         g = groups.setdefault(key, {"uri": key, "format": item.fmt, "size": 0, "n": 0, "objects": 0,
-                                    "_i": len(groups)})
+                                    "tag": item.tag, "_i": len(groups)})
         g["size"] += item.size
         g["n"] += len(item.x)
         g["objects"] += 1
         xs.append(item.x)
         ys.append(item.y)
+        hs.append(item.h if item.h is not None else image_hashes(item.x))
         srcs.append(np.full(len(item.x), g["_i"], np.int32))
     sources = [{k: v for k, v in g.items() if k != "_i"} for g in groups.values()]
     for s in sources:
         if s["format"] != "png":
             s.pop("objects")
     if xs:
-        return np.concatenate(xs), np.concatenate(ys), np.concatenate(srcs), sources, issues
-    return (np.zeros((0, 28, 28), np.uint8), np.zeros(0, np.uint8), np.zeros(0, np.int32),
-            sources, issues)
+        return (np.concatenate(xs), np.concatenate(ys), np.concatenate(hs), np.concatenate(srcs),
+                sources, issues)
+    return (np.zeros((0, 28, 28), np.uint8), np.zeros(0, np.uint8), np.zeros(0, "S16"),
+            np.zeros(0, np.int32), sources, issues)
 
 
 def fingerprint(x: np.ndarray, y: np.ndarray) -> str:
@@ -365,48 +479,53 @@ def counts(y: np.ndarray) -> dict[str, int]:
     return {str(i): int(c[i]) for i in range(10)}
 
 
-def _drop_leaked(x, y, src, sources, eval_x) -> tuple[np.ndarray, ...]:
-    eval_h = set(image_hashes(eval_x).tolist())
-    leaked = np.array([h in eval_h for h in image_hashes(x).tolist()], bool) if len(x) else np.zeros(0, bool)
+def _drop_leaked(x, y, h, src, sources, eval_h) -> tuple[np.ndarray, ...]:
+    leaked = np.isin(h, eval_h) if len(x) else np.zeros(0, bool)
     by_source = {}
     for i in np.flatnonzero(leaked):
         by_source[sources[src[i]]["uri"]] = by_source.get(sources[src[i]]["uri"], 0) + 1
     keep = ~leaked
     info = {"dropped": int(leaked.sum()), "n_before": int(len(x)),
             "by_source": [{"uri": u, "n": n} for u, n in sorted(by_source.items())]}
-    return x[keep], y[keep], src[keep], info
+    return x[keep], y[keep], h[keep], src[keep], info
 
 
-def ingest(uris: list[str], out_dir: str, eval_uri: str | None = None) -> dict:
-    """Write out_dir/data.npz (x uint8 (N,28,28), y uint8, src int32), data_card.json, and
-    out_dir/eval.npz when eval_uri is given. Returns the data card."""
+def ingest(uris: list[str], out_dir: str, eval_uri: str | None = None,
+           cache: storage.Store | None = None) -> dict:
+    """Write out_dir/data.npz (x uint8 (N,28,28), y uint8, h S16 image hashes, src int32),
+    data_card.json, and out_dir/eval.npz when eval_uri is given. Returns the data card.
+    ``cache``: the store that keeps decoded shards (module docstring)."""
     if isinstance(uris, str):
         uris = [uris]
     if not uris:
         raise ValueError("ingest needs at least one data URI")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    loaded, errors, skipped = load_sources(list(uris))
-    x, y, src, sources, issues = _merge(loaded)
+    loaded, errors, skipped, cache_stats = load_sources(list(uris), cache)
+    x, y, h, src, sources, issues = _merge(loaded)
 
-    card_eval, eval_x = None, None
+    card_eval, eval_h = None, None
     if eval_uri:
-        e_loaded, e_errors, _ = load_sources([eval_uri])
-        ex, ey, esrc, e_sources, e_issues = _merge(e_loaded)
-        np.savez(out / "eval.npz", x=ex, y=ey, src=esrc)
+        e_loaded, e_errors, _, e_stats = load_sources([eval_uri], cache)
+        ex, ey, eh, esrc, e_sources, e_issues = _merge(e_loaded)
+        np.savez(out / "eval.npz", x=ex, y=ey, h=eh, src=esrc)
         card_eval = {"uri": eval_uri, "n": int(len(ex)), "counts": counts(ey),
                      "fingerprint": fingerprint(ex, ey), "sources": e_sources, "errors": e_errors,
                      **{k: v for k, v in e_issues.items() if v}}
-        eval_x = ex
+        if cache is not None:
+            card_eval["cache"] = _cache_card(e_stats)
+        eval_h = eh
 
     leakage = None
-    if eval_x is not None and len(eval_x):
-        x, y, src, leakage = _drop_leaked(x, y, src, sources, eval_x)
+    if eval_h is not None and len(eval_h):
+        x, y, h, src, leakage = _drop_leaked(x, y, h, src, sources, eval_h)
 
-    np.savez(out / "data.npz", x=x, y=y, src=src)
+    np.savez(out / "data.npz", x=x, y=y, h=h, src=src)
     card = {"n": int(len(x)), "counts": counts(y), "sources": sources,
             "fingerprint": fingerprint(x, y), "errors": errors, "skipped": skipped,
             **issues, "uris": list(uris)}
+    if cache is not None:
+        card["cache"] = _cache_card(cache_stats)
     if leakage is not None:
         card["leakage"] = leakage
     if card_eval is not None:
@@ -415,13 +534,22 @@ def ingest(uris: list[str], out_dir: str, eval_uri: str | None = None) -> dict:
     return card
 
 
+def _cache_card(stats: dict, limit: int = 50) -> dict:
+    """The card's "cache": counts, and the new objects by name (the first ``limit``)."""
+    new = stats["new"]
+    return {"objects_new": stats["objects_new"], "objects_cached": stats["objects_cached"],
+            "new": new[:limit], **({"new_not_listed": len(new) - limit} if len(new) > limit else {})}
+
+
 def summary(card: dict) -> dict:
     """The short form printed by the CLI and kept in step status."""
     return {"n": card["n"], "counts": card["counts"], "fingerprint": card["fingerprint"],
             "sources": len(card["sources"]), "errors": len(card["errors"]),
             "skipped": len(card.get("skipped", [])),
             "eval_n": card.get("eval", {}).get("n"),
-            "leaked_dropped": card.get("leakage", {}).get("dropped", 0)}
+            "leaked_dropped": card.get("leakage", {}).get("dropped", 0),
+            **({"objects_new": card["cache"]["objects_new"],
+                "objects_cached": card["cache"]["objects_cached"]} if "cache" in card else {})}
 
 
 def main(argv=None) -> int:
@@ -430,8 +558,11 @@ def main(argv=None) -> int:
     ap.add_argument("uris", nargs="+", help="objects or prefixes (s3://bucket/key, paths)")
     ap.add_argument("--out-dir", required=True)
     ap.add_argument("--eval-uri", help="the fixed eval set (npz or any supported format)")
+    ap.add_argument("--cache", help="store root (s3://bucket/prefix or a directory) that keeps "
+                                    "decoded shards, so unchanged objects are not read again")
     args = ap.parse_args(argv)
-    print(json.dumps(summary(ingest(args.uris, args.out_dir, args.eval_uri))))
+    cache = storage.open_store(args.cache) if args.cache else None
+    print(json.dumps(summary(ingest(args.uris, args.out_dir, args.eval_uri, cache))))
     return 0
 
 

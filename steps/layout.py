@@ -39,6 +39,17 @@ def data_card_key(run_id: str) -> str:
     return f"runs/{run_id}/data_card.json"
 
 
+def shard_key(tag: str) -> str:
+    """A decoded, hashed source object (steps.ingest), keyed by its URI and content tag:
+    kept across runs so a run reads only objects it has not seen."""
+    return f"cache/shards/{tag}.npz"
+
+
+def run_model_prefix(run_id: str) -> str:
+    """The run's model between training (or, for refresh, production's copy) and evaluate:
+    kept in the store so either branch of the pipeline's mode condition can hand it on."""
+    return f"runs/{run_id}/model/"
+
 def approval_key(run_id: str) -> str:
     """JSON {state: pending|approved|rejected|expired, by, at}: the run's approval as the
     bot last decided it, for publishers that can't see ctbot's Redis (steps.deploy's CLI)."""

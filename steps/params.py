@@ -20,6 +20,11 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 # 0.40-0.44x v0's wall, in one process and through the pipeline; fast 99.59%; v0 99.51%.
 PRESETS: dict[str, dict] = {
     "fast": {"epochs": 3},
+    # mode=warm's own short schedule (applied under explicit keys whenever mode=warm): it
+    # starts from production's weights, so one epoch at a lower peak adapts them to the
+    # new data without undoing them. Measured by bench/bench_ct.py (README, "Continuous
+    # training").
+    "warm": {"mode": "warm", "epochs": 1, "lr": 2e-3, "warmup": 0.1},
     "v0": {"epochs": 8, "batch_size": 256, "lr": 4e-3, "lr_schedule": "onecycle",
            "margin": 0.5, "scale": 30.0, "augment_shift": 2, "augment_rotate": 0.0,
            "augment_scale": 0.0, "augment_elastic": 0.0, "layers": "c16,p,c32,p,c64,c128", "warmup": 0.2, "min_steps": 1},
@@ -27,6 +32,7 @@ PRESETS: dict[str, dict] = {
 
 # name -> (min, max) inclusive; for str fields: the allowed values.
 _RANGES: dict[str, tuple] = {
+    "mode": ("full", "warm", "refresh"),
     "epochs": (1, 200),
     "batch_size": (8, 8192),
     "lr": (1e-6, 1.0),
@@ -59,6 +65,9 @@ def _f(default, help: str):
     return field(default=default, metadata={"help": help})
 
 
+MODES = _RANGES["mode"]
+
+
 @dataclass
 class TrainParams:
     epochs: int = _f(4, "passes over the training data")
@@ -83,6 +92,9 @@ class TrainParams:
     min_steps: int = _f(20, "optimiser steps per epoch at least: small data gets smaller batches (>= 16)")
     label_smoothing: float = _f(0.0, "share of the ArcFace target spread over the other classes")
     ema: float = _f(0.0, "decay of an exponential moving average of the weights, kept as the model (0 = off)")
+    mode: str = _f("full", "full: train from scratch; warm: start from production's weights and "
+                   "train briefly (preset warm); refresh: no training, production's weights embed "
+                   "the new objects into a copy of its gallery")
 
     @classmethod
     def valid_keys(cls) -> list[str]:
@@ -162,8 +174,11 @@ class TrainParams:
 
 
 def expand_preset(d: dict) -> dict:
-    """{"preset": "v0", "epochs": 3} -> v0's keys with epochs=3 on top."""
+    """{"preset": "v0", "epochs": 3} -> v0's keys with epochs=3 on top. mode=warm brings
+    preset warm's schedule unless another preset is named."""
     if "preset" not in d:
+        if str(d.get("mode") or "").strip().lower() == "warm":
+            return {**PRESETS["warm"], **d}
         return d
     d = dict(d)
     name = str(d.pop("preset")).strip().lower()

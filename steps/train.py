@@ -74,11 +74,13 @@ def resolve_device(device: str) -> str:
 
 
 def train(data_dir: str, out_dir: str, params: TrainParams | dict | None = None, on_epoch=None,
-          *, world_size: int | None = None) -> dict:
+          *, world_size: int | None = None, init_from: str | None = None) -> dict:
     """Train, save model.pt / model_export.pt / params.json / train_metrics.json in out_dir.
 
     world_size: processes for DDP. Default: the number of GPUs when training on CUDA,
     else 1. A value > 1 on CPU runs DDP over gloo (how the DDP path is tested here).
+    init_from: a model directory (mode=warm: production's) whose weights, network and
+    ArcFace head, training starts from; its architecture must be the one asked for.
     """
     import torch
 
@@ -90,12 +92,35 @@ def train(data_dir: str, out_dir: str, params: TrainParams | dict | None = None,
         world_size = torch.cuda.device_count() if device == "cuda" else 1
     x, y = load_training_data(data_dir)
     Path(out_dir).mkdir(parents=True, exist_ok=True)
+    init = _initial_weights(init_from, params) if init_from else None
     if world_size > 1:
-        return _train_ddp(x, y, out_dir, params, device, world_size, on_epoch)
-    return _fit(x, y, out_dir, params, device, rank=0, world=1, emit=on_epoch)
+        return _train_ddp(x, y, out_dir, params, device, world_size, on_epoch, init)
+    return _fit(x, y, out_dir, params, device, rank=0, world=1, emit=on_epoch, init=init)
 
 
-def _train_ddp(x, y, out_dir, params, device, world, on_epoch):
+def _initial_weights(model_dir: str, params: TrainParams) -> dict:
+    """model.pt's weights from model_dir, once its network matches the one params describe."""
+    import torch
+
+    from steps.model import MODEL_FILE, arch_config
+
+    path = Path(model_dir) / MODEL_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"no {MODEL_FILE} in {model_dir} to start from")
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    have, want = saved["config"], arch_config(params.embedding_dim, params.layers.split(","))
+    spec = lambda c: f"layers={','.join(c['layers'])} embedding_dim={c['embedding_dim']}"  # noqa: E731
+    if (list(have["layers"]), int(have["embedding_dim"])) != (want["layers"], want["embedding_dim"]):
+        raise ValueError(f"mode=warm needs the production network: production has {spec(have)}, "
+                         f"this run asks for {spec(want)}; train with the production's layers or "
+                         "use mode=full")
+    n_classes = saved.get("head", {}).get("weight", torch.zeros(N_CLASSES)).shape[0]
+    if n_classes != N_CLASSES:
+        raise ValueError(f"mode=warm: production's head has {n_classes} classes, need {N_CLASSES}")
+    return {"state_dict": saved["state_dict"], "head": saved.get("head")}
+
+
+def _train_ddp(x, y, out_dir, params, device, world, on_epoch, init=None):
     from queue import Empty
 
     import torch.multiprocessing as mp
@@ -105,7 +130,7 @@ def _train_ddp(x, y, out_dir, params, device, world, on_epoch):
         port = s.getsockname()[1]
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    procs = mp.spawn(_ddp_worker, args=(world, port, x, y, out_dir, params.to_dict(), device, queue),
+    procs = mp.spawn(_ddp_worker, args=(world, port, x, y, out_dir, params.to_dict(), device, queue, init),
                      nprocs=world, join=False)
     result = None
 
@@ -128,7 +153,7 @@ def _train_ddp(x, y, out_dir, params, device, world, on_epoch):
     return result
 
 
-def _ddp_worker(rank, world, port, x, y, out_dir, params_dict, device, queue):
+def _ddp_worker(rank, world, port, x, y, out_dir, params_dict, device, queue, init=None):
     import torch
     import torch.distributed as dist
 
@@ -142,7 +167,7 @@ def _ddp_worker(rank, world, port, x, y, out_dir, params_dict, device, queue):
             torch.cuda.set_device(rank)
             dev = f"cuda:{rank}"
         emit = (lambda d: queue.put(("epoch", d))) if rank == 0 else None
-        result = _fit(x, y, out_dir, TrainParams.from_dict(params_dict), dev, rank, world, emit)
+        result = _fit(x, y, out_dir, TrainParams.from_dict(params_dict), dev, rank, world, emit, init)
         if rank == 0:
             queue.put(("result", result))
     finally:
@@ -253,7 +278,7 @@ def _scheduler(opt, params, total_steps):
     return None
 
 
-def _fit(x, y, out_dir, params: TrainParams, device, rank, world, emit) -> dict:
+def _fit(x, y, out_dir, params: TrainParams, device, rank, world, emit, init=None) -> dict:
     import torch
     import torch.nn as nn
 
@@ -287,6 +312,10 @@ def _fit(x, y, out_dir, params: TrainParams, device, rank, world, emit) -> dict:
     cfg = arch_config(params.embedding_dim, params.layers.split(","))
     net = EmbeddingNet(cfg)
     head = ArcFace(params.embedding_dim, N_CLASSES, params.scale, params.margin, params.label_smoothing)
+    if init is not None:   # mode=warm: start where production's weights are
+        net.load_state_dict(init["state_dict"])
+        if init.get("head"):
+            head.load_state_dict(init["head"])
     # channels_last runs the CPU (oneDNN) convolutions ~15% faster here.
     mem = torch.contiguous_format if str(device).startswith("cuda") else torch.channels_last
     net = net.to(device, memory_format=mem)

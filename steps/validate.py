@@ -87,6 +87,12 @@ def _load(path: Path, what: str) -> dict:
     return arrays
 
 
+def _hashes(arrays: dict) -> np.ndarray:
+    """The per-image hashes ingest stored (from the shard cache), else computed here."""
+    h = arrays.get("h")
+    return h if h is not None and len(h) == len(arrays["x"]) else image_hashes(arrays["x"])
+
+
 def _label_problem(y, src, sources, where="") -> str | None:
     bad = y > 9
     if not bad.any():
@@ -145,7 +151,7 @@ def check_arrays(ds: DataSet) -> Found:
     except ValidationError as e:
         return [str(e)], []
     ds.x, ds.y, ds.src = data["x"], data["y"], data["src"]
-    ds.hashes = image_hashes(ds.x)
+    ds.hashes = _hashes(data)
     return [], []
 
 
@@ -183,8 +189,7 @@ def check_leakage(ds: DataSet) -> Found:
     empty or thin training set."""
     if ds.eval is None:
         return [], []
-    eval_h = set(image_hashes(ds.eval["x"]).tolist())
-    leaked = np.array([h in eval_h for h in ds.hashes.tolist()], bool)
+    leaked = np.isin(ds.hashes, _hashes(ds.eval)) if len(ds.hashes) else np.zeros(0, bool)
     card = ds.card
     earlier = card.get("leakage", {})  # what ingest already dropped
     n_before = earlier.get("n_before", len(ds.x))
@@ -206,7 +211,7 @@ def check_leakage(ds: DataSet) -> Found:
     if leaked.any():  # rows ingest did not already drop
         keep = ~leaked
         ds.x, ds.y, ds.src, ds.hashes = ds.x[keep], ds.y[keep], ds.src[keep], ds.hashes[keep]
-        np.savez(ds.dir / "data.npz", x=ds.x, y=ds.y, src=ds.src)
+        np.savez(ds.dir / "data.npz", x=ds.x, y=ds.y, h=ds.hashes, src=ds.src)
         card["n"], card["counts"], card["fingerprint"] = int(len(ds.x)), counts(ds.y), fingerprint(ds.x, ds.y)
         card["leakage"] = {"dropped": total, "n_before": n_before,
                            "by_source": [{"uri": u, "n": n} for u, n in sorted(by_source.items())]}

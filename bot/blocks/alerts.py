@@ -4,11 +4,19 @@ from __future__ import annotations
 import copy
 
 from bot import ids
-from bot.blocks.common import actions, button, context, esc, fields, header, msg, section, size
+from bot.blocks.common import actions, button, context, duration, esc, fields, header, msg, section, size
 from core.types import NewData
 
 
-def new_data_alert(found: NewData, alert_id: str, *, auto_retrain: bool = False) -> dict:
+def _expected(seconds: float | None) -> str:
+    return f"~{duration(seconds)}" if seconds is not None else "no run yet"
+
+
+def new_data_alert(found: NewData, alert_id: str, *, auto_retrain: bool = False,
+                   expected: dict | None = None) -> dict:
+    """``expected``: mode -> the median seconds of its last runs (core.ct_policy), shown on
+    the buttons so the choice between a refresh and a retrain is an informed one."""
+    expected = expected or {}
     n = len(found.keys)
     shown = "\n".join(f"• `{esc(k)}`" for k in found.keys[:8])
     if n > 8:
@@ -22,8 +30,14 @@ def new_data_alert(found: NewData, alert_id: str, *, auto_retrain: bool = False)
     if auto_retrain:
         blocks.append(context("Auto-retrain is on: a run starts on its own."))
     else:
+        refresh, full = expected.get("refresh"), expected.get("full")
+        blocks.append(context(
+            f"*Refresh gallery* ({_expected(refresh)}): production's weights embed the new images into "
+            f"its gallery, no training. *Retrain* ({_expected(full)}): a full run on all the data. "
+            "Times: the median of the last runs of that mode."))
         blocks.append(actions(
-            button("Retrain now", ids.RETRAIN_NEW_DATA, alert_id, style="primary"),
+            button(f"Refresh gallery ({_expected(refresh)})", ids.REFRESH_NEW_DATA, alert_id, style="primary"),
+            button(f"Retrain ({_expected(full)})", ids.RETRAIN_NEW_DATA, alert_id),
             button("Dismiss", ids.DISMISS_ALERT, alert_id),
             block_id=f"alert:{alert_id}"[:255]))
     blocks.append(context(f"fingerprint `{esc(found.fingerprint[:24])}` · alert `{esc(alert_id)}`"))

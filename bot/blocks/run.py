@@ -252,6 +252,35 @@ def _failure(f: _Final) -> list:
             *fields([("Duration", duration(f.report.get("total_seconds")))])]
 
 
+def _reuse(f: _Final) -> list:
+    """What the run reused: its mode, weights from which version, images added to the
+    gallery and from which objects, data read anew vs cached, time saved against the last
+    full run (the deliverer adds run_seconds and last_full to the report)."""
+    report = f.report
+    mode = report.get("mode") or (f.run.params or {}).get("mode")
+    if not mode:
+        return []
+    reuse = report.get("reuse") or {}
+    parts = [f"mode *{esc(mode)}*"]
+    if reuse.get("weights_from") is not None:
+        parts.append(f"weights from v{esc(reuse['weights_from'])}")
+    if mode == "refresh" and reuse.get("added_images") is not None:
+        objects = [str(o).rsplit("/", 1)[-1] for o in reuse.get("added_objects") or []]
+        shown = ", ".join(f"`{esc(o)}`" for o in objects[:3]) + (f" +{len(objects) - 3}" if len(objects) > 3 else "")
+        parts.append(f"+{reuse['added_images']} gallery images from {len(objects)} object(s)"
+                     + (f": {shown}" if shown else ""))
+    cache = f.data.get("cache") or {}
+    if cache:
+        parts.append(f"data: {cache.get('objects_new', 0)} object(s) read, {cache.get('objects_cached', 0)} from the cache")
+    took, last = report.get("run_seconds"), report.get("last_full") or {}
+    if took is not None:
+        line = f"took {duration(took)}"
+        if mode != "full" and last.get("seconds"):
+            line += (f", {duration(max(0.0, last['seconds'] - took))} less than the last full run "
+                     f"`{esc(last.get('run_id'))}` ({duration(last['seconds'])})")
+        parts.append(line)
+    return [context(" · ".join(parts))]
+
 def winning_trial(trials: list) -> int | None:
     """The trial select_best keeps: the highest validation top-1 (first on a tie)."""
     scored = [t for t in trials if isinstance(t, dict) and _number(t.get("val_top1")) is not None]
@@ -283,6 +312,7 @@ def _finished(f: _Final, title: str, body: list, buttons: list) -> dict:
         blocks.append(context("per class: " + " ".join(f"`{esc(k)}`:{v}" for k, v in
                                                        sorted(f.counts.items(), key=lambda kv: str(kv[0])))))
     blocks.append(context("params: " + _params_text(f.report.get("params") or run.params)))
+    blocks += _reuse(f)
     blocks.append(actions(*buttons, button("View run", ids.VIEW_RUN, run.run_id),
                           button("Retrain", ids.RETRAIN, run.run_id), block_id=f"report:{run.run_id}"[:255]))
     text = f"Run {run.run_id} {f.status}" + (

@@ -120,15 +120,24 @@ def _once_per_button(action: str, job):
 
 
 
-@once_per_button("train")
-def retrain_new_data(ctx, body: dict) -> str | None:
+def _run_from_alert(ctx, body: dict, mode: str, what: str) -> str:
     c = Click(body)
     with _private(ctx, c):
-        # The alert id is the dedupe key: two clicks (or two people) start one run.
-        run = ctx.service.request_training(f"new data (alert {c.value}), retrain by <@{c.user}>", {}, c.user,
-                                           trigger="new_data", dedupe_key=c.value)
-        _update(ctx, c, f":rocket: <@{c.user}> started run `{esc(run.run_id)}` from this alert.", None)
+        # The alert id is the dedupe key: two clicks (or two people, on either button) start one run.
+        run = ctx.service.request_training(f"new data (alert {c.value}), {what} by <@{c.user}>",
+                                           {"mode": mode}, c.user, trigger="new_data", dedupe_key=c.value)
+        _update(ctx, c, f":rocket: <@{c.user}> started run `{esc(run.run_id)}` from this alert ({what}).", None)
         return f"started run {run.run_id}"
+
+
+@once_per_button("train")
+def retrain_new_data(ctx, body: dict) -> str | None:
+    return _run_from_alert(ctx, body, "full", "retrain")
+
+
+@once_per_button("train")
+def refresh_new_data(ctx, body: dict) -> str | None:
+    return _run_from_alert(ctx, body, "refresh", "refresh gallery")
 
 
 @once_per_button("train")
@@ -271,7 +280,8 @@ def _acking(app, job):
     return listener
 
 
-JOBS = {ids.RETRAIN_NEW_DATA: retrain_new_data, ids.DISMISS_ALERT: dismiss_alert, ids.PROMOTE: promote,
+JOBS = {ids.RETRAIN_NEW_DATA: retrain_new_data, ids.REFRESH_NEW_DATA: refresh_new_data,
+        ids.DISMISS_ALERT: dismiss_alert, ids.PROMOTE: promote,
         ids.ROLLBACK: rollback, ids.CANCEL_RUN: cancel_run, ids.VIEW_RUN: view_run, ids.RETRAIN: retrain,
         ids.APPROVE_DEPLOY: approve_deploy, ids.REJECT_DEPLOY: reject_deploy, ids.HOME_ROLLBACK_TO: rollback_to,
         ids.HOME_PAUSE: pause_schedule, ids.HOME_RESUME: resume_schedule, ids.RETRY_FIRE: retry_fire}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -113,6 +114,13 @@ def test_demo_command_ends_in_a_posted_report(tmp_path, redis_url):
                           text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     transcript = (out / "slack-transcript.txt").read_text()
-    assert "Retrain now" in transcript and "/ct train" in transcript
+    assert "Refresh gallery" in transcript and "/ct train" in transcript
+    # the refreshed run's report says what it reused and how long it took
+    assert re.search(r"mode \*?refresh\*? · weights from v1 · \+400 gallery images from 1 object", transcript), \
+        transcript[-3000:]
+    assert re.search(r"mode \*?refresh\*?.* · took \d+", transcript)
+    assert "clicked [Refresh gallery] on the alert" in proc.stdout
     assert "the channel transcript is in" in proc.stdout
+    assert "Sweep: 2 trials" in transcript and "App Home of alice:" in proc.stdout
+    assert "the form opened" in proc.stdout and (out / "slack-home.html").is_file()
     assert list(out.glob("*.png")), "the confusion matrix image was not saved"

@@ -40,7 +40,7 @@ def finished_report(bot, run_id, **kw) -> str:
 def test_retrain_now_starts_one_run_even_when_clicked_twice(bot):
     ts = post_alert(bot, "alert-42")
     b = buttons(latest(bot, ts).blocks)
-    assert set(b) == {ids.RETRAIN_NEW_DATA, ids.DISMISS_ALERT}
+    assert set(b) == {ids.REFRESH_NEW_DATA, ids.RETRAIN_NEW_DATA, ids.DISMISS_ALERT}
     # Two people click before the message changes (both payloads carry the buttons).
     p1 = bot.standin.action_payload(bot.channel, ts, ids.RETRAIN_NEW_DATA, user=ALICE)
     p2 = bot.standin.action_payload(bot.channel, ts, ids.RETRAIN_NEW_DATA, user=BOB)
@@ -58,6 +58,39 @@ def test_retrain_now_starts_one_run_even_when_clicked_twice(bot):
     msg = latest(bot, ts)
     assert buttons(msg.blocks) == {}                  # no second click possible
     assert f"started run `{run.run_id}` from this alert" in message_text(msg.to_payload())
+
+
+def test_refresh_gallery_starts_a_refresh_run_and_the_alert_says_what_each_mode_takes(bot):
+    # a finished full run, published: production exists, and full has a duration to show
+    run_id = start_run(bot)
+    finished_report(bot, run_id)
+    deploy.publish(bot.store, bot.settings.model_name, f"runs/{run_id}/candidate/", run_id=run_id, by=ALICE)
+    full = bot.service.get_run(run_id)
+    took = round(full.finished_at - full.started_at)
+    ts = post_alert(bot, "alert-51")
+    b = buttons(latest(bot, ts).blocks)
+    assert b[ids.REFRESH_NEW_DATA]["text"]["text"] == "Refresh gallery (no run yet)"
+    assert b[ids.RETRAIN_NEW_DATA]["text"]["text"] == f"Retrain (~{took}s)"
+    assert "median of the last runs of that mode" in message_text(latest(bot, ts).to_payload())
+    bot.click(ts, ids.REFRESH_NEW_DATA, user=BOB)
+    wait_update(bot, ts)
+    run = bot.service.get_run(bot.runner.submits[-1]["run_id"])
+    assert run.params["mode"] == "refresh" and run.trigger == "new_data" and "refresh gallery" in run.reason
+    assert bot.runner.submits[-1]["params"]["mode"] == "refresh"
+    assert f"started run `{run.run_id}` from this alert (refresh gallery)" in message_text(latest(bot, ts).to_payload())
+    # its report says what was reused and the time against the last full run
+    finish_run(bot.store, bot.runner, run.run_id, version=2)
+    bot.store.put_json(f"runs/{run.run_id}/candidate/lineage.json", {
+        "mode": "refresh", "weights_from": 1, "added_images": 400,
+        "added_objects": ["s3://b/data/new-0.npz", "s3://b/data/new-1.npz"]})
+    from pipelines.report import finalize_run
+    finalize_run(bot.store, run.run_id, model=bot.settings.model_name)
+    bot.service.refresh(run.run_id)
+    final = bot.service.get_run(run.run_id)
+    bot.standin.wait_for("chat.update", where=lambda a: a.get("ts") == final.slack_ts and "took" in json.dumps(a))
+    text = message_text(bot.standin.message(bot.channel, final.slack_ts).to_payload())
+    assert "mode *refresh* · weights from v1 · +400 gallery images from 2 object(s): `new-0.npz`, `new-1.npz`" in text
+    assert f"less than the last full run `{run_id}`" in text
 
 
 def test_dismiss_updates_the_alert_and_is_audited(bot):

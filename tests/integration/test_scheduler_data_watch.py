@@ -173,6 +173,47 @@ def test_concurrent_ticks_do_not_overlap(parts, bucket):
     assert sorted(r.action for r in results) == ["alert", "skip"]
 
 
+def test_on_new_data_picks_the_mode_by_the_guard_rails(parts, bucket):
+    """ct.on_new_data: refresh, through real ticks, runs and the service: full while there is
+    no production model, then refreshes, warm after refresh.max_in_a_row of them, full after
+    a held warm, warm after a held refresh; each run's reason says why."""
+    from steps import deploy
+
+    state, store, runner, notifier = parts
+    settings = settings_for(bucket, ct={"on_new_data": "refresh", "refresh": {"max_in_a_row": 2}})
+    watch, service = watch_for(settings, state, store, runner, notifier)
+    watch.tick()
+    seen = []
+
+    def next_run(i: int, decision: str = "deploy"):
+        store.put_bytes(f"data/2026-12-0{i}/batch.npz", f"batch {i}".encode())
+        res = watch.tick()
+        assert res.run, res.skip_reason
+        run = service.get_run(res.run_id)
+        finish_run(store, runner, run.run_id, decision=decision)
+        service.refresh(run.run_id)
+        if decision == "deploy":
+            deploy.publish(store, settings.model_name, f"runs/{run.run_id}/candidate/",
+                           run_id=run.run_id, by="scheduler")
+        seen.append(run.params["mode"])
+        return run
+
+    first = next_run(1)
+    assert first.params["mode"] == "full" and "refresh needs a production model" in first.reason
+    second = next_run(2)
+    assert second.params["mode"] == "refresh" and "mode refresh: the configured mode is refresh" in second.reason
+    next_run(3)
+    warm = next_run(4, decision="hold")
+    assert warm.params["mode"] == "warm" and "2 refreshes in a row reached refresh.max_in_a_row (2)" in warm.reason
+    full = next_run(5)
+    assert full.params["mode"] == "full" and f"the last warm run `{warm.run_id}` was held by the gate" in full.reason
+    held = next_run(6, decision="hold")
+    after = next_run(7)
+    assert (held.params["mode"], after.params["mode"]) == ("refresh", "warm")
+    assert f"the last refresh run `{held.run_id}` was held by the gate" in after.reason
+    assert seen == ["full", "refresh", "refresh", "warm", "full", "refresh", "warm"]
+    assert [s["params"]["mode"] for s in runner.submits] == seen     # what the pipeline was given
+
 def test_an_auto_retrain_that_failed_is_retried_at_start_up(parts, bucket, redis_url):
     """The runner refuses the submit past the retry window: the fire is announced with a
     Retry button; the next start-up's catch-up retries it, into one run."""

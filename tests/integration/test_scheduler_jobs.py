@@ -268,6 +268,26 @@ def test_bad_schedule_settings_fail_at_start(settings, redis_url, s3_store, runn
         replica(settings, redis_url, s3_store, runner, time.time)
 
 
+def test_the_weekly_run_takes_schedule_mode_under_the_guard_rails(bucket, redis_url, s3_store, runner, data):
+    """schedule.mode: refresh; full while there is no production model, then refresh."""
+    from steps import deploy
+
+    settings = Settings(store=f"s3://{bucket}/", retrain_day="tue", retrain_time="09:00",
+                        timezone="Europe/Paris", schedule={"mode": "refresh"})
+    clock = Clock(TUE_0900)
+    jobs = replica(settings, redis_url, s3_store, runner, clock)
+    first = jobs.weekly_retrain().run
+    assert first.params["mode"] == "full" and "refresh needs a production model" in first.reason
+    finish_run(s3_store, runner, first.run_id)
+    jobs.run_watch()
+    deploy.publish(s3_store, settings.model_name, f"runs/{first.run_id}/candidate/", run_id=first.run_id,
+                   by="scheduler")
+    clock.t = TUE_0900.timestamp() + 7 * 86400 + 0.5
+    second = jobs.weekly_retrain().run
+    assert second.params["mode"] == "refresh"
+    assert second.reason == "weekly retrain 2026-W49; mode refresh: the configured mode is refresh"
+    assert [s["params"]["mode"] for s in runner.submits] == ["full", "refresh"]
+
 def test_a_failed_fire_is_folded_into_the_next_catch_up(settings, redis_url, s3_store, runner):
     """W47 failed (no data: a refusal, announced at once); the scheduler is then down over
     W48. Once data is there, the start-up catch-up runs both weeks in one run."""

@@ -55,6 +55,8 @@ DEFAULTS = {
     "http.probe_port": 3001, "http.max_header_bytes": 16 << 10, "http.max_headers": 100,
     "http.max_body_bytes": 1 << 20, "http.max_connections": 1000, "http.request_seconds": 10.0,
     "http.keepalive_seconds": 5.0, "http.ack_threads": 4, "http.shutdown_seconds": 20.0,
+    # continuous-training modes (issue 21)
+    "schedule.mode": "full", "ct.on_new_data": "alert", "ct.refresh.max_in_a_row": 5,
     # the App Home tab republished after changes (issue 22)
     "home_refresh_seconds": 10.0, "sweep.max_trials": 8,
 }

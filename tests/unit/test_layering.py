@@ -23,7 +23,7 @@ ALLOWED = {
 # Packages that must stay torch-free may only use these steps modules (the bot process
 # never imports torch or faiss).
 TORCH_FREE_STEPS = {"steps", "steps.layout", "steps.results", "steps.storage", "steps.params",
-                    "steps.deploy", "steps.crashpoints"}
+                    "steps.deploy", "steps.crashpoints", "steps.reuse"}
 TORCH_FREE_USERS = {"bot", "scheduler", "core"}
 
 

@@ -58,10 +58,30 @@ def test_seven_steps_in_order(compiled):
     deps = {t: set(body[t].get("dependentTasks", [])) for t in body}
     assert deps["ingest"] == set()
     assert deps["validate"] == {"ingest"}
-    assert deps["train"] == {"validate"}          # trains on the validated copy
-    assert deps["embed"] == {"train", "validate"}
+    branches = next(t for t in body if t.startswith("condition-branches-"))
+    assert deps[branches] == {"validate"}         # trains (or reuses) on the validated copy
+    assert deps["embed"] == {branches, "validate"}
     assert deps["index"] == {"embed"}
-    assert deps["evaluate"] == {"index", "embed", "train", "validate"}
+    assert deps["evaluate"] == {"index", "embed", branches, "validate"}
+
+
+def test_mode_refresh_skips_training_by_a_condition(compiled):
+    """One definition for every mode: train runs unless mode == 'refresh', which reuses
+    production's weights; embed and evaluate take whichever model was staged (dsl.OneOf)."""
+    train_group, reuse_group = where(compiled, "train"), where(compiled, "reuse-production")
+    assert where(compiled, "stage-model") == train_group
+    branches = dags(compiled)["comp-condition-branches-2"]
+    conditions = {t["componentRef"]["name"]: t["triggerPolicy"]["condition"] for t in branches.values()}
+    refresh = "inputs.parameter_values['pipelinechannel--mode'] == 'refresh'"
+    assert conditions == {reuse_group: refresh, train_group: f"!({refresh})"}
+    selectors = compiled["components"]["comp-condition-branches-2"]["dag"]["outputs"]["parameters"]
+    (oneof,) = selectors.values()
+    assert {s["outputParameterKey"] for s in oneof["valueFromOneof"]["parameterSelectors"]} == {
+        "pipelinechannel--reuse-production-Output", "pipelinechannel--stage-model-Output"}
+    body = dags(compiled)["comp-exit-handler-1"]
+    for step in ("embed", "evaluate"):
+        assert body[step]["inputs"]["parameters"]["model_uri"]["taskOutputParameter"][
+            "producerTask"] == "condition-branches-2"
 
 
 def test_deploy_only_under_the_decision(compiled):
@@ -89,7 +109,7 @@ def test_interface_and_outputs(compiled):
     params = compiled["root"]["inputDefinitions"]["parameters"]
     assert {k: v["parameterType"] for k, v in params.items()} == {
         "run_id": "STRING", "store": "STRING", "model_name": "STRING", "data_uris": "LIST",
-        "eval_uri": "STRING", "params": "STRUCT", "floor": "NUMBER_DOUBLE",
+        "eval_uri": "STRING", "params": "STRUCT", "mode": "STRING", "floor": "NUMBER_DOUBLE",
         "tolerance": "NUMBER_DOUBLE", "keep_versions": "NUMBER_INTEGER", "requested_by": "STRING", "require_approval": "BOOLEAN"}
     assert not params["run_id"].get("isOptional") and not params["store"].get("isOptional")
     ev = compiled["components"]["comp-evaluate"]["outputDefinitions"]
@@ -166,13 +186,13 @@ def test_bad_resources_config_names_the_problem(tmp_path):
 
 
 def test_sweep_pipeline_fans_out_over_the_parameter(compiled_sweep):
-    body = dags(compiled_sweep)["comp-exit-handler-1"]
+    body = dags(compiled_sweep)[where(compiled_sweep, "select-best")]   # the train branch
     loop = next(t for t in body if t.startswith("for-loop-"))
     assert body[loop]["parameterIterator"]["items"] == {"inputParameter": "pipelinechannel--sweep"}
     assert body[loop]["iteratorPolicy"] == {"parallelismLimit": 3}
     assert "train-trial" in dags(compiled_sweep)[f"comp-{loop}"]
     assert loop in body["select-best"]["dependentTasks"]
-    assert "select-best" in body["embed"]["dependentTasks"]
+    assert "select-best" in body["stage-model"]["dependentTasks"]
     sel = compiled_sweep["components"]["comp-select-best"]["inputDefinitions"]
     assert sel["artifacts"]["models"]["isArtifactList"] is True
     assert where(compiled_sweep, "deploy").startswith("comp-condition-")
@@ -216,7 +236,7 @@ def test_kfp_runner_builds_the_request_without_a_server():
     assert req["arguments"] == {
         "run_id": "r-1", "store": "s3://bkt/ct", "model_name": "mnist-arcface",
         "data_uris": ["s3://bkt/ct/data/"], "eval_uri": "s3://bkt/ct/eval/eval.npz",
-        "params": {"epochs": 2}, "floor": 0.9, "tolerance": 0.002, "keep_versions": 3,
+        "params": {"epochs": 2}, "mode": "full", "floor": 0.9, "tolerance": 0.002, "keep_versions": 3,
         "requested_by": "U1", "require_approval": False}
     assert runner.run_url("abc") == "http://kfp.example:8888/#/runs/details/abc"
 

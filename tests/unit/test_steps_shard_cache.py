@@ -1,0 +1,147 @@
+"""The shard cache: a run reads and validates only objects it has not seen (S3 on the moto
+server through boto3, the real ingest and validate steps)."""
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from steps.ingest import ingest
+from steps.synthetic import make_digits
+from steps.validate import ValidationError, validate
+from tests.helpers import npz_bytes
+
+
+def png_bytes(img: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def shard_keys(store) -> list[str]:
+    return sorted(o.key for o in store.list("cache/shards/"))
+
+
+def arrays(d):
+    with np.load(d / "data.npz") as z:
+        return z["x"], z["y"], z["h"]
+
+
+@pytest.fixture
+def world(s3_store, bucket):
+    x, y = make_digits(300, seed=3)
+    ex, ey = make_digits(100, seed=4)
+    s3_store.put_bytes("data/a.npz", npz_bytes(x=x[:150], y=y[:150]))
+    s3_store.put_bytes("data/b.npz", npz_bytes(x=x[150:], y=y[150:]))
+    s3_store.put_bytes("eval/eval.npz", npz_bytes(x=ex, y=ey))
+    return {"data": f"s3://{bucket}/data/", "eval": f"s3://{bucket}/eval/eval.npz",
+            "x": x, "y": y, "ex": ex, "ey": ey}
+
+
+def test_second_run_reads_only_the_new_object(s3_store, world, tmp_path):
+    first = ingest([world["data"]], str(tmp_path / "1"), world["eval"], cache=s3_store)
+    assert first["cache"]["objects_new"] == 2 and first["cache"]["objects_cached"] == 0
+    assert first["eval"]["cache"] == {"objects_new": 1, "objects_cached": 0,
+                                      "new": [world["eval"]]}
+    assert len(shard_keys(s3_store)) == 3          # a, b and the eval set
+    validate(str(tmp_path / "1"))
+
+    nx, ny = make_digits(40, seed=5)
+    s3_store.put_bytes("data/c.npz", npz_bytes(x=nx, y=ny))
+    second = ingest([world["data"]], str(tmp_path / "2"), world["eval"], cache=s3_store)
+    assert second["cache"] == {"objects_new": 1, "objects_cached": 2,
+                               "new": [world["data"] + "c.npz"]}
+    assert second["eval"]["cache"]["objects_cached"] == 1
+    assert second["n"] == 340 and validate(str(tmp_path / "2"))["ok"]
+
+    # the cached rows are exactly what reading the objects gives
+    plain = ingest([world["data"]], str(tmp_path / "plain"), world["eval"])
+    assert "cache" not in plain
+    assert second["fingerprint"] == plain["fingerprint"]
+    for got, want in zip(arrays(tmp_path / "2"), arrays(tmp_path / "plain"), strict=True):
+        np.testing.assert_array_equal(got, want)
+    # the source tags the refresh mode compares: the same for an unchanged object
+    assert [s["tag"] for s in second["sources"][:2]] == [s["tag"] for s in first["sources"]]
+
+
+def test_rewritten_object_is_validated_again(s3_store, world, tmp_path):
+    ingest([world["data"]], str(tmp_path / "1"), world["eval"], cache=s3_store)
+    bad_y = world["y"][150:].copy()
+    bad_y[:3] = 11
+    s3_store.put_bytes("data/b.npz", npz_bytes(x=world["x"][150:], y=bad_y))   # new ETag
+    card = ingest([world["data"]], str(tmp_path / "2"), world["eval"], cache=s3_store)
+    assert card["cache"] == {"objects_new": 1, "objects_cached": 1, "new": [world["data"] + "b.npz"]}
+    with pytest.raises(ValidationError, match=r"labels out of range 0-9 in s3://.*/data/b\.npz: 11"):
+        validate(str(tmp_path / "2"))
+
+
+def test_a_cached_bad_object_still_fails_validation(s3_store, world, tmp_path):
+    """The issues found when an object was decoded are cached with it."""
+    bad_y = world["y"][:150].copy()
+    bad_y[0] = 12
+    s3_store.put_bytes("data/a.npz", npz_bytes(x=world["x"][:150], y=bad_y))
+    for run in ("1", "2"):
+        card = ingest([world["data"]], str(tmp_path / run), world["eval"], cache=s3_store)
+        with pytest.raises(ValidationError, match=r"data/a\.npz: 12"):
+            validate(str(tmp_path / run))
+    assert card["cache"]["objects_cached"] == 2
+
+
+def test_leakage_is_checked_against_the_whole_eval_set_for_cached_objects(s3_store, world, tmp_path):
+    ingest([world["data"]], str(tmp_path / "1"), world["eval"], cache=s3_store)
+    # the eval set changes to include 4 images of the cached object a
+    ex = np.concatenate([world["ex"], world["x"][:4]])
+    ey = np.concatenate([world["ey"], world["y"][:4]])
+    s3_store.put_bytes("eval/eval.npz", npz_bytes(x=ex, y=ey))
+    card = ingest([world["data"]], str(tmp_path / "2"), world["eval"], cache=s3_store)
+    assert card["cache"]["objects_cached"] == 2 and card["eval"]["cache"]["objects_new"] == 1
+    assert card["leakage"]["dropped"] == 4 and card["n"] == 296
+    assert card["leakage"]["by_source"] == [{"uri": world["data"] + "a.npz", "n": 4}]
+    result = validate(str(tmp_path / "2"))
+    assert result["stats"]["leaked"] == 4 and result["stats"]["n"] == 296
+
+
+def test_png_folder_is_one_shard_and_a_changed_file_rereads_it(s3_store, bucket, world, tmp_path):
+    x, y = make_digits(20, seed=6)
+    for i, (img, label) in enumerate(zip(x, y, strict=True)):
+        s3_store.put_bytes(f"pngs/{label}/{i:03d}.png", png_bytes(img))
+    uri = f"s3://{bucket}/pngs/"
+    first = ingest([uri], str(tmp_path / "1"), world["eval"], cache=s3_store)
+    second = ingest([uri], str(tmp_path / "2"), world["eval"], cache=s3_store)
+    assert (first["cache"]["objects_new"], second["cache"]["objects_cached"]) == (20, 20)
+    assert second["sources"] == first["sources"] and second["fingerprint"] == first["fingerprint"]
+    s3_store.put_bytes(f"pngs/{y[0]}/000.png", png_bytes(255 - x[0]))
+    third = ingest([uri], str(tmp_path / "3"), world["eval"], cache=s3_store)
+    assert third["cache"]["objects_new"] == 20 and third["fingerprint"] != first["fingerprint"]
+
+
+def test_local_files_are_tagged_by_content(tmp_path):
+    from steps.storage import open_store
+
+    cache = open_store(str(tmp_path / "store"))
+    data = tmp_path / "data"
+    data.mkdir()
+    x, y = make_digits(60, seed=7)
+    (data / "a.npz").write_bytes(npz_bytes(x=x, y=y))
+    assert ingest([str(data)], str(tmp_path / "1"), cache=cache)["cache"]["objects_new"] == 1
+    assert ingest([str(data)], str(tmp_path / "2"), cache=cache)["cache"]["objects_cached"] == 1
+    (data / "a.npz").write_bytes(npz_bytes(x=255 - x, y=y))   # same size, same second maybe
+    assert ingest([str(data)], str(tmp_path / "3"), cache=cache)["cache"]["objects_new"] == 1
+
+
+def test_refresh_adds_only_unseen_objects_and_refuses_changed_ones():
+    from steps.reuse import new_rows
+
+    base = {"sources": [{"uri": "s3://b/data/a.npz", "tag": "t1"}, {"uri": "s3://b/data/b.npz", "tag": "t2"}]}
+    card = {"sources": [*base["sources"], {"uri": "s3://b/data/c.npz", "tag": "t3"}]}
+    src = np.array([0, 0, 1, 2, 2, 2])
+    rows, objects = new_rows(card, src, base)
+    assert rows.tolist() == [3, 4, 5] and objects == ["s3://b/data/c.npz"]
+    rewritten = {"sources": [{"uri": "s3://b/data/a.npz", "tag": "t9"}, *card["sources"][1:]]}
+    with pytest.raises(ValueError, match=r"rewritten since: s3://b/data/a\.npz.*run mode=warm or mode=full"):
+        new_rows(rewritten, src, base)
+    with pytest.raises(ValueError, match=r"removed since: s3://b/data/b\.npz"):
+        new_rows({"sources": card["sources"][:1] + card["sources"][2:]}, src, base)
+    untagged = {"sources": [{"uri": "s3://b/data/a.npz"}]}
+    with pytest.raises(ValueError, match="predates content tags"):
+        new_rows(card, src, untagged)
