@@ -293,39 +293,14 @@ def run(args: argparse.Namespace) -> int:
 
         settings = Settings.from_env(**overrides)
         store = open_store(settings.store)
-        n = args.eval + 2 * args.batch
-        x, y, source = load_digits(n)
-        say(f"{n} real MNIST digits from {source}: eval {args.eval}, two batches of {args.batch}")
-        store.put_bytes(settings.eval_uri or layout.DEFAULT_EVAL_KEY, npz_bytes(x[:args.eval], y[:args.eval]))
-        batches = [(x[args.eval + i * args.batch: args.eval + (i + 1) * args.batch],
-                    y[args.eval + i * args.batch: args.eval + (i + 1) * args.batch]) for i in range(2)]
-
+        x, y, batches = seed_eval_and_batches(args, settings, store)
         serving_url = start_model_server(services, settings, out)
         settings.serving.url = serving_url   # the bot's status, reports and announcements read it
         proc = build_bot(build_deps(settings)).start(port=0)
         app_url = proc.server.events_url
         say(f"bot serving {app_url}; scheduler: next weekly retrain {proc.scheduler.next_retrain():%a %Y-%m-%d %H:%M %Z}")
-        channel = settings.slack_channel
 
-        # 1. New data arrives; the data watch alerts. The first tick takes what is already
-        #    in the bucket as seen, so it runs before the upload.
-        proc.scheduler.run_data_watch_now()
-        key = f"{settings.data_prefix}2026-11-17/batch-0001.npz"
-        store.put_bytes(key, npz_bytes(*batches[0]))
-        say(f"uploaded {key}")
-        tick(proc)
-
-        # 2. Someone types /ct train.
-        if standin:
-            reply = standin.command(app_url, f"train epochs={args.epochs}", user="U0ALICE01")
-            say(f"/ct train epochs={args.epochs} (signed HTTP request) -> HTTP {reply['status']}")
-            if reply["status"] != 200:
-                raise SystemExit(f"demo: the bot refused /ct train: {reply['body']}")
-            run1 = _wait_new_run(proc.service, set())
-        else:
-            run1 = proc.service.request_training("demo: /ct train", {"epochs": args.epochs}, "demo")
-        first = wait_for_run(proc.service, run1.run_id, args.timeout)
-        print_report(first)
+        first = first_run(proc, standin, app_url, args, settings, store, batches[0])
         deployed_first = bool(first.model_version)   # the serving walk-through follows a deployed one
         if standin and not first.model_version:
             # a refresh reuses production's weights: a held first model is promoted first
@@ -334,43 +309,15 @@ def run(args: argparse.Namespace) -> int:
             wait_served(serving_url, settings.model_name, first.model_version)
             show_predictions(serving_url, settings.model_name, x[:8], y[:8])
 
-        # 3. More data; the alert's Refresh gallery button starts the next run: production's
-        #    weights embed the new images into a copy of its gallery, no training.
-        key = f"{settings.data_prefix}2026-11-20/batch-0002.npz"
-        store.put_bytes(key, npz_bytes(*batches[1]))
-        say(f"uploaded {key}")
-        tick(proc)
-        if standin:
-            alert = latest_alert(standin, channel)
-            click = standin.click(app_url, channel, alert.ts, ids.REFRESH_NEW_DATA, user="U0BOB0001")
-            say(f"clicked [Refresh gallery] on the alert -> HTTP {click['status']}")
-            run2 = _wait_new_run(proc.service, {first.run_id})
-        else:
-            run2 = proc.service.request_training("demo: new data", {"mode": "refresh"}, "demo",
-                                                 trigger="new_data")
-        second = wait_for_run(proc.service, run2.run_id, args.timeout)
-        print_report(second)
+        second = second_run(proc, standin, app_url, args, settings, store, batches[1], first)
         if standin and deployed_first:
             follow_second_deploy_and_rollback(proc, standin, app_url, settings, serving_url, second, x[:1])
-
         if standin and args.sweep:
             run_sweep(proc, standin, app_url, args, {first.run_id, second.run_id})
-
         if standin:
-            standin.command(app_url, "status", user="U0ALICE01")
-            time.sleep(1.0)  # the status reply is posted after the ack
-            show_form_and_home(standin, app_url, out)
-            images = standin.save_files(out)
-            path = standin.save_transcript(out / "slack-transcript.txt")
-            page = standin.save_html(out / "slack-channel.html", channel)
-            print()
-            print(path.read_text())
-            say(f"the channel transcript is in {path}")
-            say(f"the channel as Slack shows it: {page} (open it in a browser)")
-            for img in images:
-                say(f"uploaded image: {img}")
+            show_channel(standin, app_url, out, settings.slack_channel)
         else:
-            say(f"the reports were posted to {channel} in your Slack workspace")
+            say(f"the reports were posted to {settings.slack_channel} in your Slack workspace")
         say(f"report.json of the last run: {store.uri(layout.report_key(second.run_id))}")
         say(f"done in {time.monotonic() - started:.0f} s")
         return 0 if first.state == "succeeded" and second.state == "succeeded" else 1
@@ -378,6 +325,74 @@ def run(args: argparse.Namespace) -> int:
         if proc is not None:
             proc.stop()
         services.stop()
+
+
+def seed_eval_and_batches(args, settings, store):
+    """Real MNIST digits: the fixed eval set into the bucket, two batches kept for later."""
+    n = args.eval + 2 * args.batch
+    x, y, source = load_digits(n)
+    say(f"{n} real MNIST digits from {source}: eval {args.eval}, two batches of {args.batch}")
+    store.put_bytes(settings.eval_uri or layout.DEFAULT_EVAL_KEY, npz_bytes(x[:args.eval], y[:args.eval]))
+    batches = [(x[args.eval + i * args.batch: args.eval + (i + 1) * args.batch],
+                y[args.eval + i * args.batch: args.eval + (i + 1) * args.batch]) for i in range(2)]
+    return x, y, batches
+
+
+def first_run(proc, standin, app_url, args, settings, store, batch):
+    """New data arrives and the data watch alerts; then someone types /ct train."""
+    # The first tick takes what is already in the bucket as seen, so it runs before the upload.
+    proc.scheduler.run_data_watch_now()
+    key = f"{settings.data_prefix}2026-11-17/batch-0001.npz"
+    store.put_bytes(key, npz_bytes(*batch))
+    say(f"uploaded {key}")
+    tick(proc)
+    if standin:
+        reply = standin.command(app_url, f"train epochs={args.epochs}", user="U0ALICE01")
+        say(f"/ct train epochs={args.epochs} (signed HTTP request) -> HTTP {reply['status']}")
+        if reply["status"] != 200:
+            raise SystemExit(f"demo: the bot refused /ct train: {reply['body']}")
+        run1 = _wait_new_run(proc.service, set())
+    else:
+        run1 = proc.service.request_training("demo: /ct train", {"epochs": args.epochs}, "demo")
+    first = wait_for_run(proc.service, run1.run_id, args.timeout)
+    print_report(first)
+    return first
+
+
+def second_run(proc, standin, app_url, args, settings, store, batch, first):
+    """More data; the alert's Refresh gallery button starts the next run: production's
+    weights embed the new images into a copy of its gallery, no training."""
+    key = f"{settings.data_prefix}2026-11-20/batch-0002.npz"
+    store.put_bytes(key, npz_bytes(*batch))
+    say(f"uploaded {key}")
+    tick(proc)
+    if standin:
+        alert = latest_alert(standin, settings.slack_channel)
+        click = standin.click(app_url, settings.slack_channel, alert.ts, ids.REFRESH_NEW_DATA, user="U0BOB0001")
+        say(f"clicked [Refresh gallery] on the alert -> HTTP {click['status']}")
+        run2 = _wait_new_run(proc.service, {first.run_id})
+    else:
+        run2 = proc.service.request_training("demo: new data", {"mode": "refresh"}, "demo",
+                                             trigger="new_data")
+    second = wait_for_run(proc.service, run2.run_id, args.timeout)
+    print_report(second)
+    return second
+
+
+def show_channel(standin, app_url, out: Path, channel: str) -> None:
+    """/ct status, the form and the App Home, then the channel as text and as a page."""
+    standin.command(app_url, "status", user="U0ALICE01")
+    time.sleep(1.0)  # the status reply is posted after the ack
+    show_form_and_home(standin, app_url, out)
+    images = standin.save_files(out)
+    path = standin.save_transcript(out / "slack-transcript.txt")
+    page = standin.save_html(out / "slack-channel.html", channel)
+    print()
+    print(path.read_text())
+    say(f"the channel transcript is in {path}")
+    say(f"the channel as Slack shows it: {page} (open it in a browser)")
+    for img in images:
+        say(f"uploaded image: {img}")
 
 
 def promote_held(service, standin, app_url, run):

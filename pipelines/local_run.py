@@ -72,16 +72,9 @@ def run_local(settings, store, run_id: str, data_uris: list[str], params: dict, 
     workdir = Path(settings.run_workdir).expanduser().resolve() / run_id
     tmp = workdir / "tmp"
     tmp.mkdir(parents=True, exist_ok=True)
-    # kfp.local swaps builtins.print for an indenting one around each task, and parallel
-    # sweep trials can leave it swapped: put it back afterwards.
-    import builtins
-    original_print = builtins.print
-    old_tmpdir = os.environ.get("TMPDIR")
-    os.environ["TMPDIR"] = str(tmp)
-    tempfile.tempdir = None  # re-read TMPDIR
     crash: BaseException | None = None
     watcher = ProgressWatcher(store, run_id, on_step) if on_step else contextlib.nullcontext()
-    try:
+    with _kfp_local_env(tmp):
         pipeline = build_pipeline(None, sweep="sweep" in args, parallelism=parallelism)
         local.init(runner=local.SubprocessRunner(use_venv=False),
                    pipeline_root=str(workdir / "root"), raise_on_error=False)
@@ -92,14 +85,6 @@ def run_local(settings, store, run_id: str, data_uris: list[str], params: dict, 
                 pipeline(**args)
             except Exception as e:  # noqa: BLE001 - recorded in the report below
                 crash = e
-    finally:
-        builtins.print = original_print
-        if old_tmpdir is None:
-            os.environ.pop("TMPDIR", None)
-        else:
-            os.environ["TMPDIR"] = old_tmpdir
-        tempfile.tempdir = None
-        shutil.rmtree(tmp, ignore_errors=True)
 
     report = read_report(store, run_id)
     if report is None:
@@ -109,6 +94,28 @@ def run_local(settings, store, run_id: str, data_uris: list[str], params: dict, 
     if report.get("status") == "succeeded" and not keep_workdir:
         shutil.rmtree(workdir / "root", ignore_errors=True)
     return report
+
+
+@contextlib.contextmanager
+def _kfp_local_env(tmp: Path):
+    """TMPDIR at ``tmp`` while kfp.local runs (it leaks a temp dir per task), removed after;
+    and builtins.print put back: kfp.local swaps it for an indenting one around each task,
+    and parallel sweep trials can leave it swapped."""
+    import builtins
+    original_print = builtins.print
+    old_tmpdir = os.environ.get("TMPDIR")
+    os.environ["TMPDIR"] = str(tmp)
+    tempfile.tempdir = None  # re-read TMPDIR
+    try:
+        yield
+    finally:
+        builtins.print = original_print
+        if old_tmpdir is None:
+            os.environ.pop("TMPDIR", None)
+        else:
+            os.environ["TMPDIR"] = old_tmpdir
+        tempfile.tempdir = None
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 @contextlib.contextmanager

@@ -311,59 +311,68 @@ def _configure(task, step: str, resources: dict | None):
 def build_pipeline(resources: dict | None = None, *, sweep: bool = False, parallelism: int = 2):
     """Return the pipeline function. ``resources`` is a pipelines.resources config (None
     = no Kubernetes settings, as for kfp.local); ``parallelism`` bounds sweep trials."""
+    return _sweep_pipeline(resources, parallelism) if sweep else _single_pipeline(resources)
 
-    def body(run_id, store, model_name, data_uris, eval_uri, params, mode, floor, tolerance,
-             keep_versions, requested_by, require_approval, train_model):
-        exit_task = _configure(finalize(run_id=run_id, store=store, model_name=model_name,
-                                        params=params), "finalize", resources)
-        with dsl.ExitHandler(exit_task, name="ctbot-run"):
-            ing = _configure(ingest(run_id=run_id, store=store, data_uris=data_uris,
-                                    eval_uri=eval_uri), "ingest", resources)
-            val = _configure(validate(run_id=run_id, store=store, data=ing.outputs["data"]),
-                             "validate", resources)
-            data = val.outputs["validated"]
-            # One definition for every mode: refresh skips training and reuses production's
-            # weights; either branch stages the model in the store and returns where.
-            with dsl.If(mode == "refresh", name="mode-refresh"):
-                reused = _configure(reuse_production(run_id=run_id, store=store,
-                                                     model_name=model_name), "reuse", resources)
-            with dsl.Else(name="mode-train"):
-                staged = _configure(stage_model(run_id=run_id, store=store, model=train_model(data)),
-                                    "stage_model", resources)
-            model_uri = dsl.OneOf(reused.output, staged.output)
-            emb = _configure(embed(run_id=run_id, store=store, model_uri=model_uri, data=data),
-                             "embed", resources)
-            idx = _configure(index(run_id=run_id, store=store,
-                                   embeddings=emb.outputs["embeddings"]), "index", resources)
-            ev = _configure(evaluate(run_id=run_id, store=store, model_name=model_name,
-                                     floor=floor, tolerance=tolerance,
-                                     require_approval=require_approval, model_uri=model_uri,
-                                     data=data, embeddings=emb.outputs["embeddings"],
-                                     index=idx.outputs["index"]), "evaluate", resources)
-            with dsl.If(ev.outputs["Output"] == "deploy", name="decision-deploy"):
-                _configure(deploy(run_id=run_id, store=store, model_name=model_name,
-                                  keep_versions=keep_versions, requested_by=requested_by),
-                           "deploy", resources)
 
-    if not sweep:
-        @dsl.pipeline(name=PIPELINE_NAME,
-                      description="MNIST ArcFace + faiss: ingest, validate, train, embed, "
-                                  "index, evaluate, deploy when better")
-        def ct_pipeline(run_id: str, store: str, model_name: str = "mnist-arcface",
-                        data_uris: list = [], eval_uri: str = "", params: dict = {},  # noqa: B006 - kfp compiles literal defaults
-                        mode: str = "full", floor: float = 0.97, tolerance: float = 0.002,
-                        keep_versions: int = 5, requested_by: str = "",
-                        require_approval: bool = False):
-            def train_model(data):
-                t = _configure(train(run_id=run_id, store=store, model_name=model_name,
-                                     params=params, data=data), "train", resources)
-                return t.outputs["model"]
+def _ct_steps(resources, run_id, store, model_name, data_uris, eval_uri, params, mode, floor, tolerance,
+              keep_versions, requested_by, require_approval, train_model):
+    """The steps every variant runs, in an exit handler that always finalizes the run;
+    ``train_model(data)`` adds the training tasks and returns the model artifact."""
+    exit_task = _configure(finalize(run_id=run_id, store=store, model_name=model_name,
+                                    params=params), "finalize", resources)
+    with dsl.ExitHandler(exit_task, name="ctbot-run"):
+        ing = _configure(ingest(run_id=run_id, store=store, data_uris=data_uris,
+                                eval_uri=eval_uri), "ingest", resources)
+        val = _configure(validate(run_id=run_id, store=store, data=ing.outputs["data"]),
+                         "validate", resources)
+        data = val.outputs["validated"]
+        # One definition for every mode: refresh skips training and reuses production's
+        # weights; either branch stages the model in the store and returns where.
+        with dsl.If(mode == "refresh", name="mode-refresh"):
+            reused = _configure(reuse_production(run_id=run_id, store=store,
+                                                 model_name=model_name), "reuse", resources)
+        with dsl.Else(name="mode-train"):
+            staged = _configure(stage_model(run_id=run_id, store=store, model=train_model(data)),
+                                "stage_model", resources)
+        model_uri = dsl.OneOf(reused.output, staged.output)
+        emb = _configure(embed(run_id=run_id, store=store, model_uri=model_uri, data=data),
+                         "embed", resources)
+        idx = _configure(index(run_id=run_id, store=store,
+                               embeddings=emb.outputs["embeddings"]), "index", resources)
+        ev = _configure(evaluate(run_id=run_id, store=store, model_name=model_name,
+                                 floor=floor, tolerance=tolerance,
+                                 require_approval=require_approval, model_uri=model_uri,
+                                 data=data, embeddings=emb.outputs["embeddings"],
+                                 index=idx.outputs["index"]), "evaluate", resources)
+        with dsl.If(ev.outputs["Output"] == "deploy", name="decision-deploy"):
+            _configure(deploy(run_id=run_id, store=store, model_name=model_name,
+                              keep_versions=keep_versions, requested_by=requested_by),
+                       "deploy", resources)
 
-            body(run_id, store, model_name, data_uris, eval_uri, params, mode, floor, tolerance,
-                 keep_versions, requested_by, require_approval, train_model)
 
-        return ct_pipeline
+def _single_pipeline(resources):
+    """One training run per pipeline run."""
+    @dsl.pipeline(name=PIPELINE_NAME,
+                  description="MNIST ArcFace + faiss: ingest, validate, train, embed, "
+                              "index, evaluate, deploy when better")
+    def ct_pipeline(run_id: str, store: str, model_name: str = "mnist-arcface",
+                    data_uris: list = [], eval_uri: str = "", params: dict = {},  # noqa: B006 - kfp compiles literal defaults
+                    mode: str = "full", floor: float = 0.97, tolerance: float = 0.002,
+                    keep_versions: int = 5, requested_by: str = "",
+                    require_approval: bool = False):
+        def train_model(data):
+            t = _configure(train(run_id=run_id, store=store, model_name=model_name,
+                                 params=params, data=data), "train", resources)
+            return t.outputs["model"]
 
+        _ct_steps(resources, run_id, store, model_name, data_uris, eval_uri, params, mode, floor, tolerance,
+                  keep_versions, requested_by, require_approval, train_model)
+
+    return ct_pipeline
+
+
+def _sweep_pipeline(resources, parallelism: int):
+    """Trials fanned out with ParallelFor; the best by val_top1 goes on."""
     @dsl.pipeline(name=SWEEP_PIPELINE_NAME,
                   description="MNIST ArcFace + faiss with a hyper-parameter sweep: the best "
                               "trial by val_top1 goes on to embed, index, evaluate, deploy")
@@ -384,8 +393,8 @@ def build_pipeline(resources: dict | None = None, *, sweep: bool = False, parall
                               "select_best", resources)
             return best.outputs["best"]
 
-        body(run_id, store, model_name, data_uris, eval_uri, params, mode, floor, tolerance,
-             keep_versions, requested_by, require_approval, train_model)
+        _ct_steps(resources, run_id, store, model_name, data_uris, eval_uri, params, mode, floor, tolerance,
+                  keep_versions, requested_by, require_approval, train_model)
 
     return ct_sweep_pipeline
 

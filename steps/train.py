@@ -279,22 +279,58 @@ def _scheduler(opt, params, total_steps):
 
 
 def _fit(x, y, out_dir, params: TrainParams, device, rank, world, emit, init=None) -> dict:
+    """Train on (x, y) and, on rank 0, save the package's weights and metrics to out_dir."""
     import torch
-    import torch.nn as nn
 
-    from steps.model import (
-        EXPORT_FILE,
-        MODEL_FILE,
-        ArcFace,
-        EmbeddingNet,
-        arch_config,
-        available_cpus,
-        count_params,
-        embed_images,
-        export_bytes,
-    )
+    from steps.model import count_params, embed_images
 
     t0 = time.time()
+    gen = _seed(params, device, world)
+    tr_idx, val_idx = stratified_split(y, params.val_fraction, params.seed)
+    x_tr = torch.from_numpy(x[tr_idx]).unsqueeze(1).to(device)   # uint8 stays small on device
+    y_tr = torch.from_numpy(y[tr_idx]).to(device)
+    cfg, net, head, mem = _build(params, device, init)
+    model = _trainable(net, head, device, world)
+    n_tr = len(tr_idx)
+    batch, steps_per_epoch = _batching(n_tr, world, params)
+    opt = torch.optim.AdamW(_param_groups([net, head], params.weight_decay), lr=params.lr)
+    loop = _Loop(model, opt, _scheduler(opt, params, params.epochs * steps_per_epoch),
+                 _Ema(net, params.ema) if params.ema else None, x_tr, y_tr, params, gen, mem, device)
+    history = []
+    for epoch in range(1, params.epochs + 1):
+        te = time.time()
+        perm = torch.randperm(n_tr, generator=gen)[rank::world][:steps_per_epoch * batch].to(device)
+        info = loop.epoch(epoch, perm, batch, steps_per_epoch)
+        if loop.ema is not None and epoch == params.epochs:
+            loop.ema.copy_to_net()   # what is validated and saved is the average
+        if rank == 0 and len(val_idx) and epoch == params.epochs:
+            info["val_top1"] = round(_val_knn(net, x, y, tr_idx, val_idx, params.seed, device,
+                                              embed_images), 5)
+        info["seconds"] = round(time.time() - te, 2)
+        info["rss_mb"] = peak_rss_mb()
+        if rank == 0:
+            history.append(info)
+            print("EPOCH " + json.dumps(info), flush=True)
+            if emit:
+                emit(dict(info))
+    if rank != 0:
+        return {}
+    _save(Path(out_dir), cfg, net, head, params)
+    result = {"epochs": params.epochs, "final_loss": history[-1]["loss"],
+              "val_top1": history[-1].get("val_top1"), "seconds": round(time.time() - t0, 2),
+              "peak_rss_mb": peak_rss_mb(),
+              "n_params": count_params(net), "n_train": n_tr, "n_val": int(len(val_idx)),
+              "batch": batch, "steps_per_epoch": steps_per_epoch,
+              "device": str(device), "world_size": world}
+    (Path(out_dir) / "train_metrics.json").write_text(json.dumps({**result, "history": history}, indent=1))
+    return result
+
+
+def _seed(params: TrainParams, device, world):
+    """Threads and seeds, before anything draws a random number; the shuffling generator."""
+    import torch
+
+    from steps.model import available_cpus
     cpu_threads = params.threads or available_cpus()
     if str(device).startswith("cpu"):
         torch.set_num_threads(max(1, cpu_threads // world))
@@ -303,26 +339,32 @@ def _fit(x, y, out_dir, params: TrainParams, device, rank, world, emit, init=Non
     gen = torch.Generator().manual_seed(params.seed + 1)
     if str(device).startswith("cuda"):
         torch.backends.cudnn.benchmark = True
+    return gen
 
-    tr_idx, val_idx = stratified_split(y, params.val_fraction, params.seed)
-    x_tr = torch.from_numpy(x[tr_idx]).unsqueeze(1).to(device)   # uint8 stays small on device
-    shift = params.augment_shift
-    x_pad = torch.nn.functional.pad(x_tr, (shift,) * 4) if shift else None
-    y_tr = torch.from_numpy(y[tr_idx]).to(device)
+
+def _build(params: TrainParams, device, init=None):
+    """(config, embedding net, ArcFace head, memory format) on ``device``; ``init`` (mode=warm)
+    starts them where production's weights are."""
+    import torch
+
+    from steps.model import ArcFace, EmbeddingNet, arch_config
     cfg = arch_config(params.embedding_dim, params.layers.split(","))
     net = EmbeddingNet(cfg)
     head = ArcFace(params.embedding_dim, N_CLASSES, params.scale, params.margin, params.label_smoothing)
-    if init is not None:   # mode=warm: start where production's weights are
+    if init is not None:
         net.load_state_dict(init["state_dict"])
         if init.get("head"):
             head.load_state_dict(init["head"])
     # channels_last runs the CPU (oneDNN) convolutions ~15% faster here.
     mem = torch.contiguous_format if str(device).startswith("cuda") else torch.channels_last
-    net = net.to(device, memory_format=mem)
-    head = head.to(device)
-    n_params = count_params(net)
+    return cfg, net.to(device, memory_format=mem), head.to(device), mem
 
-    class Trainable(nn.Module):  # one module so DDP syncs the head's gradients too
+
+def _trainable(net, head, device, world):
+    """Net and head as one module, so DDP syncs the head's gradients too."""
+    import torch.nn as nn
+
+    class Trainable(nn.Module):
         def __init__(self):
             super().__init__()
             self.net, self.head = net, head
@@ -334,69 +376,72 @@ def _fit(x, y, out_dir, params: TrainParams, device, rank, world, emit, init=Non
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
         model = DDP(model, device_ids=[int(str(device).split(":")[1])] if ":" in str(device) else None)
+    return model
 
-    n_tr = len(tr_idx)
+
+def _batching(n_tr: int, world: int, params: TrainParams) -> tuple[int, int]:
+    """(batch per rank, steps per epoch)."""
     per_rank = n_tr // world
     # A big batch pays on big data; on a few hundred images it would leave one step per epoch.
     cap = max(16, per_rank // params.min_steps)
     batch = max(2, min(params.batch_size // world, per_rank, cap))
-    steps_per_epoch = max(1, per_rank // batch)  # drop the ragged tail: BatchNorm dislikes tiny batches
-    opt = torch.optim.AdamW(_param_groups([net, head], params.weight_decay), lr=params.lr)
-    sched = _scheduler(opt, params, params.epochs * steps_per_epoch)
+    return batch, max(1, per_rank // batch)  # drop the ragged tail: BatchNorm dislikes tiny batches
 
-    ema = _Ema(net, params.ema) if params.ema else None
-    history = []
-    for epoch in range(1, params.epochs + 1):
-        te = time.time()
-        model.train()
-        perm = torch.randperm(n_tr, generator=gen)[rank::world][:steps_per_epoch * batch].to(device)
-        if params.augment_rotate or params.augment_scale or params.augment_elastic:
-            x_epoch = _affine_all(x_tr, params.augment_rotate, params.augment_scale, shift, gen,
-                                  params.augment_elastic)
-        else:
-            x_epoch = _shift_all(x_pad, shift, gen) if shift else x_tr
+
+class _Loop:
+    """One epoch of training: augment, step through the batches, sum loss and accuracy."""
+
+    def __init__(self, model, opt, sched, ema, x_tr, y_tr, params: TrainParams, gen, mem, device):
+        import torch
+        self.model, self.opt, self.sched, self.ema = model, opt, sched, ema
+        self.x_tr, self.y_tr, self.params, self.gen, self.mem, self.device = x_tr, y_tr, params, gen, mem, device
+        shift = params.augment_shift
+        self.x_pad = torch.nn.functional.pad(x_tr, (shift,) * 4) if shift else None
+
+    def _augmented(self):
+        p = self.params
+        if p.augment_rotate or p.augment_scale or p.augment_elastic:
+            return _affine_all(self.x_tr, p.augment_rotate, p.augment_scale, p.augment_shift, self.gen,
+                               p.augment_elastic)
+        return _shift_all(self.x_pad, p.augment_shift, self.gen) if p.augment_shift else self.x_tr
+
+    def epoch(self, epoch: int, perm, batch: int, steps: int) -> dict:
+        import torch
+        self.model.train()
+        x_epoch = self._augmented()
         # Sums stay tensors: .item() per step would sync with the device every step.
-        loss_sum = torch.zeros((), device=device)
-        correct = torch.zeros((), dtype=torch.long, device=device)
+        loss_sum = torch.zeros((), device=self.device)
+        correct = torch.zeros((), dtype=torch.long, device=self.device)
         seen = 0
-        for i in range(steps_per_epoch):
+        for i in range(steps):
             idx = perm[i * batch:(i + 1) * batch]
-            xb = x_epoch[idx].float().div_(255.0).contiguous(memory_format=mem)
-            yb = y_tr[idx]
-            loss, cos = model(xb, yb)
-            opt.zero_grad(set_to_none=True)
+            xb = x_epoch[idx].float().div_(255.0).contiguous(memory_format=self.mem)
+            yb = self.y_tr[idx]
+            loss, cos = self.model(xb, yb)
+            self.opt.zero_grad(set_to_none=True)
             loss.backward()
-            opt.step()
-            if sched is not None:
-                sched.step()
-            if ema is not None:
-                ema.update()
+            self.opt.step()
+            if self.sched is not None:
+                self.sched.step()
+            if self.ema is not None:
+                self.ema.update()
             loss_sum += loss.detach() * len(idx)
             correct += (cos.argmax(1) == yb).sum()
             seen += len(idx)
         mean_loss = loss_sum.item() / seen
         if not math.isfinite(mean_loss):
             raise FloatingPointError(f"loss became {mean_loss} in epoch {epoch}: "
-                                     f"lower lr (now {params.lr}) or scale ({params.scale})")
-        info = {"epoch": epoch, "epochs": params.epochs, "loss": round(mean_loss, 5),
-                "train_acc": round(correct.item() / seen, 5), "lr": opt.param_groups[0]["lr"]}
-        if ema is not None and epoch == params.epochs:
-            ema.copy_to_net()   # what is validated and saved is the average
-        if rank == 0 and len(val_idx) and epoch == params.epochs:
-            info["val_top1"] = round(_val_knn(net, x, y, tr_idx, val_idx, params.seed, device,
-                                              embed_images), 5)
-        info["seconds"] = round(time.time() - te, 2)
-        info["rss_mb"] = peak_rss_mb()
-        if rank == 0:
-            history.append(info)
-            print("EPOCH " + json.dumps(info), flush=True)
-            if emit:
-                emit(dict(info))
+                                     f"lower lr (now {self.params.lr}) or scale ({self.params.scale})")
+        return {"epoch": epoch, "epochs": self.params.epochs, "loss": round(mean_loss, 5),
+                "train_acc": round(correct.item() / seen, 5), "lr": self.opt.param_groups[0]["lr"]}
 
-    if rank != 0:
-        return {}
+
+def _save(out: Path, cfg, net, head, params: TrainParams) -> None:
+    """The package's weights (with config and head), its exported program and its params."""
+    import torch
+
+    from steps.model import EXPORT_FILE, MODEL_FILE, EmbeddingNet, export_bytes
     net.eval()
-    out = Path(out_dir)
     state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
     torch.save({"format": 1, "config": cfg, "state_dict": state, "params": params.to_dict(),
                 "head": {k: v.detach().cpu() for k, v in head.state_dict().items()},
@@ -405,14 +450,6 @@ def _fit(x, y, out_dir, params: TrainParams, device, rank, world, emit, init=Non
     cpu_net.load_state_dict(state)
     (out / EXPORT_FILE).write_bytes(export_bytes(cpu_net))
     (out / "params.json").write_text(json.dumps(params.to_dict(), indent=1))
-    result = {"epochs": params.epochs, "final_loss": history[-1]["loss"],
-              "val_top1": history[-1].get("val_top1"), "seconds": round(time.time() - t0, 2),
-              "peak_rss_mb": peak_rss_mb(),
-              "n_params": n_params, "n_train": n_tr, "n_val": int(len(val_idx)),
-              "batch": batch, "steps_per_epoch": steps_per_epoch,
-              "device": str(device), "world_size": world}
-    (out / "train_metrics.json").write_text(json.dumps({**result, "history": history}, indent=1))
-    return result
 
 
 def _val_knn(net, x, y, tr_idx, val_idx, seed, device, embed_images) -> float:
