@@ -28,7 +28,8 @@ def test_train_alone_opens_the_form_with_the_commands_trigger(bot):
     assert epochs["element"]["initial_value"] == "4" and epochs["hint"]["text"].startswith("1 to 200 · default 4")
     assert inputs[field_block("lr")]["element"]["initial_value"] == "0.005"
     presets = [o["value"] for o in inputs[PRESET_BLOCK]["element"]["options"]]
-    assert presets == ["-", "fast", "v0"]
+    from steps.params import PRESETS
+    assert presets == ["-", *PRESETS] and {"fast", "v0"} <= set(presets)   # every preset, as TrainParams has them
     # Every other parameter is named in the free field's hint: a new one shows up there.
     assert "augment_rotate (0 to 45, default 8)" in inputs[MORE_BLOCK]["hint"]["text"]
     assert bot.runner.submits == []
