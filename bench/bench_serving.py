@@ -166,15 +166,38 @@ class SocketClient:
 
 
 def phase_totals(host: str, port: int) -> dict[str, float]:
-    """Sums and counts of the server's phase histograms (serving.metrics), from GET /metrics."""
+    """Sums, counts and buckets (``name{le}``) of the server's phase and micro-batching
+    histograms (serving.metrics), from GET /metrics."""
     from prometheus_client.parser import text_string_to_metric_families
 
     conn = http.client.HTTPConnection(host, port, timeout=30)
     conn.request("GET", "/metrics")
     text = conn.getresponse().read().decode()
     conn.close()
-    return {s.name: s.value for fam in text_string_to_metric_families(text) for s in fam.samples
-            if s.name.startswith("request_") and s.name.endswith(("_sum", "_count"))}
+    return {s.name + (f"{{{s.labels['le']}}}" if "le" in s.labels else ""): s.value
+            for fam in text_string_to_metric_families(text) for s in fam.samples
+            if s.name.startswith(("request_", "ctbot_serving_batch_"))}
+
+
+def delta(after: dict[str, float], before: dict[str, float], into: dict[str, float]) -> None:
+    for key, v in after.items():
+        into[key] = into.get(key, 0.0) + v - before.get(key, 0.0)
+
+
+def merged_calls(d: dict[str, float]) -> str:
+    """How the server merged requests into model calls (serving.batching), from a delta of
+    phase_totals: requests per call, and the share of calls of each size."""
+    name = "ctbot_serving_batch_requests"
+    calls, requests = d.get(f"{name}_count", 0.0), d.get(f"{name}_sum", 0.0)
+    if not calls:
+        return "no model calls counted"
+    shares, below = [], 0.0
+    for label, le in (("1", "1.0"), ("2", "2.0"), ("3-4", "4.0"), ("5-8", "8.0"), ("9+", "+Inf")):
+        upto = d.get(f"{name}_bucket{{{le}}}", 0.0)
+        shares.append(f"{label} {100 * (upto - below) / calls:.0f}%")
+        below = upto
+    return (f"{requests:,.0f} requests in {calls:,.0f} model calls, {requests / calls:.2f} requests a call "
+            f"(calls of 1 request and more: {', '.join(shares)})")
 
 
 def served(host, port, bodies, concurrency: int, n_per_client: int, client=Client) -> list[float]:
@@ -421,6 +444,7 @@ def main(argv=None) -> int:
 
     import torch
 
+    from core.config import load_settings
     from serving.model import load_version, set_threads
     from steps.storage import open_store
 
@@ -433,6 +457,10 @@ def main(argv=None) -> int:
         built = build_package(work / "build", x, y, min(args.train, len(x)), min(args.gallery, len(x)), store)
         set_threads(args.threads)   # training and embedding set their own thread counts
         env = {**os.environ, "CT_STORE": str(work / "store")}
+        # The server runs on its configuration's defaults (no flag below overrides these).
+        conf = load_settings(env=env).serving
+        batching = (f"batch_wait_ms {conf.batch_wait_ms:g}, max_batch_images {conf.max_batch_images}, "
+                    f"infer_threads {conf.infer_threads}, from the server's configuration")
         serve = ["serve-model", "--store", str(work / "store"), "--port", "0", "--threads", str(args.threads),
                  "--poll-seconds", "2", "--search", args.search]
         proc, host, port, startup = start_server(
@@ -470,17 +498,19 @@ def main(argv=None) -> int:
         raw_lat, paced_lat, s1, s1_socket, s8, c8_tp, base_tp = [], [], [], [], [], [], []
         raw_tp, srv_tp, bin_tp = [], [], []
         phases: dict[str, float] = {}
+        c8_batches: dict[str, float] = {}   # the micro-batching histograms over the c8 rounds
         for r in range(args.rounds):
             raw_lat += [raw(xf[(r * 31 + j) % 256:(r * 31 + j) % 256 + 1]) for j in range(args.n)]
             paced_lat += [raw_paced(xf[(r * 31 + j) % 256:(r * 31 + j) % 256 + 1]) for j in range(args.n)]
             s1 += served(host, port, singles, 1, args.n)
             before = phase_totals(host, port)
             s1_socket += served(host, port, singles, 1, args.n, SocketClient)
-            for key, v in phase_totals(host, port).items():
-                phases[key] = phases.get(key, 0.0) + v - before.get(key, 0.0)
+            delta(phase_totals(host, port), before, phases)
+            before = phase_totals(host, port)
             t = time.perf_counter()
             got = served(host, port, singles, 8, args.n // 2)
             c8_tp.append(len(got) / (time.perf_counter() - t))
+            delta(phase_totals(host, port), before, c8_batches)
             s8 += got
             if base_port:   # the stdlib server right after, the same requests
                 t = time.perf_counter()
@@ -541,6 +571,7 @@ def main(argv=None) -> int:
     if base_tp:
         print(f"closed loop at concurrency 8, one image: {tp_c8:,.0f} requests/s on uvicorn against {tp_base:,.0f} "
               f"on the stdlib server at {BASELINE_REV[:7]} ({tp_c8 / tp_base:.2f}x), alternating rounds")
+    print(f"micro-batching at concurrency 8 ({batching}): {merged_calls(c8_batches)}")
     tp_raw, tp_srv, tp_bin = float(np.median(raw_tp)), float(np.median(srv_tp)), float(np.median(bin_tp))
     print(f"batches of 64 (concurrency 2): served {tp_srv:,.0f} images/s as JSON numbers, {tp_bin:,.0f} as "
           f"binary tensors; raw call {tp_raw:,.0f} images/s on one thread")

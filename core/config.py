@@ -124,6 +124,11 @@ class ServingSection(Section):
     # Processes and limits (docs/serving.md says which limit is enforced where).
     workers: int = Field(0, ge=0)                  # worker processes, each holding the model; 0: one per CPU
     infer_threads: int = Field(2, ge=1)            # requests one worker parses and embeds at once
+    # Micro-batching: requests arriving while a worker's model call runs are merged into
+    # its next call (docs/serving.md). An idle worker waits batch_wait_ms for company
+    # first (0: never, so a lone request waits for nothing).
+    batch_wait_ms: float = Field(0.0, ge=0, le=1000)
+    max_batch_images: int = Field(64, ge=1)        # most images in one merged call (one request may hold more)
     probe_port: int = Field(8081, ge=-1, le=65535)   # health probes and /metrics only; 0: any free port; -1: none
     max_header_bytes: int = Field(16384, ge=1024)  # request line and headers; over: 431
     max_headers: int = Field(100, ge=8)            # header fields; over: 431

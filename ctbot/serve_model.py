@@ -16,6 +16,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="how often the production alias is read, one small GET (default: serving.poll_seconds)")
     p.add_argument("--max-body-bytes", type=int, help="larger requests get 413 (default: serving.max_body_bytes)")
     p.add_argument("--max-batch", type=int, help="most images in one request (default: serving.max_batch)")
+    p.add_argument("--batch-wait-ms", type=float,
+                   help="how long an idle worker waits for more requests to merge into one model call; "
+                        "0: never, requests that arrive while the model is busy are merged anyway "
+                        "(default: serving.batch_wait_ms)")
+    p.add_argument("--max-batch-images", type=int,
+                   help="most images in one merged model call (default: serving.max_batch_images)")
     p.add_argument("--threads", type=int,
                    help="torch/faiss threads per request, 0: all CPUs; requests run in parallel "
                         "(default: serving.threads)")
@@ -79,7 +85,8 @@ def run(args: argparse.Namespace) -> int:
         spec = WorkerSpec(store=args.store or settings.store, model=model, poll_seconds=args.poll_seconds,
                           max_body_bytes=args.max_body_bytes, max_batch=args.max_batch, threads=args.threads,
                           infer_threads=args.infer_threads, search=args.search, redis_url=settings.redis_url,
-                          notice_channel=channel, log_level=args.log_level)
+                          notice_channel=channel, log_level=args.log_level, batch_wait_ms=args.batch_wait_ms,
+                          max_batch_images=args.max_batch_images)
         return run_workers(spec, workers, args.host, args.port, limits=limits_of(args), probe_port=probe_port,
                            graceful_seconds=args.graceful_seconds, on_ready=say_ready)
 
@@ -93,7 +100,8 @@ def run(args: argparse.Namespace) -> int:
                             max_batch=args.max_batch, threads=args.threads, search=args.search,
                             redis_url=settings.redis_url, notice_channel=channel, probe_port=probe_port,
                             infer_threads=args.infer_threads, limits=limits_of(args),
-                            graceful_seconds=args.graceful_seconds)
+                            graceful_seconds=args.graceful_seconds, batch_wait_ms=args.batch_wait_ms,
+                            max_batch_images=args.max_batch_images)
     current = serving.holder.current
     why = serving.holder.last_error or "no production model yet"
     say_ready(serving.url, serving.probe_url, f"{model} v{current.version}" if current else f"{model}: {why}; not ready")

@@ -37,7 +37,8 @@ def start_serving(store, model: str, *, host: str = "127.0.0.1", port: int = 808
                   poll_seconds: float = 2.0, max_body_bytes: int = 8 << 20, max_batch: int = 256,
                   threads: int = 1, search: str = "ivf", redis_url: str = "", notice_channel: str = "",
                   workdir: str | None = None, probe_port: int | None = None, infer_threads: int = 2,
-                  limits: HttpLimits | None = None, graceful_seconds: float = 25.0) -> Serving:
+                  limits: HttpLimits | None = None, graceful_seconds: float = 25.0,
+                  batch_wait_ms: float = 0.0, max_batch_images: int = 64) -> Serving:
     """Load the production version (if any) before listening, so a server that answers
     is already ready; then follow the alias in the background."""
     from serving.model import MAX_K, load_version, set_threads
@@ -49,7 +50,8 @@ def start_serving(store, model: str, *, host: str = "127.0.0.1", port: int = 808
     follower = AliasFollower(store, model, holder, poll_seconds=poll_seconds, workdir=workdir,
                              loader=lambda v: load_version(store, model, v, workdir, search=search))
     follower.check()
-    config = ServerConfig(model, max_body_bytes=max_body_bytes, max_batch=max_batch, max_k=MAX_K)
+    config = ServerConfig(model, max_body_bytes=max_body_bytes, max_batch=max_batch, max_k=MAX_K,
+                          batch_wait_ms=batch_wait_ms, max_batch_images=max_batch_images)
     server = ModelServer(holder, config, host, port, limits=limits, probe_port=probe_port,
                          infer_threads=infer_threads, graceful_seconds=graceful_seconds).start()
     follower.start()

@@ -13,7 +13,8 @@ On the probe listener only the health routes and /metrics are served. Bad input 
 4xx with {"error": "what was wrong"}; every body carries model_version. Parsing,
 inference and building the answer run on a small thread pool, so the event loop keeps
 answering probes while a batch is embedded; each phase's metric is recorded before the
-answer it counts is sent.
+answer it counts is sent. Requests that arrive while the model is busy are merged into
+one model call (serving.batching); a request that fails parsing never joins one.
 """
 from __future__ import annotations
 
@@ -23,8 +24,12 @@ import logging
 import re
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
 
 from serving import metrics
+from serving.batching import Batcher
 from serving.follow import ModelHolder
 from serving.protocol import ProtocolError, infer_response, model_metadata, parse_infer
 
@@ -37,10 +42,22 @@ EXTENSIONS = ["binary_tensor_data"]   # KServe's / Triton's name for the binary 
 
 class ServerConfig:
     def __init__(self, model: str, *, max_body_bytes: int = 8 << 20, max_batch: int = 256,
-                 max_k: int = 100, probe_port: int | None = None):
+                 max_k: int = 100, probe_port: int | None = None, batch_wait_ms: float = 0.0,
+                 max_batch_images: int = 64):
         self.model, self.max_body_bytes = model, max_body_bytes
         self.max_batch, self.max_k = max_batch, max_k
         self.probe_port = probe_port
+        self.batch_wait_ms, self.max_batch_images = batch_wait_ms, max_batch_images
+
+
+@dataclass
+class Parsed:
+    """An infer request that passed parsing: what its model call and its answer need."""
+    x: np.ndarray               # float32 (N,1,28,28) in [0,1]
+    k: int
+    rid: str | None
+    outputs: list[str]
+    preprocess_seconds: float
 
 
 class InferenceApp:
@@ -51,6 +68,8 @@ class InferenceApp:
                  startup=None, shutdown=None):
         self.holder, self.config = holder, config
         self.pool = ThreadPoolExecutor(max_workers=infer_threads, thread_name_prefix="infer")
+        self.batcher = Batcher(self.pool, self._infer_parsed, wait_ms=config.batch_wait_ms,
+                               max_images=config.max_batch_images)
         self._startup, self._shutdown = startup, shutdown
 
     async def __call__(self, scope, receive, send) -> None:
@@ -139,12 +158,28 @@ class InferenceApp:
             return await self._counted(send, 503, {"error": f"not ready: {self._why_not_ready()}"})
         json_length = next((v.decode("latin-1") for n, v in scope["headers"]
                             if n == b"inference-header-content-length"), None)
-        status, data = await asyncio.get_running_loop().run_in_executor(self.pool, self._infer, model, body,
-                                                                         json_length)
+        if self.batcher.idle():   # the model is free: this request runs at once, alone
+            status, data = await self.batcher.alone(self._infer, model, body, json_length)
+        else:
+            status, data = await self._infer_queued(model, body, json_length)
         await _send(send, status, data, _JSON)
+
+    async def _infer_queued(self, model, body: bytes, json_length: str | None) -> tuple[int, bytes]:
+        """Parse now (on the pool), then wait to be merged into the worker's next model call."""
+        parsed = await asyncio.get_running_loop().run_in_executor(self.pool, self._parse, model, body, json_length)
+        if not isinstance(parsed, Parsed):
+            return parsed
+        # Parsing gives every input form the one array form the model takes; the key keeps
+        # any other form (another dtype or image size) out of its calls.
+        return await self.batcher.merged(model, (parsed.x.dtype.str, parsed.x.shape[1:]), len(parsed.x), parsed)
 
     def _infer(self, model, body: bytes, json_length: str | None) -> tuple[int, bytes]:
         """Parse, predict, build the answer (on the pool); metrics recorded before it is sent."""
+        parsed = self._parse(model, body, json_length)
+        return self._infer_parsed(model, [parsed])[0] if isinstance(parsed, Parsed) else parsed
+
+    def _parse(self, model, body: bytes, json_length: str | None) -> Parsed | tuple[int, bytes]:
+        """The request's input, or its 4xx answer (counted)."""
         cfg = self.config
         t0 = time.perf_counter()
         try:
@@ -155,11 +190,38 @@ class InferenceApp:
         except ProtocolError as e:
             metrics.INFER_REQUESTS.labels(cfg.model, str(e.status)).inc()
             return e.status, _dumps({"error": e.message, "model_version": str(model.version)})
-        t1 = time.perf_counter()
-        result = model.predict(x, k)
-        t2 = time.perf_counter()
-        data = _dumps(infer_response(cfg.model, model.version, result, outputs, rid))
-        metrics.infer_done(cfg.model, t1 - t0, t2 - t1, time.perf_counter() - t2)
+        return Parsed(x, k, rid, outputs, time.perf_counter() - t0)
+
+    def _infer_parsed(self, model, requests: list[Parsed]) -> list[tuple[int, bytes]]:
+        """One model call for all of ``requests`` (one model snapshot), then each one's answer."""
+        t0 = time.perf_counter()
+        results = self._predict(model, requests)
+        predict_seconds = time.perf_counter() - t0
+        metrics.model_call(self.config.model, len(requests), sum(len(p.x) for p in requests))
+        return [self._answer(model, p, r, predict_seconds) for p, r in zip(requests, results, strict=True)]
+
+    def _predict(self, model, requests: list[Parsed]) -> list:
+        """Each request's result, or the exception its call raised: a merged call that
+        fails is retried one request at a time, so one bad request fails alone."""
+        try:
+            return model.predict_many([p.x for p in requests], [p.k for p in requests])
+        except Exception as e:   # one log line, no traceback: a flood of them costs the disk
+            if len(requests) == 1:
+                log.error("inference failed: %s: %s", type(e).__name__, e)
+                return [e]
+            log.warning("a merged call of %d requests failed (%s: %s); running each alone",
+                        len(requests), type(e).__name__, e)
+            return [self._predict(model, [p])[0] for p in requests]
+
+    def _answer(self, model, p: Parsed, result, predict_seconds: float) -> tuple[int, bytes]:
+        cfg = self.config
+        if isinstance(result, Exception):
+            metrics.INFER_REQUESTS.labels(cfg.model, "500").inc()
+            return 500, _dumps({"error": "inference failed; the server's log says why",
+                                "model_version": str(model.version)})
+        t0 = time.perf_counter()
+        data = _dumps(infer_response(cfg.model, model.version, result, p.outputs, p.rid))
+        metrics.infer_done(cfg.model, p.preprocess_seconds, predict_seconds, time.perf_counter() - t0)
         metrics.INFER_REQUESTS.labels(cfg.model, "200").inc()
         return 200, data
 

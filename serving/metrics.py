@@ -36,6 +36,18 @@ INFER_REQUESTS = Counter("ctbot_serving_infer_requests_total", "Infer requests a
 SERVED_VERSION = Gauge("ctbot_serving_model_version",
                        "The model version being served (0: none yet; with several workers the lowest)",
                        ["model_name"], registry=REGISTRY, multiprocess_mode="livemin")
+# Micro-batching (serving.batching): one observation per model call; a count above 1
+# request is a merged call.
+BATCH_REQUESTS = Histogram("ctbot_serving_batch_requests", "Infer requests answered by one model call",
+                           ["model_name"], buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64),
+                           registry=REGISTRY)
+BATCH_IMAGES = Histogram("ctbot_serving_batch_images", "Images embedded by one model call",
+                         ["model_name"], buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512), registry=REGISTRY)
+
+
+def model_call(model: str, requests: int, images: int) -> None:
+    BATCH_REQUESTS.labels(model).observe(requests)
+    BATCH_IMAGES.labels(model).observe(images)
 
 
 def infer_done(model: str, preprocess: float, predict: float, postprocess: float) -> None:

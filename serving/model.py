@@ -44,16 +44,38 @@ class LoadedModel:
         """x: float32 (N,1,28,28) in [0,1]. Returns label (N,) int64, score (N,) float32
         (cosine similarity of the nearest neighbour with that label), neighbor_labels
         (N,k) int64 and neighbor_distances (N,k) float32 (1 - cosine similarity)."""
+        sims, ids = self.neighbours(x, self.clamp_k(k))
+        return vote(sims, ids, self.labels)
+
+    def predict_many(self, xs: list[np.ndarray], ks: list[int]) -> list[dict]:
+        """predict() of several requests as one call: their images in one embed and one
+        search (with the largest k), then each request's rows voted with its own k. The
+        first k of a search for more neighbours are the k nearest, so each answer is
+        predict(x, k)'s up to float noise (tests/unit/test_serving_batching.py)."""
+        if len(xs) == 1:
+            return [self.predict(xs[0], ks[0])]
+        ks = [self.clamp_k(k) for k in ks]
+        sims, ids = self.neighbours(np.concatenate(xs), max(ks))
+        answers, at = [], 0
+        for x, k in zip(xs, ks, strict=True):
+            rows = slice(at, at + len(x))
+            answers.append(vote(sims[rows, :k], ids[rows, :k], self.labels))
+            at += len(x)
+        return answers
+
+    def clamp_k(self, k: int) -> int:
+        return max(1, min(int(k), self.gallery_size))
+
+    def neighbours(self, x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(similarities, gallery ids) of x's k nearest, nearest first."""
         import torch
 
-        k = max(1, min(int(k), self.gallery_size))
         with torch.inference_mode():
             emb = self.embed(torch.from_numpy(x)).float().numpy()
         # No renormalising: the network ends in F.normalize, and a query's own scale
         # changes neither its neighbours nor their vote.
         emb = np.ascontiguousarray(emb, dtype=np.float32)
-        sims, ids = self.index.search(emb, k)
-        return vote(sims, ids, self.labels)
+        return self.index.search(emb, k)
 
 
 def vote(sims: np.ndarray, ids: np.ndarray, gallery_labels: np.ndarray) -> dict:

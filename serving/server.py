@@ -115,6 +115,8 @@ class WorkerSpec:
     notice_channel: str = ""
     probe_port: int | None = None
     log_level: str = "INFO"
+    batch_wait_ms: float = 0.0
+    max_batch_images: int = 64
 
 
 class WorkerApp:
@@ -153,7 +155,8 @@ class WorkerApp:
                 subscribe_redis(spec.redis_url, spec.notice_channel, follower)
 
         config = ServerConfig(spec.model, max_body_bytes=spec.max_body_bytes, max_batch=spec.max_batch, max_k=MAX_K,
-                              probe_port=spec.probe_port)
+                              probe_port=spec.probe_port, batch_wait_ms=spec.batch_wait_ms,
+                              max_batch_images=spec.max_batch_images)
         return InferenceApp(holder, config, infer_threads=spec.infer_threads, startup=startup, shutdown=follower.stop)
 
 

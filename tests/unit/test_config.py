@@ -40,7 +40,8 @@ DEFAULTS = {
     "serving.max_body_bytes": 8 << 20, "serving.max_batch": 256, "serving.threads": 1,
     "serving.search": "ivf",
     # the model server's processes and limits (issue 19)
-    "serving.workers": 0, "serving.infer_threads": 2, "serving.probe_port": 8081,
+    "serving.workers": 0, "serving.infer_threads": 2, "serving.batch_wait_ms": 0.0,
+    "serving.max_batch_images": 64, "serving.probe_port": 8081,
     "serving.max_header_bytes": 16384, "serving.max_headers": 100, "serving.max_connections": 1000,
     "serving.keepalive_seconds": 5.0, "serving.request_seconds": 30.0, "serving.graceful_seconds": 25.0,
     # who may act (issue 8): secure by default for deploy, rollback and approve
