@@ -18,14 +18,21 @@ evaluate's k=5 vote of each run's candidate package on both eval sets (the pipel
 eval set is the clean one).
 
 Printed: per round, each mode's top-1 clean/shifted, wall, and wall relative to the full
-retrain of the same round; data preparation (ingest + validate) of the first run against
-the run after one new batch; refresh's wall split into its steps' compute and the
+retrain of the same round; refresh's wall split into its steps' compute and the
 pipeline's own overhead (kfp.local's task processes and imports). Then one line per goal:
 `goal <name>: met|missed (<figure against its target>)`.
+
+Data preparation (ingest + validate, the pipeline's own components chained alone on
+kfp.local) is measured on a cold shard cache before production runs, and again when the
+first new batch has arrived, before any run has read it: the steps' own compute (each
+records it), the overhead (kfp.local's task start-up and imports: the wall minus the
+compute) and the bytes read. Its goal judges the compute; the wall is printed beside it.
 
 --smoke: 1,000 history digits, one batch of 200, 500 eval images, one round, one epoch;
 runs in about a minute and judges nothing (figures printed, goals "not judged").
 --rounds N: fewer rounds (each costs about three full trainings' time).
+--prep-only: data preparation alone (history, then history + one batch), no training:
+about a minute at full size.
 """
 from __future__ import annotations
 
@@ -35,6 +42,7 @@ import os
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -74,14 +82,58 @@ def top1_of_candidate(store, run_id: str, eval_npz: Path) -> float:
         return evaluate_package(pkg, str(eval_npz))
 
 
-def data_prep(report: dict) -> float:
-    return sum(report["timings"].get(s, 0.0) for s in ("ingest", "validate"))
+def measure_prep(store, root: str, run_id: str, work: Path) -> dict:
+    """Run ingest + validate on everything under data/ through kfp.local; the steps' own
+    compute (what each recorded: ingest in its data card, validate in its result) and the
+    wall, whose difference is kfp.local's task start-up and imports."""
+    from kfp import local
+
+    from pipelines.local_run import _kfp_local_env, _kfp_output
+    from pipelines.pipeline import build_prep_pipeline
+    from steps.results import read_steps
+
+    workdir = work / "prep" / run_id
+    (workdir / "tmp").mkdir(parents=True)
+    with _kfp_local_env(workdir / "tmp"):
+        local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(workdir / "root"))
+        with _kfp_output(workdir / "kfp.log", verbose=False), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*non-Python base image.*")  # as run_local does
+            t0 = time.time()
+            build_prep_pipeline()(run_id=run_id, store=root, data_uris=[root + "data/"], eval_uri=root + "eval/eval.npz")
+            wall = time.time() - t0
+    steps = read_steps(store, run_id)
+    ingest, validate = steps["ingest"]["summary"], steps["validate"]["summary"]
+    compute = ingest["prep"]["seconds"] + validate["seconds"]
+    return {"compute": compute, "overhead": wall - compute, "wall": wall, "ingest": ingest["prep"]["seconds"],
+            "validate": validate["seconds"], "bytes_read": ingest["prep"]["bytes_read"],
+            "objects_new": ingest["objects_new"], "objects_cached": ingest["objects_cached"], "n": ingest["n"]}
+
+
+def print_prep(first: dict, one_new: dict, *, smoke: bool) -> None:
+    """Data preparation of the first run against a run with one new batch, and the goal,
+    judged on the steps' own compute."""
+    print("\ndata preparation (ingest + validate through kfp.local):")
+    print(f"  {'run':<16} {'images':>7} {'objects new/cached':>19} {'compute s':>10} {'overhead s':>11} "
+          f"{'wall s':>7}  bytes read (objects, shard sidecars)")
+    for name, m in (("first", first), ("one new batch", one_new)):
+        print(f"  {name:<16} {m['n']:>7} {m['objects_new']:>9}/{m['objects_cached']:<9} {m['compute']:>10.2f} "
+              f"{m['overhead']:>11.2f} {m['wall']:>7.2f}  {m['bytes_read']['objects']:,}, "
+              f"{m['bytes_read']['shard_sidecars']:,}   (ingest {m['ingest']:.2f}s, validate {m['validate']:.2f}s)")
+    ratio = {k: one_new[k] / first[k] for k in ("compute", "overhead", "wall")}
+    print(f"  one new batch / first: compute {ratio['compute']:.3f}x, overhead {ratio['overhead']:.3f}x, "
+          f"wall {ratio['wall']:.3f}x")
+    verdict = "not judged (--smoke)" if smoke else ("met" if ratio["compute"] <= 0.2 else "missed")
+    print(f"goal data_prep: {verdict} ({ratio['compute']:.3f}x the first run's, target <= 0.2x; the steps' "
+          f"own compute, ingest + validate; with kfp.local's task start-up the wall is {ratio['wall']:.3f}x)",
+          flush=True)
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=5, help="new batches to run every mode after (max 5)")
     ap.add_argument("--smoke", action="store_true", help="tiny sizes, seconds, no goal judged")
+    ap.add_argument("--prep-only", action="store_true",
+                    help="only data preparation (ingest + validate): history, then history + one batch")
     ap.add_argument("--data", default=str(DEFAULT_DATA))
     args = ap.parse_args(argv)
 
@@ -96,6 +148,7 @@ def main(argv=None) -> int:
         n_hist, n_obj, n_batch, n_eval, rounds, extra = 1000, 500, 200, 500, 1, {"epochs": 1}
     else:
         n_hist, n_obj, n_batch, n_eval, rounds, extra = 50000, 2000, 2000, 10000, min(args.rounds, 5), {}
+    rounds = 1 if args.prep_only else rounds
     data = Path(args.data)
     if not (data / "train.npz").is_file():
         print(f"no MNIST at {data}: pass --data DIR with train.npz and test.npz")
@@ -125,6 +178,18 @@ def main(argv=None) -> int:
               f"{n_batch} shifted digits (2x2 dilation + {ROTATE_DEG:g} deg rotation); eval "
               f"{n_eval} test digits clean and shifted", flush=True)
 
+        def put_batch(r):
+            lo = n_hist + (r - 1) * n_batch
+            store.put_bytes(f"data/new-{r:02d}.npz", npz_bytes(x=shift(x[lo:lo + n_batch]), y=y[lo:lo + n_batch]))
+
+        # data preparation first, on a cold shard cache: the first run's
+        prep = {"first": measure_prep(store, "s3://bench-ct/", "prep-first", work)}
+        if args.prep_only:
+            put_batch(1)
+            prep["one_new"] = measure_prep(store, "s3://bench-ct/", "prep-one-new", work)
+            print_prep(prep["first"], prep["one_new"], smoke=args.smoke)
+            return 0
+
         base = dict(store="s3://bench-ct/", run_workdir=str(work / "runs"), deploy_floor=0.5)
         production_settings = Settings(**base)
         held = Settings(**base, deploy={"require_approval": True})   # production stays v1
@@ -146,14 +211,15 @@ def main(argv=None) -> int:
 
         rows = []
         for r in range(1, rounds + 1):
-            lo = n_hist + (r - 1) * n_batch
-            store.put_bytes(f"data/new-{r:02d}.npz",
-                            npz_bytes(x=shift(x[lo:lo + n_batch]), y=y[lo:lo + n_batch]))
+            put_batch(r)
+            if r == 1:   # before any run has cached the new batch
+                prep["one_new"] = measure_prep(store, "s3://bench-ct/", "prep-one-new", work)
             got = {m: run(held, f"round{r}-{m}", {"mode": m}) for m in MODES}
             rows.append(got)
             print_round(r, prod, got)
             # the goals over the rounds so far: a run cut short still says where it stood
             judge(prod, rows, smoke=args.smoke)
+            print_prep(prep["first"], prep["one_new"], smoke=args.smoke)
     finally:
         s3.stop()
         import shutil
@@ -182,10 +248,6 @@ def judge(prod: dict, rows: list[dict], *, smoke: bool) -> None:
         print(f"goal {name}: {verdict} ({text})")
 
     print(f"\ngoals over {len(rows)} round(s):")
-    first_prep = data_prep(prod["report"])
-    one_new = data_prep(rows[0]["full"]["report"])
-    print(f"data preparation (ingest + validate): first run {first_prep:.2f}s, after one new batch "
-          f"{one_new:.2f}s (round 1's full run; cache: {rows[0]['full']['report']['data'].get('cache')})")
     ratios = [g["refresh"]["wall"] / g["full"]["wall"] for g in rows]
     recov = []
     for g in rows:
@@ -204,8 +266,6 @@ def judge(prod: dict, rows: list[dict], *, smoke: bool) -> None:
     line("warm_wall", worst(warm_ratio) <= 0.35, f"worst {worst(warm_ratio):.3f}x full, target <= 0.35x")
     line("warm_quality", worst(warm_gap) <= 0.05,
          f"worst {worst(warm_gap):.3f} pp from full on either eval, target <= 0.05 pp")
-    line("data_prep", one_new / first_prep <= 0.2,
-         f"{one_new / first_prep:.3f}x the first run's, target <= 0.2x")
 
 
 if __name__ == "__main__":

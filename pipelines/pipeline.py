@@ -234,20 +234,22 @@ def evaluate(run_id: str, store: str, model_name: str, floor: float, tolerance: 
     import tempfile
 
     from pipelines.status import track
-    from steps import layout
+    from steps import dataset, layout
     from steps.evaluate import evaluate_against_production, upload_candidate
     from steps.reuse import fetch_staged, read_lineage
     from steps.storage import open_store
 
-    with track(store, run_id, "evaluate") as st, tempfile.TemporaryDirectory() as model_dir:
+    with track(store, run_id, "evaluate") as st, tempfile.TemporaryDirectory() as model_dir, \
+            tempfile.TemporaryDirectory() as scratch:
         fetch_staged(open_store(store), model_uri, model_dir)
+        eval_npz = dataset.materialize(data.path, "eval", scratch)  # production is measured on its images
         lineage = read_lineage(model_dir)
         reused = ({"version": lineage["weights_from"], "index_dir": model_dir}
                   if lineage.get("mode") == "refresh" else None)
         os.makedirs(evaluation.path, exist_ok=True)
         result = evaluate_against_production(
             store, model_name, index.path, os.path.join(embeddings.path, "eval.npz"),
-            os.path.join(data.path, "eval.npz"), evaluation.path, floor=floor, tolerance=tolerance,
+            str(eval_npz), evaluation.path, floor=floor, tolerance=tolerance,
             reused=reused)
         upload_candidate(store, run_id, model_dir=model_dir, index_dir=index.path,
                          eval_dir=evaluation.path,
@@ -397,6 +399,18 @@ def _sweep_pipeline(resources, parallelism: int):
                   keep_versions, requested_by, require_approval, train_model)
 
     return ct_sweep_pipeline
+
+
+def build_prep_pipeline():
+    """Data preparation alone: the ingest and validate tasks every run starts with, chained
+    as in a run (bench/bench_ct.py --prep-only measures it); no report, no training."""
+    @dsl.pipeline(name="ctbot-data-prep", description="ingest and validate only")
+    def data_prep(run_id: str, store: str, data_uris: list, eval_uri: str):
+        ing = _configure(ingest(run_id=run_id, store=store, data_uris=data_uris, eval_uri=eval_uri),
+                         "ingest", None)
+        _configure(validate(run_id=run_id, store=store, data=ing.outputs["data"]), "validate", None)
+
+    return data_prep
 
 
 def normalize_sweep(sweep) -> list[dict]:

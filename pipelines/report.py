@@ -70,6 +70,8 @@ def assemble(run_id: str, model: str, *, steps: dict, card: dict | None, metrics
             "sources": card.get("sources", []),
             "fingerprint": card.get("fingerprint"),
             "cache": card.get("cache"),   # objects read anew vs taken from the shard cache
+            # data preparation's own compute (no task start-up) and the bytes it read
+            "prep": {**(card.get("prep") or {}), "validate_seconds": summary["validate"].get("seconds")},
         },
         "eval": {"uri": eval_info.get("uri"), "n": eval_info.get("n"),
                  "fingerprint": eval_info.get("fingerprint")},

@@ -19,12 +19,6 @@ import numpy as np
 
 def embed(model_dir: str, npz_path: str, out_path: str, batch_size: int = 0,
           *, prefer: str = "export", threads: int = 0) -> dict:
-    import torch
-
-    from steps.model import EMBED_BATCH, available_cpus, embed_images, load_embedder, optimize_for_cpu
-
-    t0 = time.time()
-    torch.set_num_threads(threads or available_cpus())
     with np.load(npz_path) as d:
         x = d["x"]
         y = d["y"] if "y" in d.files else np.full(len(x), 255, np.uint8)
@@ -32,6 +26,18 @@ def embed(model_dir: str, npz_path: str, out_path: str, batch_size: int = 0,
         x = x.reshape(-1, 28, 28)
     if x.ndim != 3 or x.shape[1:] != (28, 28):
         raise ValueError(f"{npz_path}: x must be (N,28,28) images, got {x.shape}")
+    return embed_arrays(model_dir, x, y, out_path, batch_size, prefer=prefer, threads=threads)
+
+
+def embed_arrays(model_dir: str, x: np.ndarray, y: np.ndarray, out_path: str, batch_size: int = 0,
+                 *, prefer: str = "export", threads: int = 0) -> dict:
+    """embed() of images already in memory (x uint8 (N,28,28), y their labels)."""
+    import torch
+
+    from steps.model import EMBED_BATCH, available_cpus, embed_images, load_embedder, optimize_for_cpu
+
+    t0 = time.time()
+    torch.set_num_threads(threads or available_cpus())
     fn, runtime = optimize_for_cpu(load_embedder(model_dir, prefer=prefer))
     emb = embed_images(fn, x, batch_size=batch_size or EMBED_BATCH).numpy().astype(np.float32)
     # The network normalises already; renormalising guards inner-product search against drift.
@@ -46,37 +52,33 @@ def embed(model_dir: str, npz_path: str, out_path: str, batch_size: int = 0,
 
 def embed_for_run(store, model_prefix: str, model_dir: str, data_dir: str, out_dir: str) -> dict:
     """The pipeline's embed step: fetch the run's staged model (steps.reuse) and embed the
-    gallery (data.npz) and the eval set into out_dir. For a refresh the gallery is only the
-    rows from objects production has not seen, production's index is copied to
-    out_dir/base_index/ for index to append to, and added.json names what was added."""
+    gallery (the run's training data, steps.dataset) and the eval set into out_dir. For a
+    refresh the gallery is only the rows from objects production has not seen (so only
+    their pixels are read), production's index is copied to out_dir/base_index/ for index
+    to append to, and added.json names what was added."""
     import shutil
 
-    from steps import layout, reuse
+    from steps import dataset, layout, reuse
     from steps.index import BASE_DIR, GALLERY_FILES
 
     reuse.fetch_staged(store, model_prefix, model_dir)
     lineage = reuse.read_lineage(model_dir)
     data, out = Path(data_dir), Path(out_dir)
-    gallery_npz = data / "data.npz"
-    added = None
+    select, added = None, None
     if lineage.get("mode") == "refresh":
         card = json.loads((data / layout.DATA_CARD_JSON).read_text())
         base_card = json.loads((Path(model_dir) / layout.DATA_CARD_JSON).read_text())
-        with np.load(gallery_npz) as d:
-            rows, objects = reuse.new_rows(card, d["src"], base_card)
-            gallery_npz = out / "new_images.npz"
-            np.savez(gallery_npz, x=d["x"][rows], y=d["y"][rows])
+        select, objects = reuse.new_rows(card, dataset.read_rows(data, "data")["src"], base_card)
         (out / BASE_DIR).mkdir(parents=True, exist_ok=True)
         for name in GALLERY_FILES:
             shutil.copy(Path(model_dir) / name, out / BASE_DIR / name)
-        added = {**lineage, "added_images": int(len(rows)), "added_objects": objects}
+        added = {**lineage, "added_images": int(len(select)), "added_objects": objects}
         (out / "added.json").write_text(json.dumps(added))
-    summary = {"gallery": embed(model_dir, str(gallery_npz), str(out / "gallery.npz")),
-               "eval": embed(model_dir, str(data / "eval.npz"), str(out / "eval.npz")),
+    summary = {"gallery": embed_arrays(model_dir, *dataset.images(data, "data", select), str(out / "gallery.npz")),
+               "eval": embed_arrays(model_dir, *dataset.images(data, "eval"), str(out / "eval.npz")),
                "mode": lineage.get("mode"), "weights_from": lineage.get("weights_from")}
     if added:
         summary["added_images"], summary["added_objects"] = added["added_images"], len(objects)
-        gallery_npz.unlink()
     return summary
 
 

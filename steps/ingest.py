@@ -14,12 +14,16 @@ card["value_issues"], each naming the object's URI, for validate to judge. Train
 identical to an eval image are dropped here (and counted in card["leakage"]) so no later
 step can train or search on them.
 
-Shard cache (``cache=`` a store): what an object decodes to (images, labels, one hash per
-image, the issues found) is kept in the store under cache/shards/, keyed by the object's
-URI and content tag (its S3 ETag; an MD5 of the file locally). A run then reads and
-decodes only objects it has not seen; a rewritten object has a new tag and is read again.
-Leakage is still checked against the whole eval set, from the cached hashes. The card's
-"cache" says how many objects were new and how many came from the cache.
+Shard cache (``cache=`` a store): what an object decodes to is kept in the store under
+cache/shards/, keyed by the object's URI and content tag (its S3 ETag; an MD5 of the file
+locally): its pixels in <tag>.npz and, in a small sidecar <tag>.meta.npz, its labels, one
+hash per image and the issues found. A run reads and decodes only objects it has not
+seen (a rewritten object has a new tag and is read again) and of the others only the
+sidecars: the output directory then holds the rows form of steps.dataset (labels,
+hashes and where each row's pixels are), not the pixels, which train and embed read from
+the cache. Leakage is still checked against the whole eval set, from the hashes. The
+card's "cache" says how many objects were new and how many came from the cache; its
+"prep" the step's own seconds and the bytes it read.
 """
 from __future__ import annotations
 
@@ -32,17 +36,19 @@ import posixpath
 import re
 import struct
 import sys
+import time
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from steps import storage
-from steps.layout import DATA_CARD_JSON, shard_key
+from steps import dataset, storage
+from steps.dataset import image_hashes
+from steps.layout import DATA_CARD_JSON, shard_key, shard_meta_key
 
 # Bump when what a shard holds, or how an object is decoded, changes: old shards are ignored.
-SHARD_FORMAT = 1
+SHARD_FORMAT = 2
 
 DIGITS = [str(d) for d in range(10)]
 
@@ -58,6 +64,8 @@ class Loaded:
     issues: dict = field(default_factory=dict)  # kind -> issue dict, kinds as in the card
     h: np.ndarray | None = None   # image_hashes(x), computed once and cached with the shard
     tag: str | None = None        # the content tag of the unit it came from (see _units)
+    part: str | None = None       # the shard key that holds its pixels (None: only in x)
+    offset: int = 0               # its first row in that shard
 
 
 class BadObject(Exception):
@@ -259,8 +267,14 @@ class _Reader:
 
     def __init__(self):
         self._stores: dict[str, storage.Store] = {}
+        self.bytes = 0   # read so far (the data card reports it)
 
     def read(self, uri: str) -> bytes:
+        data = self._read(uri)
+        self.bytes += len(data)
+        return data
+
+    def _read(self, uri: str) -> bytes:
         try:
             if uri.startswith("s3://"):
                 bucket, key = storage.split_s3_uri(uri)
@@ -285,11 +299,13 @@ class _Reader:
 
         def one(uri):
             try:
-                return uri, self.read(uri)
+                return uri, self._read(uri)
             except BadObject as e:
                 return uri, e
         with ThreadPoolExecutor(max_workers=8) as pool:
-            yield from pool.map(one, uris)
+            for uri, data in pool.map(one, uris):
+                self.bytes += 0 if isinstance(data, BadObject) else len(data)  # counted here, not in threads
+                yield uri, data
 
 
 def _units(objects: list[tuple[str, int, str]]):
@@ -343,30 +359,62 @@ def _unit_tag(kind: str, objs: list[tuple]) -> str | None:
     return hashlib.sha256(doc.encode()).hexdigest()
 
 
-def _shard_bytes(items: list[Loaded]) -> bytes:
-    """One npz per unit: the concatenated arrays and, as JSON, where each item's rows are."""
+def _shard_files(items: list[Loaded]) -> tuple[bytes, bytes]:
+    """(pixels, sidecar) of one unit: its images concatenated, and the labels, hashes and,
+    as JSON, each item's source, issues and row count."""
     meta = [{"uri": it.uri, "size": it.size, "fmt": it.fmt, "issues": it.issues,
-             "n": None if it.x is None else int(len(it.x))} for it in items]
-    with_x = [it for it in items if it.x is not None]
-    buf = io.BytesIO()
-    np.savez(buf, meta=np.array(json.dumps(meta)),
-             x=np.concatenate([it.x for it in with_x]) if with_x else np.zeros((0, 28, 28), np.uint8),
+             "n": None if it.y is None else int(len(it.y))} for it in items]
+    with_x = [it for it in items if it.y is not None]
+    pixels, sidecar = io.BytesIO(), io.BytesIO()
+    np.savez(pixels, x=np.concatenate([it.x for it in with_x]) if with_x else np.zeros((0, 28, 28), np.uint8))
+    np.savez(sidecar, meta=np.array(json.dumps(meta)),
              y=np.concatenate([it.y for it in with_x]) if with_x else np.zeros(0, np.uint8),
              h=np.concatenate([it.h for it in with_x]) if with_x else np.zeros(0, "S16"))
-    return buf.getvalue()
+    return pixels.getvalue(), sidecar.getvalue()
 
 
-def _shard_items(data: bytes, tag: str) -> list[Loaded]:
-    with np.load(io.BytesIO(data), allow_pickle=False) as z:
-        meta, x, y, h = json.loads(str(z["meta"])), z["x"], z["y"], z["h"]
+def _shard_items(sidecar: bytes, tag: str) -> list[Loaded]:
+    """The items of a cached unit from its sidecar: labels and hashes, the pixels left in
+    the shard (``part``/``offset`` say where)."""
+    with np.load(io.BytesIO(sidecar), allow_pickle=False) as z:
+        meta, y, h = json.loads(str(z["meta"])), z["y"], z["h"]
     items, at = [], 0
     for m in meta:
         item = Loaded(m["uri"], m["size"], m["fmt"], issues=m["issues"], tag=tag)
         if m["n"] is not None:
-            item.x, item.y, item.h = x[at:at + m["n"]], y[at:at + m["n"]], h[at:at + m["n"]]
+            item.y, item.h = y[at:at + m["n"]], h[at:at + m["n"]]
+            item.part, item.offset = shard_key(tag), at
             at += m["n"]
         items.append(item)
     return items
+
+
+def _fetch_sidecars(cache: storage.Store, tags: list[str]) -> dict[str, bytes | None]:
+    """Every unit's sidecar at once (None: not cached), a few requests in flight: with
+    many objects, a request's round trip is most of a cached run's data preparation."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    getattr(cache, "client", None)  # build an S3 client once, before the threads race
+
+    def one(tag):
+        try:
+            return tag, cache.get_bytes(shard_meta_key(tag))
+        except (KeyError, OSError):
+            return tag, None
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        return dict(pool.map(one, tags))
+
+
+def _cache_unit(cache: storage.Store, tag: str, items: list[Loaded]) -> None:
+    """Pixels first, then the sidecar that makes the shard visible to later runs."""
+    pixels, sidecar = _shard_files(items)
+    cache.put_bytes(shard_key(tag), pixels)
+    cache.put_bytes(shard_meta_key(tag), sidecar)
+    at = 0
+    for it in items:
+        if it.y is not None:
+            it.part, it.offset = shard_key(tag), at
+            at += len(it.y)
 
 
 def _decode_unit(kind: str, objs: list[tuple], reader: _Reader) -> tuple[list[Loaded], list[dict]]:
@@ -397,24 +445,27 @@ def load_sources(uris: list[str], cache: storage.Store | None = None
                  ) -> tuple[list[Loaded], list[dict], list[dict], dict]:
     """(loaded sources, errors [{uri, error}], skipped [{uri, reason}], cache stats).
 
-    With a cache store, a unit whose content tag has a shard there is taken from it
-    unread; any other unit is read, decoded and hashed, and (when nothing in it was
-    unreadable) its shard written for the next run."""
+    With a cache store, a unit whose content tag has a shard there is taken from its
+    sidecar (labels and hashes; the pixels stay in the store); any other unit is read,
+    decoded and hashed, and (when nothing in it was unreadable) its shard written for the
+    next run. The stats count objects new and cached, and the bytes read of each."""
     objects, errors = expand(uris)
     units, unit_errors, skipped = _units(objects)
     errors += unit_errors
     reader = _Reader()
     loaded: list[Loaded] = []
-    stats = {"objects_new": 0, "objects_cached": 0, "new": []}
-    for kind, objs in units:
-        tag = _unit_tag(kind, objs)
-        if cache is not None and tag:
+    stats = {"objects_new": 0, "objects_cached": 0, "new": [], "sidecar_bytes": 0}
+    tags = [_unit_tag(kind, objs) for kind, objs in units]
+    sidecars = _fetch_sidecars(cache, [t for t in tags if t]) if cache is not None else {}
+    for (kind, objs), tag in zip(units, tags, strict=True):
+        if sidecars.get(tag) is not None:
             try:
-                loaded += _shard_items(cache.get_bytes(shard_key(tag)), tag)
+                loaded += _shard_items(sidecars[tag], tag)
                 stats["objects_cached"] += len(objs)
+                stats["sidecar_bytes"] += len(sidecars[tag])
                 continue
             except (KeyError, ValueError, OSError, zipfile.BadZipFile):
-                pass   # no shard, or an unreadable one: a miss, the objects are read again
+                pass   # an unreadable sidecar: a miss, the objects are read again
         items, bad = _decode_unit(kind, objs, reader)
         for it in items:
             it.tag = tag
@@ -423,55 +474,72 @@ def load_sources(uris: list[str], cache: storage.Store | None = None
         stats["objects_new"] += len(objs)
         stats["new"] += [o[0] for o in objs]
         if cache is not None and tag and not bad:
-            cache.put_bytes(shard_key(tag), _shard_bytes(items))
+            _cache_unit(cache, tag, items)
+    stats["object_bytes"] = reader.bytes
     return loaded, sorted(errors, key=lambda e: e["uri"]), skipped, stats
 
 
-def _merge(loaded: list[Loaded]):
+@dataclass
+class Merged:
+    """What ingest writes for one side (training data or eval): ``rows`` y, h, src and,
+    per row, part and row (where its pixels are: ``parts[part]`` is a shard key, or None
+    for ``inline``, the decoded images no shard holds)."""
+    rows: dict
+    parts: list[str | None]
+    inline: np.ndarray
+    sources: list[dict]
+    issues: dict
+
+
+def _merge(loaded: list[Loaded]) -> Merged:
     """Concatenate; PNGs from one folder are reported as one source (one entry per object
     would bloat the card for thousands of files)."""
     groups: dict[str, dict] = {}
-    xs, ys, hs, srcs = [], [], [], []
+    cols: dict[str, list] = {"y": [], "h": [], "src": [], "part": [], "row": []}
+    inline, n_inline, parts = [], 0, {}
     issues: dict[str, list] = {"shape_issues": [], "label_issues": [], "value_issues": []}
     for item in loaded:
         for kind, issue in item.issues.items():
             issues[kind].append(issue)
-        if item.x is None:
+        if item.y is None:
             continue
         key = posixpath.dirname(posixpath.dirname(item.uri)) + "/" if item.fmt == "png" else item.uri
         g = groups.setdefault(key, {"uri": key, "format": item.fmt, "size": 0, "n": 0, "objects": 0,
                                     "tag": item.tag, "_i": len(groups)})
+        n = len(item.y)
         g["size"] += item.size
-        g["n"] += len(item.x)
+        g["n"] += n
         g["objects"] += 1
-        xs.append(item.x)
-        ys.append(item.y)
-        hs.append(item.h if item.h is not None else image_hashes(item.x))
-        srcs.append(np.full(len(item.x), g["_i"], np.int32))
+        start = item.offset if item.part else n_inline
+        if not item.part:
+            inline.append(item.x)
+            n_inline += n
+        cols["y"].append(item.y)
+        cols["h"].append(item.h if item.h is not None else image_hashes(item.x))
+        cols["src"].append(np.full(n, g["_i"], np.int32))
+        cols["part"].append(np.full(n, parts.setdefault(item.part, len(parts)), np.int32))
+        cols["row"].append(np.arange(start, start + n, dtype=np.int64))
     sources = [{k: v for k, v in g.items() if k != "_i"} for g in groups.values()]
     for s in sources:
         if s["format"] != "png":
             s.pop("objects")
-    if xs:
-        return (np.concatenate(xs), np.concatenate(ys), np.concatenate(hs), np.concatenate(srcs),
-                sources, issues)
-    return (np.zeros((0, 28, 28), np.uint8), np.zeros(0, np.uint8), np.zeros(0, "S16"),
-            np.zeros(0, np.int32), sources, issues)
+    empty = {"y": np.uint8, "h": "S16", "src": np.int32, "part": np.int32, "row": np.int64}
+    rows = {k: np.concatenate(v) if v else np.zeros(0, empty[k]) for k, v in cols.items()}
+    return Merged(rows, list(parts), np.concatenate(inline) if inline else np.zeros((0, 28, 28), np.uint8),
+                  sources, issues)
 
 
 def fingerprint(x: np.ndarray, y: np.ndarray) -> str:
-    h = hashlib.sha256()
-    h.update(np.ascontiguousarray(x, np.uint8).tobytes())
-    h.update(np.ascontiguousarray(y, np.uint8).tobytes())
-    return "sha256:" + h.hexdigest()
+    return fingerprint_of(image_hashes(x), y)
 
 
-def image_hashes(x: np.ndarray) -> np.ndarray:
-    """One 16-byte digest per image, for duplicate and leakage checks."""
-    if len(x) == 0:
-        return np.zeros(0, dtype="S16")
-    flat = np.ascontiguousarray(x, np.uint8).reshape(len(x), -1)
-    return np.array([hashlib.blake2b(r.tobytes(), digest_size=16).digest() for r in flat], dtype="S16")
+def fingerprint_of(h: np.ndarray, y: np.ndarray) -> str:
+    """The data set's content: its images' hashes and labels, in order (so it is the same
+    whether the pixels were read or not)."""
+    d = hashlib.sha256()
+    d.update(np.ascontiguousarray(h, "S16").tobytes())
+    d.update(np.ascontiguousarray(y, np.uint8).tobytes())
+    return "sha256:" + d.hexdigest()
 
 
 def counts(y: np.ndarray) -> dict[str, int]:
@@ -479,57 +547,76 @@ def counts(y: np.ndarray) -> dict[str, int]:
     return {str(i): int(c[i]) for i in range(10)}
 
 
-def _drop_leaked(x, y, h, src, sources, eval_h) -> tuple[np.ndarray, ...]:
-    leaked = np.isin(h, eval_h) if len(x) else np.zeros(0, bool)
+def _drop_leaked(rows: dict, sources: list[dict], eval_h: np.ndarray) -> tuple[dict, dict]:
+    """``rows`` without the training images identical to an eval image, and what was dropped."""
+    h, src = rows["h"], rows["src"]
+    leaked = np.isin(h, eval_h) if len(h) else np.zeros(0, bool)
     by_source = {}
     for i in np.flatnonzero(leaked):
         by_source[sources[src[i]]["uri"]] = by_source.get(sources[src[i]]["uri"], 0) + 1
-    keep = ~leaked
-    info = {"dropped": int(leaked.sum()), "n_before": int(len(x)),
+    info = {"dropped": int(leaked.sum()), "n_before": int(len(h)),
             "by_source": [{"uri": u, "n": n} for u, n in sorted(by_source.items())]}
-    return x[keep], y[keep], h[keep], src[keep], info
+    return {k: v[~leaked] for k, v in rows.items()}, info
+
+
+def _write_side(out: Path, which: str, m: Merged, rows: dict, cache: storage.Store | None) -> None:
+    """Without a cache, <which>.npz with the pixels (the arrays form of steps.dataset);
+    with one, the rows form: the pixels stay in the shards, except images no shard holds
+    (an object of a unit that had an unreadable one), kept in <which>_inline.npz."""
+    if cache is None:
+        x = m.inline[rows["row"]]
+        np.savez(out / f"{which}.npz", x=x, y=rows["y"], h=rows["h"], src=rows["src"])
+        return
+    parts = []
+    for key in m.parts:
+        if key is None:
+            np.savez(out / f"{which}_inline.npz", x=m.inline)
+            parts.append({"file": f"{which}_inline.npz"})
+        else:
+            parts.append({"key": key})
+    dataset.write_rows(out, which, rows, parts, cache.root)
+
+
+def _side_card(m: Merged, rows: dict, errors: list, stats: dict, cache) -> dict:
+    card = {"n": int(len(rows["y"])), "counts": counts(rows["y"]), "sources": m.sources,
+            "fingerprint": fingerprint_of(rows["h"], rows["y"]), "errors": errors,
+            **{k: v for k, v in m.issues.items() if v}}
+    if cache is not None:
+        card["cache"] = _cache_card(stats)
+    return card
 
 
 def ingest(uris: list[str], out_dir: str, eval_uri: str | None = None,
            cache: storage.Store | None = None) -> dict:
-    """Write out_dir/data.npz (x uint8 (N,28,28), y uint8, h S16 image hashes, src int32),
-    data_card.json, and out_dir/eval.npz when eval_uri is given. Returns the data card.
-    ``cache``: the store that keeps decoded shards (module docstring)."""
+    """Write the data set (steps.dataset: data.npz and eval.npz, or with a cache their rows
+    form) and data_card.json to out_dir. Returns the data card. ``cache``: the store that
+    keeps decoded shards (module docstring)."""
+    t0 = time.perf_counter()
     if isinstance(uris, str):
         uris = [uris]
     if not uris:
         raise ValueError("ingest needs at least one data URI")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    loaded, errors, skipped, cache_stats = load_sources(list(uris), cache)
-    x, y, h, src, sources, issues = _merge(loaded)
-
-    card_eval, eval_h = None, None
+    loaded, errors, skipped, stats = load_sources(list(uris), cache)
+    m = _merge(loaded)
+    card_eval, rows, leakage, e_stats = None, m.rows, None, {}
     if eval_uri:
         e_loaded, e_errors, _, e_stats = load_sources([eval_uri], cache)
-        ex, ey, eh, esrc, e_sources, e_issues = _merge(e_loaded)
-        np.savez(out / "eval.npz", x=ex, y=ey, h=eh, src=esrc)
-        card_eval = {"uri": eval_uri, "n": int(len(ex)), "counts": counts(ey),
-                     "fingerprint": fingerprint(ex, ey), "sources": e_sources, "errors": e_errors,
-                     **{k: v for k, v in e_issues.items() if v}}
-        if cache is not None:
-            card_eval["cache"] = _cache_card(e_stats)
-        eval_h = eh
-
-    leakage = None
-    if eval_h is not None and len(eval_h):
-        x, y, h, src, leakage = _drop_leaked(x, y, h, src, sources, eval_h)
-
-    np.savez(out / "data.npz", x=x, y=y, h=h, src=src)
-    card = {"n": int(len(x)), "counts": counts(y), "sources": sources,
-            "fingerprint": fingerprint(x, y), "errors": errors, "skipped": skipped,
-            **issues, "uris": list(uris)}
-    if cache is not None:
-        card["cache"] = _cache_card(cache_stats)
+        em = _merge(e_loaded)
+        _write_side(out, "eval", em, em.rows, cache)
+        card_eval = {"uri": eval_uri, **_side_card(em, em.rows, e_errors, e_stats, cache)}
+        if len(em.rows["h"]):
+            rows, leakage = _drop_leaked(m.rows, m.sources, em.rows["h"])
+    _write_side(out, "data", m, rows, cache)
+    card = {**_side_card(m, rows, errors, stats, cache), "skipped": skipped, "uris": list(uris)}
     if leakage is not None:
         card["leakage"] = leakage
     if card_eval is not None:
         card["eval"] = card_eval
+    card["prep"] = {"seconds": round(time.perf_counter() - t0, 3),
+                    "bytes_read": {"objects": stats["object_bytes"] + e_stats.get("object_bytes", 0),
+                                   "shard_sidecars": stats["sidecar_bytes"] + e_stats.get("sidecar_bytes", 0)}}
     (out / DATA_CARD_JSON).write_text(json.dumps(card, indent=1))
     return card
 
@@ -548,6 +635,7 @@ def summary(card: dict) -> dict:
             "skipped": len(card.get("skipped", [])),
             "eval_n": card.get("eval", {}).get("n"),
             "leaked_dropped": card.get("leakage", {}).get("dropped", 0),
+            **({"prep": card["prep"]} if "prep" in card else {}),
             **({"objects_new": card["cache"]["objects_new"],
                 "objects_cached": card["cache"]["objects_cached"]} if "cache" in card else {})}
 

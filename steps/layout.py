@@ -40,9 +40,15 @@ def data_card_key(run_id: str) -> str:
 
 
 def shard_key(tag: str) -> str:
-    """A decoded, hashed source object (steps.ingest), keyed by its URI and content tag:
+    """A decoded source object's pixels (steps.ingest), keyed by its URI and content tag:
     kept across runs so a run reads only objects it has not seen."""
     return f"cache/shards/{tag}.npz"
+
+
+def shard_meta_key(tag: str) -> str:
+    """The shard's sidecar: labels, image hashes, issues; all a run's data preparation
+    reads of an object it has seen. Written after the pixels, so it implies them."""
+    return f"cache/shards/{tag}.meta.npz"
 
 
 def run_model_prefix(run_id: str) -> str:

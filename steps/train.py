@@ -33,11 +33,12 @@ VAL_GALLERY_MAX = 20000
 
 
 def load_training_data(data_dir: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """Every training image: data.npz, or the rows ingest wrote with the pixels read from
+    the shard cache (steps.dataset)."""
+    from steps import dataset
+
     path = Path(data_dir) / "data.npz"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: run ingest first")
-    with np.load(path) as d:
-        x, y = d["x"], d["y"]
+    x, y = dataset.images(data_dir, "data")
     if x.ndim != 3 or x.shape[1:] != (28, 28) or x.dtype != np.uint8:
         raise ValueError(f"{path}: x must be uint8 (N,28,28), got {x.dtype} {x.shape}")
     if len(y) != len(x) or (len(y) and (y.min() < 0 or y.max() >= N_CLASSES)):

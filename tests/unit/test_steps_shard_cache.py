@@ -1,11 +1,13 @@
-"""The shard cache: a run reads and validates only objects it has not seen (S3 on the moto
-server through boto3, the real ingest and validate steps)."""
+"""The shard cache: a run reads and validates only objects it has not seen, and of the
+others only their shards' sidecars, never their pixels (S3 on the moto server through
+boto3, the real ingest and validate steps)."""
 import io
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from steps import dataset
 from steps.ingest import ingest
 from steps.synthetic import make_digits
 from steps.validate import ValidationError, validate
@@ -23,8 +25,12 @@ def shard_keys(store) -> list[str]:
 
 
 def arrays(d):
-    with np.load(d / "data.npz") as z:
-        return z["x"], z["y"], z["h"]
+    x, y = dataset.images(d, "data")
+    return x, y, dataset.read_rows(d, "data")["h"]
+
+
+def pixel_shards(store) -> list[str]:
+    return [k for k in shard_keys(store) if not k.endswith(".meta.npz")]
 
 
 @pytest.fixture
@@ -43,7 +49,8 @@ def test_second_run_reads_only_the_new_object(s3_store, world, tmp_path):
     assert first["cache"]["objects_new"] == 2 and first["cache"]["objects_cached"] == 0
     assert first["eval"]["cache"] == {"objects_new": 1, "objects_cached": 0,
                                       "new": [world["eval"]]}
-    assert len(shard_keys(s3_store)) == 3          # a, b and the eval set
+    assert len(pixel_shards(s3_store)) == 3          # a, b and the eval set, each with a sidecar
+    assert len(shard_keys(s3_store)) == 6
     validate(str(tmp_path / "1"))
 
     nx, ny = make_digits(40, seed=5)
@@ -99,6 +106,10 @@ def test_leakage_is_checked_against_the_whole_eval_set_for_cached_objects(s3_sto
     assert card["leakage"]["by_source"] == [{"uri": world["data"] + "a.npz", "n": 4}]
     result = validate(str(tmp_path / "2"))
     assert result["stats"]["leaked"] == 4 and result["stats"]["n"] == 296
+    # train and embed get the cached object's other images, and not the leaked ones
+    x, y = dataset.images(tmp_path / "2", "data")
+    np.testing.assert_array_equal(x, world["x"][4:])
+    np.testing.assert_array_equal(y, world["y"][4:])
 
 
 def test_png_folder_is_one_shard_and_a_changed_file_rereads_it(s3_store, bucket, world, tmp_path):
@@ -145,3 +156,52 @@ def test_refresh_adds_only_unseen_objects_and_refuses_changed_ones():
     untagged = {"sources": [{"uri": "s3://b/data/a.npz"}]}
     with pytest.raises(ValueError, match="predates content tags"):
         new_rows(card, src, untagged)
+
+
+def test_a_second_run_reads_no_pixels_of_cached_objects(s3_store, world, tmp_path):
+    """Proof by removal: with the cached shards' pixels gone from the store, ingest and
+    validate of a second run still succeed (they read sidecars only), and the bytes the
+    card says were read are the new object's and the sidecars'. The steps that need pixels
+    read them from the cache: all of them, or for a refresh only the new object's."""
+    ingest([world["data"]], str(tmp_path / "1"), world["eval"], cache=s3_store)
+    nx, ny = make_digits(40, seed=5)
+    s3_store.put_bytes("data/c.npz", npz_bytes(x=nx, y=ny))
+    pixels = {k: s3_store.get_bytes(k) for k in pixel_shards(s3_store)}
+    sidecars = sum(o.size for o in s3_store.list("cache/shards/") if o.key.endswith(".meta.npz"))
+    for k in pixels:
+        s3_store.delete(k)
+    out = tmp_path / "2"
+    card = ingest([world["data"]], str(out), world["eval"], cache=s3_store)
+    assert card["cache"]["objects_cached"] == 2 and card["eval"]["cache"]["objects_cached"] == 1
+    assert validate(str(out))["stats"]["n"] == 340
+    assert card["prep"]["bytes_read"] == {"objects": len(s3_store.get_bytes("data/c.npz")),
+                                          "shard_sidecars": sidecars}
+    assert sidecars < sum(len(v) for v in pixels.values()) / 5
+    assert not (out / "data.npz").exists() and not (out / "eval.npz").exists()
+
+    # the new object's rows are readable alone (a refresh embeds just these) ...
+    src = dataset.read_rows(out, "data")["src"]
+    new_rows = np.flatnonzero(src == 2)
+    x_new, y_new = dataset.images(out, "data", new_rows)
+    np.testing.assert_array_equal(x_new, nx)
+    np.testing.assert_array_equal(y_new, ny)
+    # ... while all of them need the cached pixels, and say which shard went missing
+    with pytest.raises(FileNotFoundError, match=r"shard cache lost s3://.*/cache/shards/.*\.npz after ingest"):
+        dataset.images(out, "data")
+    for k, data in pixels.items():
+        s3_store.put_bytes(k, data)
+    x, y = dataset.images(out, "data")
+    np.testing.assert_array_equal(x, np.concatenate([world["x"], nx]))
+    np.testing.assert_array_equal(y, np.concatenate([world["y"], ny]))
+    ex, ey = dataset.images(out, "eval")
+    np.testing.assert_array_equal(ex, world["ex"])
+
+
+def test_a_deleted_cache_is_rebuilt(s3_store, world, tmp_path):
+    first = ingest([world["data"]], str(tmp_path / "1"), world["eval"], cache=s3_store)
+    for k in shard_keys(s3_store):
+        s3_store.delete(k)
+    again = ingest([world["data"]], str(tmp_path / "2"), world["eval"], cache=s3_store)
+    assert again["cache"]["objects_new"] == 2 and again["eval"]["cache"]["objects_new"] == 1
+    assert again["fingerprint"] == first["fingerprint"] and len(shard_keys(s3_store)) == 6
+    assert ingest([world["data"]], str(tmp_path / "3"), world["eval"], cache=s3_store)["cache"]["objects_cached"] == 2
