@@ -1,4 +1,5 @@
-"""Read a data snapshot into one array file plus a data card.
+"""Read a data snapshot into a data set plus a data card (steps.dataset: the images
+themselves, or with a shard cache their rows).
 
     python -m steps.ingest --out-dir D [--eval-uri URI] URI [URI ...]
 
