@@ -21,7 +21,10 @@ starts `ctbot serve-model` in a subprocess, and measures in the same run:
   - closed loop at concurrency 8 against the stdlib server this one replaced, side by
     side in alternating rounds: that server is today's code at BASELINE_REV (the last
     commit with it), checked out from git into a temporary directory and started with
-    its own `ctbot serve-model`;
+    its own `ctbot serve-model`; both run their configuration's defaults, so ours
+    micro-batches as deployed (serving.batch_wait_ms 0, max_batch_images 64). The bench
+    prints how many requests it merged into each model call at concurrency 8 (its
+    /metrics), and the model call's CPU per image at 1-16 images a call (in-process);
   - batches of 64 at concurrency 2 (images/s), as JSON numbers and as binary tensors;
   - how often the served search's label equals exact search's, on test digits.
 
@@ -255,6 +258,24 @@ def pct(xs, p) -> float:
     return float(np.percentile(np.asarray(xs) * 1e3, p))
 
 
+MERGE_SIZES = (1, 2, 3, 4, 8, 16)
+
+
+def model_cpu_by_batch(model, xf: np.ndarray, calls: int) -> dict[int, float]:
+    """CPU ms per image of the server's model call (LoadedModel.predict: embed, search,
+    vote) at the batch sizes micro-batching can merge: what merging saves is the drop
+    from batch 1."""
+    out = {}
+    for b in MERGE_SIZES:
+        model.predict(xf[:b])   # warm this size
+        t0 = time.process_time()
+        for r in range(calls):
+            at = (r * b) % (len(xf) - b)
+            model.predict(xf[at:at + b])
+        out[b] = 1e3 * (time.process_time() - t0) / (calls * b)
+    return out
+
+
 def request_parts(model, image: np.ndarray) -> list[tuple[str, float, str]]:
     """Per-request pieces of the server's own code, warm, in this process (microseconds,
     best of 5 x 2,000), each beside the general path it replaced."""
@@ -481,6 +502,7 @@ def main(argv=None) -> int:
         batch64 = v2_body(images[:64])
         binary64, binary_headers = v2_binary(images[:64])
         xf = (images.astype(np.float32) / 255.0).reshape(-1, 1, 28, 28)
+        by_batch = model_cpu_by_batch(model, xf, 20 if args.smoke else 200)
 
         def raw(xb):
             t = time.perf_counter()
@@ -572,6 +594,8 @@ def main(argv=None) -> int:
         print(f"closed loop at concurrency 8, one image: {tp_c8:,.0f} requests/s on uvicorn against {tp_base:,.0f} "
               f"on the stdlib server at {BASELINE_REV[:7]} ({tp_c8 / tp_base:.2f}x), alternating rounds")
     print(f"micro-batching at concurrency 8 ({batching}): {merged_calls(c8_batches)}")
+    print("the model call's CPU per image, in-process, by the images in one call: " + ", ".join(
+        f"{b}: {ms:.3f} ms" for b, ms in by_batch.items()))
     tp_raw, tp_srv, tp_bin = float(np.median(raw_tp)), float(np.median(srv_tp)), float(np.median(bin_tp))
     print(f"batches of 64 (concurrency 2): served {tp_srv:,.0f} images/s as JSON numbers, {tp_bin:,.0f} as "
           f"binary tensors; raw call {tp_raw:,.0f} images/s on one thread")
@@ -591,6 +615,9 @@ def main(argv=None) -> int:
         "c8_p50_ms": round(pct(s8, 50), 3), "c8_p99_ms": round(pct(s8, 99), 3),
         "overhead_p50_ms": round(over, 3), "overhead_socket_p50_ms": round(over_socket, 3),
         "c8_rps": round(tp_c8), "c8_rps_stdlib": round(tp_base),
+        "c8_requests_per_model_call": round(c8_batches.get("ctbot_serving_batch_requests_sum", 0.0)
+                                            / max(c8_batches.get("ctbot_serving_batch_requests_count", 0.0), 1), 2),
+        "model_cpu_ms_per_image_by_batch": {str(b): round(ms, 3) for b, ms in by_batch.items()},
         "open_loop": {str(r): {"p50_ms": round(pct(o["lat"], 50), 3), "p99_ms": round(pct(o["lat"], 99), 3),
                                "p999_ms": round(pct(o["lat"], 99.9), 3), "errors": o["errors"],
                                "sent_rate": round(o["sent_rate"]), "late": o["late"],
