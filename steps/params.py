@@ -57,6 +57,7 @@ _RANGES: dict[str, tuple] = {
                "c16,p,c32,p,c64,c64,f", "c16,p,c32,p,c64,c64,p,f"),
     "warmup": (0.0, 0.5),
     "min_steps": (1, 1000),
+    "epoch_fraction": (0.05, 1.0),
     "label_smoothing": (0.0, 0.5),
     "ema": (0.0, 0.9999),
 }
@@ -91,6 +92,8 @@ class TrainParams:
                      "f (last) = flatten the map into the projection instead of averaging it")
     warmup: float = _f(0.2, "share of the steps spent raising the learning rate to its peak")
     min_steps: int = _f(20, "optimiser steps per epoch at least: small data gets smaller batches (>= 16)")
+    epoch_fraction: float = _f(1.0, "share of an epoch's batches each epoch trains on, drawn at random from all "
+                               "the data (preset warm: a short pass that still sees every kind of image)")
     label_smoothing: float = _f(0.0, "share of the ArcFace target spread over the other classes")
     ema: float = _f(0.0, "decay of an exponential moving average of the weights, kept as the model (0 = off)")
     mode: str = _f("full", "full: train from scratch; warm: start from production's weights and "

@@ -386,7 +386,8 @@ def _batching(n_tr: int, world: int, params: TrainParams) -> tuple[int, int]:
     # A big batch pays on big data; on a few hundred images it would leave one step per epoch.
     cap = max(16, per_rank // params.min_steps)
     batch = max(2, min(params.batch_size // world, per_rank, cap))
-    return batch, max(1, per_rank // batch)  # drop the ragged tail: BatchNorm dislikes tiny batches
+    steps = max(1, per_rank // batch)   # drop the ragged tail: BatchNorm dislikes tiny batches
+    return batch, max(1, round(steps * params.epoch_fraction))
 
 
 class _Loop:
@@ -399,17 +400,26 @@ class _Loop:
         shift = params.augment_shift
         self.x_pad = torch.nn.functional.pad(x_tr, (shift,) * 4) if shift else None
 
-    def _augmented(self):
+    def _augmented(self, rows=None):
+        """An augmented copy of the training images, or of ``rows`` of them only."""
         p = self.params
+        x = self.x_tr if rows is None else self.x_tr[rows]
         if p.augment_rotate or p.augment_scale or p.augment_elastic:
-            return _affine_all(self.x_tr, p.augment_rotate, p.augment_scale, p.augment_shift, self.gen,
+            return _affine_all(x, p.augment_rotate, p.augment_scale, p.augment_shift, self.gen,
                                p.augment_elastic)
-        return _shift_all(self.x_pad, p.augment_shift, self.gen) if p.augment_shift else self.x_tr
+        if not p.augment_shift:
+            return x
+        return _shift_all(self.x_pad if rows is None else self.x_pad[rows], p.augment_shift, self.gen)
 
     def epoch(self, epoch: int, perm, batch: int, steps: int) -> dict:
         import torch
         self.model.train()
-        x_epoch = self._augmented()
+        y_epoch = self.y_tr
+        if self.params.epoch_fraction < 1:   # a partial epoch augments only the images it draws
+            x_epoch, y_epoch = self._augmented(perm), self.y_tr[perm]
+            perm = torch.arange(len(perm), device=perm.device)
+        else:
+            x_epoch = self._augmented()
         # Sums stay tensors: .item() per step would sync with the device every step.
         loss_sum = torch.zeros((), device=self.device)
         correct = torch.zeros((), dtype=torch.long, device=self.device)
@@ -417,7 +427,7 @@ class _Loop:
         for i in range(steps):
             idx = perm[i * batch:(i + 1) * batch]
             xb = x_epoch[idx].float().div_(255.0).contiguous(memory_format=self.mem)
-            yb = self.y_tr[idx]
+            yb = y_epoch[idx]
             loss, cos = self.model(xb, yb)
             self.opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -220,3 +220,15 @@ def test_small_data_keeps_min_steps_per_epoch_but_v0_does_not(data_dir, tmp_path
     # 260 training images: batch capped at 16 -> 16 steps; v0 takes one batch of 256 -> 1 step
     assert json.loads((tmp_path / "a" / "params.json").read_text())["min_steps"] == 20
     assert new["steps_per_epoch"] == 16 and v0["steps_per_epoch"] == 1
+
+
+def test_a_partial_epoch_takes_that_share_of_the_batches_from_all_the_data(data_dir, tmp_path):
+    """epoch_fraction (preset warm): fewer steps, each batch drawn from every training image."""
+    whole = train(str(data_dir), str(tmp_path / "a"), {**TINY, "batch_size": 16})
+    half = train(str(data_dir), str(tmp_path / "b"), {**TINY, "batch_size": 16, "epoch_fraction": 0.5})
+    assert (whole["steps_per_epoch"], half["steps_per_epoch"]) == (16, 8)
+    assert half["batch"] == whole["batch"] == 16 and np.isfinite(half["final_loss"])
+    tiny = train(str(data_dir), str(tmp_path / "c"), {**TINY, "batch_size": 16, "epoch_fraction": 0.05})
+    assert tiny["steps_per_epoch"] == 1     # never none
+    with pytest.raises(ValueError, match=r"epoch_fraction=0.01 is out of range \[0.05, 1.0\]"):
+        TrainParams.from_dict({"epoch_fraction": 0.01})
