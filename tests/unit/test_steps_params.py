@@ -169,3 +169,13 @@ def test_any_repeated_key_is_refused(keys):
     with pytest.raises(ValueError) as e:
         TrainParams.parse_tokens(tokens)
     assert "twice" in str(e.value) or "two presets" in str(e.value)
+
+
+def test_mode_warm_brings_preset_warms_schedule_under_explicit_keys():
+    from steps.params import PRESETS
+    p = TrainParams.from_dict({"mode": "warm"})
+    assert (p.epochs, p.lr, p.warmup, p.val_fraction) == (1, 1e-3, 0.1, 0.0) == tuple(
+        PRESETS["warm"][k] for k in ("epochs", "lr", "warmup", "val_fraction"))
+    assert TrainParams.from_dict({"mode": "warm", "val_fraction": 0.05}).val_fraction == 0.05
+    assert TrainParams.parse_tokens(["mode=warm", "lr=2e-3"]) == {**PRESETS["warm"], "lr": 2e-3}
+    assert TrainParams.from_dict({"mode": "full"}).epochs == 4    # full keeps the defaults

@@ -223,7 +223,7 @@ def test_small_data_keeps_min_steps_per_epoch_but_v0_does_not(data_dir, tmp_path
 
 
 def test_a_partial_epoch_takes_that_share_of_the_batches_from_all_the_data(data_dir, tmp_path):
-    """epoch_fraction (preset warm): fewer steps, each batch drawn from every training image."""
+    """epoch_fraction: fewer steps, each batch drawn from every training image."""
     whole = train(str(data_dir), str(tmp_path / "a"), {**TINY, "batch_size": 16})
     half = train(str(data_dir), str(tmp_path / "b"), {**TINY, "batch_size": 16, "epoch_fraction": 0.5})
     assert (whole["steps_per_epoch"], half["steps_per_epoch"]) == (16, 8)
