@@ -31,7 +31,7 @@ import numpy as np
 from serving import metrics
 from serving.batching import Batcher
 from serving.follow import ModelHolder
-from serving.protocol import ProtocolError, infer_response, model_metadata, parse_infer
+from serving.protocol import ProtocolError, default_k, infer_response, model_metadata, parse_infer
 
 log = logging.getLogger("serving.asgi")
 
@@ -192,7 +192,9 @@ class InferenceApp:
         t0 = time.perf_counter()
         try:
             x, k, rid, outputs = parse_infer(body, max_batch=cfg.max_batch, max_k=cfg.max_k, json_length=json_length)
-            if k > model.gallery_size:
+            if k is None:
+                k = default_k(model.gallery_size)
+            elif k > model.gallery_size:
                 raise ProtocolError(400, f"parameter k={k} is more than the {model.gallery_size} gallery images "
                                          f"of v{model.version}")
         except ProtocolError as e:

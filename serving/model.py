@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from steps import deploy, layout
-from steps.evaluate import neighbour_labels, vote_row
+from steps.evaluate import DEFAULT_K, neighbour_labels, vote_row
 
 log = logging.getLogger("serving.model")
 
@@ -40,7 +40,7 @@ class LoadedModel:
     def gallery_size(self) -> int:
         return int(self.index.ntotal)
 
-    def predict(self, x: np.ndarray, k: int = 5) -> dict:
+    def predict(self, x: np.ndarray, k: int = DEFAULT_K) -> dict:
         """x: float32 (N,1,28,28) in [0,1]. Returns label (N,) int64, score (N,) float32
         (cosine similarity of the nearest neighbour with that label), neighbor_labels
         (N,k) int64 and neighbor_distances (N,k) float32 (1 - cosine similarity)."""
@@ -166,7 +166,7 @@ def load_version(store, model: str, version: int, workdir: str | None = None,
                 raise ValueError(f"index has {loaded.gallery_size} rows but {len(loaded.labels)} labels")
             # Warm up: the first calls of an export program are slow; do them before the swap.
             for n in (1, 8):
-                loaded.predict(np.zeros((n, 1, 28, 28), np.float32), k=5)
+                loaded.predict(np.zeros((n, 1, 28, 28), np.float32))
         except Exception as e:  # a package that fails to load is refused, whatever the cause
             raise PackageRefused(f"failed to load: {type(e).__name__}: {e}")
         if manifest is None:

@@ -1,7 +1,7 @@
 """KServe Open Inference Protocol v2 (REST, JSON) for this model: request parsing and
 validation into arrays, and the response bodies. No torch or faiss here.
 
-A request: {"id"?, "parameters"?: {"k": 5}, "inputs": [{"name", "shape": [N,28,28] or
+A request: {"id"?, "parameters"?: {"k": 20}, "inputs": [{"name", "shape": [N,28,28] or
 [N,1,28,28], "datatype": "UINT8" (0-255) or "FP32" (0-1), "data": row-major, flat or
 nested}], "outputs"?: [{"name"}]}. Every problem is a ProtocolError with an HTTP status
 and a message that says what was wrong.
@@ -19,8 +19,10 @@ import math
 
 import numpy as np
 
+from steps import evaluate
+
 OUTPUTS = {"label": "INT64", "score": "FP32", "neighbor_labels": "INT64", "neighbor_distances": "FP32"}
-DEFAULT_K = 5
+DEFAULT_K = evaluate.DEFAULT_K   # the k the pipeline evaluated: one vote, evaluated as served
 
 
 class ProtocolError(Exception):
@@ -35,8 +37,9 @@ def _bad(message: str) -> ProtocolError:
 
 
 def parse_infer(body: bytes, *, max_batch: int, max_k: int,
-                json_length: str | None = None) -> tuple[np.ndarray, int, str | None, list[str]]:
-    """(images float32 (N,1,28,28) in [0,1], k, request id, output names).
+                json_length: str | None = None) -> tuple[np.ndarray, int | None, str | None, list[str]]:
+    """(images float32 (N,1,28,28) in [0,1], k (None: not given, see default_k), request id,
+    output names).
     json_length: the Inference-Header-Content-Length header, when the client sent one."""
     binary = None
     if json_length is not None:
@@ -66,12 +69,20 @@ def parse_infer(body: bytes, *, max_batch: int, max_k: int,
     return _parse_tensor(inputs[0], max_batch, maybe_bool, binary), k, rid, outputs
 
 
-def _parse_k(params, max_k: int) -> int:
+def default_k(gallery_size: int) -> int:
+    """The k of a request that names none: the evaluated DEFAULT_K, or every gallery image
+    when there are fewer (an explicit k over the gallery's size is refused instead)."""
+    return max(1, min(DEFAULT_K, gallery_size))
+
+
+def _parse_k(params, max_k: int) -> int | None:
     if params is None:
-        return DEFAULT_K
+        return None
     if not isinstance(params, dict):
         raise _bad("'parameters' must be an object")
-    k = params.get("k", DEFAULT_K)
+    if "k" not in params:
+        return None
+    k = params["k"]
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= max_k:
         raise _bad(f"parameter k must be an integer from 1 to {max_k}, got {k!r}")
     return k

@@ -1,4 +1,5 @@
-"""Read a data snapshot into one array file plus a data card.
+"""Read a data snapshot into a data set plus a data card (steps.dataset: the images
+themselves, or with a shard cache their rows).
 
     python -m steps.ingest --out-dir D [--eval-uri URI] URI [URI ...]
 
@@ -74,10 +75,11 @@ class BadObject(Exception):
 
 # ---------------------------------------------------------------- listing
 
-def expand(uris: list[str]) -> tuple[list[tuple[str, int, str]], list[dict]]:
+def expand(uris: list[str], reader: _Reader | None = None) -> tuple[list[tuple[str, int, str]], list[dict]]:
     """((uri, size, etag) of every object, prefixes expanded, sorted and de-duplicated;
     errors for prefixes that hold nothing). The etag is "" where the listing has none
     (local files)."""
+    reader = reader or _Reader()
     found: dict[str, tuple[int, str]] = {}
     errors = []
     for uri in uris:
@@ -86,7 +88,7 @@ def expand(uris: list[str]) -> tuple[list[tuple[str, int, str]], list[dict]]:
         if not local and not uri.endswith("/") and not _looks_like_data(uri):
             uri += "/"  # s3://bucket/data means the folder, as a person would mean it
         if uri.endswith("/") or (local and path.is_dir()):
-            objs = storage.list_uri(uri)
+            objs = reader.list(uri)
             if not objs:
                 errors.append({"uri": uri, "error": "no objects under this prefix"})
             for o in objs:
@@ -95,7 +97,7 @@ def expand(uris: list[str]) -> tuple[list[tuple[str, int, str]], list[dict]]:
             found[str(path)] = (path.stat().st_size if path.is_file() else -1, "")
         else:
             # one listing call gives the size and ETag; a missing key is reported when read
-            same = [o for o in storage.list_uri(uri) if o.key == uri]
+            same = [o for o in reader.list(uri) if o.key == uri]
             found[uri] = (same[0].size, same[0].etag) if same else (-1, "")
     return sorted((u, size, etag) for u, (size, etag) in found.items()), errors
 
@@ -262,12 +264,26 @@ def _load_idx_pair(img_uri: str, img_data: bytes, lab_uri: str, lab_data: bytes,
 # ---------------------------------------------------------------- ingest
 
 class _Reader:
-    """Reads objects by URI with one S3 client per bucket (a client costs ~0.1 s to make)
-    and a few threads, so a folder of thousands of small PNGs does not take minutes."""
+    """Lists and reads objects by URI with one S3 client for every bucket (a client costs
+    ~0.1 s to make, the first in a process more) and a few threads, so a folder of
+    thousands of small PNGs does not take minutes."""
 
-    def __init__(self):
+    def __init__(self, client=None):
+        self._client = client   # e.g. the shard cache's, when it is in S3 too
         self._stores: dict[str, storage.Store] = {}
         self.bytes = 0   # read so far (the data card reports it)
+
+    def store(self, bucket: str) -> storage.Store:
+        if bucket not in self._stores:
+            store = storage.open_store(f"s3://{bucket}", client=self._client)
+            self._client = store.client   # built once, here, before any threads race
+            self._stores[bucket] = store
+        return self._stores[bucket]
+
+    def list(self, uri: str) -> list[storage.ObjectInfo]:
+        if uri.startswith("s3://"):
+            return storage.list_uri(uri, client=self.store(storage.split_s3_uri(uri)[0]).client)
+        return storage.list_uri(uri)
 
     def read(self, uri: str) -> bytes:
         data = self._read(uri)
@@ -278,9 +294,7 @@ class _Reader:
         try:
             if uri.startswith("s3://"):
                 bucket, key = storage.split_s3_uri(uri)
-                if bucket not in self._stores:
-                    self._stores[bucket] = storage.open_store(f"s3://{bucket}")
-                return self._stores[bucket].get_bytes(key)
+                return self.store(bucket).get_bytes(key)
             return storage.read_uri(uri)
         except KeyError:
             raise BadObject("object not found") from None
@@ -292,10 +306,7 @@ class _Reader:
         from concurrent.futures import ThreadPoolExecutor
 
         for bucket in {storage.split_s3_uri(u)[0] for u in uris if u.startswith("s3://")}:
-            if bucket not in self._stores:  # build each client once, before the threads race
-                store = storage.open_store(f"s3://{bucket}")
-                store.client  # noqa: B018
-                self._stores[bucket] = store
+            self.store(bucket)   # before the threads race
 
         def one(uri):
             try:
@@ -449,10 +460,10 @@ def load_sources(uris: list[str], cache: storage.Store | None = None
     sidecar (labels and hashes; the pixels stay in the store); any other unit is read,
     decoded and hashed, and (when nothing in it was unreadable) its shard written for the
     next run. The stats count objects new and cached, and the bytes read of each."""
-    objects, errors = expand(uris)
+    reader = _Reader(getattr(cache, "client", None))   # one S3 client for the listing, reads and cache
+    objects, errors = expand(uris, reader)
     units, unit_errors, skipped = _units(objects)
     errors += unit_errors
-    reader = _Reader()
     loaded: list[Loaded] = []
     stats = {"objects_new": 0, "objects_cached": 0, "new": [], "sidecar_bytes": 0}
     tags = [_unit_tag(kind, objs) for kind, objs in units]

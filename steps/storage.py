@@ -274,11 +274,12 @@ def read_uri(uri: str) -> bytes:
         raise KeyError(uri) from None
 
 
-def list_uri(uri: str) -> list[ObjectInfo]:
-    """Objects under a URI prefix, with keys given as full URIs."""
+def list_uri(uri: str, client=None) -> list[ObjectInfo]:
+    """Objects under a URI prefix, with keys given as full URIs (``client``: an S3 client
+    to reuse)."""
     if uri.startswith("s3://"):
         bucket, prefix = split_s3_uri(uri)
-        st = S3Store(f"s3://{bucket}")
+        st = S3Store(f"s3://{bucket}", client=client)
         return [ObjectInfo(f"s3://{bucket}/{o.key}", o.size, o.last_modified, o.etag)
                 for o in st.list(prefix)]
     p = Path(uri.removeprefix("file://"))

@@ -24,6 +24,7 @@ from serving.app import start_serving
 from serving.client import served_version
 from steps import layout
 from steps.deploy import publish, rollback
+from steps.evaluate import DEFAULT_K
 from steps.storage import open_store, s3_client
 from tests.helpers import metric_samples, npz_bytes
 from tests.helpers import wait_until as wait_for
@@ -130,11 +131,11 @@ def test_predictions_on_real_digits_match_the_pipeline_evaluation(server, world)
 
 def test_outputs_shapes_and_both_input_forms_agree(server, world):
     x = world["x"][:6]
-    status, u8 = infer(server.url, tensor(x))               # default k=5
+    status, u8 = infer(server.url, tensor(x))               # default k: what evaluate measured with
     assert status == 200
     assert output(u8, "label").shape == (6,) and output(u8, "score").shape == (6,)
     nl, nd = output(u8, "neighbor_labels"), output(u8, "neighbor_distances")
-    assert nl.shape == (6, 5) and nd.shape == (6, 5)
+    assert nl.shape == (6, DEFAULT_K) and nd.shape == (6, DEFAULT_K)
     assert (np.diff(nd, axis=1) >= -1e-6).all(), "neighbours come nearest first"
     assert ((0 <= nl) & (nl <= 9)).all()
     score = output(u8, "score")
@@ -145,9 +146,9 @@ def test_outputs_shapes_and_both_input_forms_agree(server, world):
     status, f32 = infer(server.url, tensor(fp, "FP32", parameters={"k": 3}, outputs=[{"name": "label"}]))
     assert status == 200 and [o["name"] for o in f32["outputs"]] == ["label"]
     assert output(f32, "label").shape == (6,)
-    status, k5 = infer(server.url, tensor(fp, "FP32"))
-    assert output(k5, "label").tolist() == output(u8, "label").tolist()
-    assert np.allclose(output(k5, "neighbor_distances"), nd, atol=1e-4)
+    status, f32_default = infer(server.url, tensor(fp, "FP32"))
+    assert output(f32_default, "label").tolist() == output(u8, "label").tolist()
+    assert np.allclose(output(f32_default, "neighbor_distances"), nd, atol=1e-4)
 
 
 def binary_infer(url, images: np.ndarray, datatype: str = "UINT8", size=None, json_length=None, **tensor_extra):

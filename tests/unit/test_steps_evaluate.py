@@ -78,10 +78,12 @@ def test_knn_vote_and_top1_on_known_embeddings(tmp_path):
     q = np.array([[1, 0, 0], [0, 0.1, 1]], np.float32)
     q /= np.linalg.norm(q, axis=1, keepdims=True)
     assert knn_predict(index, labels, q, k=1).tolist() == [2, 7]
-    # Votes weigh by similarity: three near votes for class 1 beat two nearer ones for 2...
-    assert knn_predict(index, labels, q, k=5).tolist() == [1, 7]
-    # ...a 2-2 split goes to the nearer pair, and far neighbours never outvote a near one.
+    # Votes weigh by exp(VOTE_SCALE * (cos - 1)): class 2's two neighbours (cos 0.995, 0.993)
+    # outweigh class 1's three (0.958, 0.944, 0.928), 1.77 against 1.00...
+    assert knn_predict(index, labels, q, k=5).tolist() == [2, 7]
+    # ...a 2-2 split goes to the nearer pair, and k beyond the gallery is the whole gallery.
     assert knn_predict(index, labels, q, k=4).tolist() == [2, 7]
+    assert knn_predict(index, labels, q, k=50).tolist() == [2, 7]
 
     np.savez(tmp_path / "q.npz", emb=q, y=np.array([1, 7]))
     r = evaluate(str(tmp_path / "idx"), str(tmp_path / "q.npz"), str(tmp_path / "out"), floor=0.4, k=1)
@@ -179,19 +181,33 @@ def test_cpu_optimised_embedder_matches_the_program_or_steps_aside(pipeline):
     assert optimize_for_cpu(untraceable) == (untraceable, "export")
 
 
-def test_vote_row_ties_and_empty_neighbourhoods():
-    assert vote_row([0.9, 0.5, 0.5], [3, 4, 4]) == 4            # 1.0 beats 0.9
-    assert vote_row([0.3] * 5, [1, 6, 2, 6, 2]) == 6       # 6 and 2 tie exactly: the nearer pair
-    assert vote_row([0.5, 0.0, 0.0], [-1, 8, 7]) == 8          # only zero weights: the nearest that votes
-    assert vote_row([-0.2, -0.3], [5, 6]) == 5                 # dissimilar neighbours still name one
+def test_a_close_neighbour_outvotes_several_far_ones():
+    # exp(20 * (0.98 - 1)) = 0.67 against 3 * exp(20 * (0.80 - 1)) = 0.05: the cosine-weighted
+    # vote this replaced gave it to the three (0.98 against 2.40).
+    assert vote_row([0.98, 0.80, 0.80, 0.80], [3, 5, 5, 5]) == 3
+    # several close ones still outvote one a little closer: 2 * 0.67 against 0.82
+    assert vote_row([0.99, 0.98, 0.98], [3, 5, 5]) == 5
+
+
+def test_vote_row_ties_missing_neighbours_and_k1():
+    assert vote_row([0.9, 0.9], [4, 6]) == 4                   # an exact tie: the nearer
+    assert vote_row([0.3] * 4, [1, 6, 6, 1]) == 1              # equal sums: the label met first
+    assert vote_row([0.99, 0.5], [-1, 8]) == 8                 # id -1 (no neighbour) does not vote
+    assert vote_row([0.99, 0.98, 0.2], [-1, -1, 4]) == 4
     assert vote_row([0.4, 0.3], [-1, -1]) == 0                 # nobody votes: class 0, as before
-    sims = np.random.default_rng(0).random((500, 5)).astype(np.float32)
-    sims = -np.sort(-sims, axis=1)
-    ids = np.random.default_rng(1).integers(0, 50, (500, 5))
+    assert vote_row([-0.2, -0.3], [5, 6]) == 5                 # dissimilar neighbours still name one
+    assert vote_row([0.2], [7]) == 7                           # k=1: the nearest's label
+    assert vote_row([], []) == 0
+
+
+def test_vote_matches_the_weighted_count_written_with_numpy():
+    from steps.evaluate import VOTE_SCALE
+    rng = np.random.default_rng(0)
+    sims = -np.sort(-rng.uniform(-0.2, 1.0, (500, 8)).astype(np.float32), axis=1)
+    ids = np.random.default_rng(1).integers(-1, 50, (500, 8))
     labels = np.arange(50) % 10
-    # Against the weighted count written out with numpy, on continuous similarities.
-    w = sims.astype(np.float64)
-    w[:, 0] += 1e-6
-    counts = np.zeros((500, 10))
-    np.add.at(counts, (np.repeat(np.arange(500), 5), labels[ids].ravel()), w.ravel())
-    assert (vote(sims, ids, labels) == counts.argmax(1)).all()
+    counts = np.zeros((500, 11))   # column 10 collects the -1 ids, which do not vote
+    votes_for = np.where(ids >= 0, labels[ids], 10)
+    np.add.at(counts, (np.repeat(np.arange(500), 8), votes_for.ravel()),
+              np.exp(VOTE_SCALE * (sims.astype(np.float64) - 1.0)).ravel())
+    assert (vote(sims, ids, labels) == counts[:, :10].argmax(1)).all()

@@ -1,0 +1,162 @@
+"""kNN vote rules on bench_ct's drift scenario: what a refresh recovers, what clean costs.
+
+    .venv/bin/python bench/bench_vote.py [--data ../shared/data/mnist] [--models /tmp/bench-vote]
+
+bench_ct.py's scenario (history 50,000 digits, five batches of 2,000 shifted ones, eval the
+10k test set clean and shifted), without the pipeline: steps.train trains production on
+history and the full reference on history + batch 1 with the default recipe (seed 0; kept
+in --models and reused when there, about 2 x 4 epochs), steps.embed embeds everything, and
+every vote rule is judged on the same embeddings:
+
+  s0..s5   shifted top-1 of production's weights with 0..5 batches added to its gallery
+           (a refresh after each batch; s0 = no update)
+  c0..c5   the same on the clean eval
+  fullC/S  the full retrain (history + batch 1) on its own gallery
+  rec n    (s_n - s0) / (fullS - s0): the share of the no-update..full gap a refresh with
+           n batches recovers (bench_ct's refresh_recovers_shifted, round n; its round n
+           full has n batches, here the reference always has one)
+  drift    max |c_n - c0|: bench_ct's refresh_clean (goal <= 0.05 pp)
+
+The row marked * is steps.evaluate's rule (DEFAULT_K, VOTE_SCALE), what is evaluated and served.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+KMAX = 50
+
+
+def prepare(data: Path, work: Path) -> None:
+    """History, the five shifted batches and both evals as npz files under work/data."""
+    import numpy as np
+    from bench_ct import shift
+
+    out = work / "data"
+    if (out / "hist1" / "data.npz").is_file():
+        return
+    (out / "hist").mkdir(parents=True, exist_ok=True)
+    (out / "hist1").mkdir(exist_ok=True)
+    with np.load(data / "train.npz") as d:
+        order = np.random.default_rng(0).permutation(len(d["y"]))   # bench_ct's order
+        x, y = d["x"][order], d["y"][order]
+    with np.load(data / "test.npz") as d:
+        np.savez(out / "eval_clean.npz", x=d["x"], y=d["y"])
+        np.savez(out / "eval_shifted.npz", x=shift(d["x"]), y=d["y"])
+    for r in range(1, 6):
+        lo = 50000 + (r - 1) * 2000
+        np.savez(out / f"batch{r}.npz", x=shift(x[lo:lo + 2000]), y=y[lo:lo + 2000])
+    np.savez(out / "hist" / "data.npz", x=x[:50000], y=y[:50000])
+    with np.load(out / "batch1.npz") as b:
+        np.savez(out / "hist1" / "data.npz", x=np.concatenate([x[:50000], b["x"]]),
+                 y=np.concatenate([y[:50000], b["y"]]))
+
+
+def embedded(work: Path, model: str, part: str):
+    """(embeddings, labels) of data/<part> by the model trained on data/<model's set>."""
+    import numpy as np
+
+    from steps.embed import embed
+    from steps.train import train
+
+    model_dir, out = work / "models" / model, work / "emb" / model / f"{part}.npz"
+    if not (model_dir / "model_export.pt").is_file():
+        print(f"training {model} (default recipe, seed 0)...", flush=True)
+        train(str(work / "data" / model), str(model_dir), {"seed": 0})
+    if not out.is_file():
+        src = work / "data" / part
+        embed(str(model_dir), str(src / "data.npz" if src.is_dir() else src.with_suffix(".npz")), str(out))
+    with np.load(out) as d:
+        return d["emb"], d["y"].astype(np.int64)
+
+
+def neighbours(gallery, labels, queries):
+    import faiss
+    import numpy as np
+
+    index = faiss.IndexFlatIP(gallery.shape[1])
+    index.add(np.ascontiguousarray(gallery))
+    sims, ids = index.search(np.ascontiguousarray(queries), KMAX)
+    return sims, ids, labels
+
+
+def rules() -> dict:
+    """name -> (k, weight of a neighbour from its cosine): the old rule, then alternatives."""
+    import numpy as np
+
+    out = {"cos k=5 (before)": (5, lambda s: np.maximum(s, 0))}
+    for k in (10, 20, 30, 50):
+        out[f"cos k={k}"] = (k, lambda s: np.maximum(s, 0))
+        for scale in (10, 20, 30, 40):
+            out[f"exp({scale}(cos-1)) k={k}"] = (k, lambda s, a=scale: np.exp(a * (s - 1)))
+        out[f"cos^16 k={k}"] = (k, lambda s: np.maximum(s, 0) ** 16)
+        out[f"1/(1-cos)^2 k={k}"] = (k, lambda s: 1 / np.maximum(1 - s, 1e-6) ** 2)
+        out[f"Dudani k={k}"] = (k, lambda s: (s - s[:, -1:]) / np.maximum(s[:, :1] - s[:, -1:], 1e-9))
+    return out
+
+
+def top1(found, y, k, weight=None) -> float:
+    """Top-1 (%) of a rule over precomputed neighbours; weight None: steps.evaluate.vote."""
+    import numpy as np
+
+    from steps.evaluate import vote
+
+    sims, ids, labels = found
+    if weight is None:
+        return float((vote(sims[:, :k], ids[:, :k], labels) == y).mean() * 100)
+    w = weight(sims[:, :k].astype(np.float64))
+    w[:, 0] += 1e-9   # exact ties to the nearest
+    lab = labels[ids[:, :k]]
+    return float((np.stack([(w * (lab == c)).sum(1) for c in range(10)], 1).argmax(1) == y).mean() * 100)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", default=str(REPO.parent / "shared/data/mnist"))
+    ap.add_argument("--models", default="/tmp/bench-vote", help="work dir: data, models, embeddings (reused)")
+    args = ap.parse_args(argv)
+    import numpy as np
+
+    from steps.evaluate import DEFAULT_K, VOTE_SCALE
+
+    work = Path(args.models)
+    prepare(Path(args.data), work)
+    h, hy = embedded(work, "hist", "hist")
+    batches = [embedded(work, "hist", f"batch{r}") for r in range(1, 6)]
+    evals = {ev: embedded(work, "hist", f"eval_{ev}") for ev in ("clean", "shifted")}
+    y = evals["clean"][1]
+    found = {}
+    for n in range(6):
+        g = np.concatenate([h] + [b[0] for b in batches[:n]])
+        gy = np.concatenate([hy] + [b[1] for b in batches[:n]])
+        found.update({(ev, n): neighbours(g, gy, evals[ev][0]) for ev in evals})
+    fg, fgy = embedded(work, "hist1", "hist1")
+    for ev in evals:
+        found[(ev, "full")] = neighbours(fg, fgy, embedded(work, "hist1", f"eval_{ev}")[0])
+    table = {f"* exp({VOTE_SCALE:g}(cos-1)) k={DEFAULT_K} (now)": (DEFAULT_K, None), **rules()}
+    print_table(table, found, y)
+    return 0
+
+
+def print_table(table: dict, found: dict, y) -> None:
+    print(f"{'rule':<26}{'fullC':>6}{'fullS':>6}" + "".join(f"{'c' + str(n):>6}" for n in range(6))
+          + "".join(f"{'s' + str(n):>6}" for n in range(6)) + f"{'drift':>6}  rec n=1..5 (min, mean)")
+    for name, (k, weight) in table.items():
+        c = [top1(found[("clean", n)], y, k, weight) for n in range(6)]
+        s = [top1(found[("shifted", n)], y, k, weight) for n in range(6)]
+        full = [top1(found[(ev, "full")], y, k, weight) for ev in ("clean", "shifted")]
+        gap = full[1] - s[0]
+        rec = [(s[n] - s[0]) / gap if gap > 0 else float("nan") for n in range(1, 6)]
+        drift = max(abs(c[n] - c[0]) for n in range(1, 6))
+        print(f"{name:<26}{full[0]:>6.2f}{full[1]:>6.2f}" + "".join(f"{v:>6.2f}" for v in c + s)
+              + f"{drift:>6.2f}  " + " ".join(f"{r:.2f}" for r in rec)
+              + f"  ({min(rec):.2f}, {sum(rec) / 5:.2f})", flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
