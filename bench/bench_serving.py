@@ -360,6 +360,12 @@ def stop_server(proc: subprocess.Popen | None) -> None:
             proc.wait()
 
 
+def old_keys(env: dict) -> dict:
+    """env without the settings the server at BASELINE_REV does not know (it refuses
+    unknown CT_ keys): CT_SERVING__BATCH_WAIT_MS=... tries ours with another setting."""
+    return {k: v for k, v in env.items() if k not in ("CT_SERVING__BATCH_WAIT_MS", "CT_SERVING__MAX_BATCH_IMAGES")}
+
+
 def baseline_tree(work: Path) -> Path | None:
     """Today's code at BASELINE_REV in a directory of its own, or None without git history."""
     dest = work / "baseline"
@@ -491,7 +497,7 @@ def main(argv=None) -> int:
         tree = None if args.no_baseline else baseline_tree(work)
         if tree is not None:   # the stdlib server, its own code and CLI, the same package and venv
             base, _, base_port, _ = start_server([sys.executable, "-m", "ctbot.cli", *serve],
-                                                 {**env, "PYTHONPATH": str(tree)}, cwd=str(tree))
+                                                 {**old_keys(env), "PYTHONPATH": str(tree)}, cwd=str(tree))
 
         # The raw call: the same package and search, in this process.
         model = load_version(store, MODEL, 1, search=args.search)
@@ -521,6 +527,7 @@ def main(argv=None) -> int:
         raw_tp, srv_tp, bin_tp = [], [], []
         phases: dict[str, float] = {}
         c8_batches: dict[str, float] = {}   # the micro-batching histograms over the c8 rounds
+        c8_cpu, base_cpu = [], []           # server CPU seconds per request in each c8 round
         for r in range(args.rounds):
             raw_lat += [raw(xf[(r * 31 + j) % 256:(r * 31 + j) % 256 + 1]) for j in range(args.n)]
             paced_lat += [raw_paced(xf[(r * 31 + j) % 256:(r * 31 + j) % 256 + 1]) for j in range(args.n)]
@@ -528,15 +535,18 @@ def main(argv=None) -> int:
             before = phase_totals(host, port)
             s1_socket += served(host, port, singles, 1, args.n, SocketClient)
             delta(phase_totals(host, port), before, phases)
-            before = phase_totals(host, port)
+            before, cpu0 = phase_totals(host, port), tree_cpu(proc.pid)
             t = time.perf_counter()
             got = served(host, port, singles, 8, args.n // 2)
             c8_tp.append(len(got) / (time.perf_counter() - t))
+            c8_cpu.append((tree_cpu(proc.pid) - cpu0) / len(got))
             delta(phase_totals(host, port), before, c8_batches)
             s8 += got
             if base_port:   # the stdlib server right after, the same requests
-                t = time.perf_counter()
-                base_tp.append(len(served(host, base_port, singles, 8, args.n // 2)) / (time.perf_counter() - t))
+                t, cpu0 = time.perf_counter(), tree_cpu(base.pid)
+                n = len(served(host, base_port, singles, 8, args.n // 2))
+                base_tp.append(n / (time.perf_counter() - t))
+                base_cpu.append((tree_cpu(base.pid) - cpu0) / n)
             t_end, n_img, t0 = time.perf_counter() + args.seconds, 0, time.perf_counter()
             while time.perf_counter() < t_end:
                 raw(xf[:64])
@@ -593,6 +603,10 @@ def main(argv=None) -> int:
     if base_tp:
         print(f"closed loop at concurrency 8, one image: {tp_c8:,.0f} requests/s on uvicorn against {tp_base:,.0f} "
               f"on the stdlib server at {BASELINE_REV[:7]} ({tp_c8 / tp_base:.2f}x), alternating rounds")
+    if base_cpu:   # CPU time is barely moved by other processes competing for the cores; wall time is
+        cpu_c8, cpu_base = 1e3 * float(np.median(c8_cpu)), 1e3 * float(np.median(base_cpu))
+        print(f"server CPU per request at concurrency 8 (all its processes): {cpu_c8:.3f} ms on uvicorn against "
+              f"{cpu_base:.3f} ms on the stdlib server ({cpu_base / cpu_c8:.2f}x fewer)")
     print(f"micro-batching at concurrency 8 ({batching}): {merged_calls(c8_batches)}")
     print("the model call's CPU per image, in-process, by the images in one call: " + ", ".join(
         f"{b}: {ms:.3f} ms" for b, ms in by_batch.items()))
@@ -615,6 +629,8 @@ def main(argv=None) -> int:
         "c8_p50_ms": round(pct(s8, 50), 3), "c8_p99_ms": round(pct(s8, 99), 3),
         "overhead_p50_ms": round(over, 3), "overhead_socket_p50_ms": round(over_socket, 3),
         "c8_rps": round(tp_c8), "c8_rps_stdlib": round(tp_base),
+        "c8_cpu_ms_per_request": round(1e3 * float(np.median(c8_cpu)), 3) if c8_cpu else None,
+        "c8_cpu_ms_per_request_stdlib": round(1e3 * float(np.median(base_cpu)), 3) if base_cpu else None,
         "c8_requests_per_model_call": round(c8_batches.get("ctbot_serving_batch_requests_sum", 0.0)
                                             / max(c8_batches.get("ctbot_serving_batch_requests_count", 0.0), 1), 2),
         "model_cpu_ms_per_image_by_batch": {str(b): round(ms, 3) for b, ms in by_batch.items()},

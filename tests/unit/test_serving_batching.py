@@ -183,3 +183,39 @@ def test_a_client_gone_while_queued_is_skipped():
 
     assert run(scenario()) == [["answer alone"], "answer kept"]
     assert [items for _, items in calls.calls] == [["alone"], ["kept"]]
+
+
+def test_a_failing_merged_call_is_retried_one_request_at_a_time(model, digits, caplog):
+    """An embedder that fails on one request's images: that request gets a 500 and one
+    log line without a traceback; the others of its merged call get their answers."""
+    import json
+
+    from serving.asgi import InferenceApp, Parsed, ServerConfig
+    from serving.follow import ModelHolder
+
+    def embed(x):
+        if (x[:, 0, 0, 0] == 1.0).any():
+            raise RuntimeError("this input breaks the model")
+        return model.embed(x)
+
+    x, _ = digits
+    poison = x[20:21].copy()
+    poison[0, 0, 0, 0] = 1.0
+    broken = LoadedModel("m", 1, embed, model.index, model.labels)
+    app = InferenceApp(ModelHolder(), ServerConfig("m"))
+    requests = [Parsed(x[:2], 5, "a", ["label", "neighbor_distances"], 0.0), Parsed(poison, 5, "b", ["label"], 0.0),
+                Parsed(x[2:3], 3, None, ["label", "score"], 0.0)]
+    with caplog.at_level("WARNING", logger="serving.asgi"):
+        answers = app._infer_parsed(broken, requests)
+    app.pool.shutdown()
+    assert [status for status, _ in answers] == [200, 500, 200]
+    assert json.loads(answers[1][1]) == {"error": "inference failed; the server's log says why", "model_version": "1"}
+    for (_, data), p in zip([answers[0], answers[2]], [requests[0], requests[2]], strict=True):
+        body = json.loads(data)
+        want = model.predict(p.x, p.k)
+        got = {o["name"]: np.array(o["data"]).reshape(o["shape"]) for o in body["outputs"]}
+        assert body.get("id") == p.rid and (got["label"] == want["label"]).all()
+    assert [r.getMessage() for r in caplog.records] == [
+        "a merged call of 3 requests failed (RuntimeError: this input breaks the model); running each alone",
+        "inference failed: RuntimeError: this input breaks the model"]
+    assert all(r.exc_info is None for r in caplog.records)
