@@ -57,6 +57,10 @@ MODEL = "mnist-arcface"
 PACE_S = 0.001   # idle before each paced raw call: about a client's turn between requests
 BASELINE_REV = "2827c0a8f11dcb7d35886f830fe2985da7c1ba27"   # the last commit serving on the stdlib server
 OPEN_LOOP_CONNECTIONS = 64
+# Every request and the raw call ask for the same k: the stdlib server at BASELINE_REV
+# defaulted to 5 and the server now defaults to the evaluated k, so without it the two
+# servers (and the raw call) would not be doing the same work.
+K = 5
 
 
 def load_digits(data_dir: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -103,13 +107,13 @@ def build_package(work: Path, x, y, n_train: int, n_gallery: int, store) -> floa
 
 
 def v2_body(images: np.ndarray) -> bytes:
-    return json.dumps({"inputs": [{"name": "images", "shape": list(images.shape), "datatype": "UINT8",
-                                   "data": images.ravel().tolist()}]}).encode()
+    return json.dumps({"parameters": {"k": K}, "inputs": [{"name": "images", "shape": list(images.shape),
+                                                           "datatype": "UINT8", "data": images.ravel().tolist()}]}).encode()
 
 
 def v2_binary(images: np.ndarray) -> tuple[bytes, dict]:
     raw = np.ascontiguousarray(images, np.uint8).tobytes()
-    head = json.dumps({"inputs": [{"name": "images", "shape": list(images.shape), "datatype": "UINT8",
+    head = json.dumps({"parameters": {"k": K}, "inputs": [{"name": "images", "shape": list(images.shape), "datatype": "UINT8",
                                    "parameters": {"binary_data_size": len(raw)}}]}).encode()
     return head + raw, {"Inference-Header-Content-Length": str(len(head))}
 
@@ -267,11 +271,11 @@ def model_cpu_by_batch(model, xf: np.ndarray, calls: int) -> dict[int, float]:
     from batch 1."""
     out = {}
     for b in MERGE_SIZES:
-        model.predict(xf[:b])   # warm this size
+        model.predict(xf[:b], K)   # warm this size
         t0 = time.process_time()
         for r in range(calls):
             at = (r * b) % (len(xf) - b)
-            model.predict(xf[at:at + b])
+            model.predict(xf[at:at + b], K)
         out[b] = 1e3 * (time.process_time() - t0) / (calls * b)
     return out
 
@@ -514,7 +518,7 @@ def main(argv=None) -> int:
             t = time.perf_counter()
             with torch.inference_mode():
                 emb = model.embed(torch.from_numpy(xb)).numpy()
-            model.index.search(np.ascontiguousarray(emb), 5)
+            model.index.search(np.ascontiguousarray(emb), K)
             return time.perf_counter() - t
 
         def raw_paced(xb):
