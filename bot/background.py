@@ -85,6 +85,7 @@ class ProcessBackground:
         set_worker_context; it is a module-level function so spawn can pickle it."""
         self.workers, self.initializer, self.initargs = workers, initializer, initargs
         self._pool = self._new_pool()
+        self._warming: list[Future] = []
 
     def _new_pool(self) -> ProcessPoolExecutor:
         import multiprocessing
@@ -96,8 +97,18 @@ class ProcessBackground:
     def start(self, wait: bool = False, timeout: float = 60) -> list[int]:
         """Start the workers now rather than on the first job (they take ~1 s to import
         and connect). With ``wait``, block until they are up; returns their pids."""
-        futures = [self._pool.submit(_ready) for _ in range(self.workers)]
-        return [f.result(timeout) for f in futures] if wait else []
+        self._warming = [self._pool.submit(_ready) for _ in range(self.workers)]
+        return [f.result(timeout) for f in self._warming] if wait else []
+
+    def starting(self) -> str:
+        """'' once the workers started by start() have answered; else what readiness
+        should say. Until then a job waits for a worker to spawn and import (about 1 s
+        on a quiet machine, tens of seconds on a starved one), so the bot is not ready."""
+        pending = [f for f in self._warming if not f.done()]
+        if pending:
+            return f"{len(self._warming) - len(pending)} of {len(self._warming)} job workers up"
+        failed = next((f.exception() for f in self._warming if f.exception() is not None), None)
+        return f"job workers failed to start: {type(failed).__name__}" if failed else ""
 
     def submit(self, fn, *args, what: str = "") -> Future:
         what = what or fn.__name__
@@ -105,7 +116,7 @@ class ProcessBackground:
             return self._pool.submit(_run_in_worker, fn, args, what)
         except BrokenProcessPool:  # a worker died (OOM, kill): start fresh ones
             log.error("background workers died; starting new ones")
-            self._pool = self._new_pool()
+            self._pool, self._warming = self._new_pool(), []
             return self._pool.submit(_run_in_worker, fn, args, what)
 
     def shutdown(self, wait: bool = True) -> None:

@@ -45,8 +45,12 @@ class BotProcess:
     _store_checked: tuple | None = field(default=None, repr=False)   # (monotonic time, problem)
 
     def health(self) -> dict:
-        """Readiness: Redis (the service's own check) and the store answer."""
+        """Readiness: Redis (the service's own check) and the store answer, and the job
+        workers are up (a command acked before them would wait for their start)."""
         problems = dict(self.service.health())
+        starting = getattr(self.app.background, "starting", None)
+        if starting is not None and (jobs := starting()):
+            problems["jobs"] = jobs
         store_problem = self._store_problem()
         if store_problem:
             problems["store"] = store_problem

@@ -66,10 +66,16 @@ class StateStore(WatchState):
         self._release = self.r.register_script(_RELEASE)
         self._refresh = self.r.register_script(_REFRESH)
         self._accept = self.fast.register_script(_ACCEPT)
+        self._accept_loaded = False
 
     def ping(self) -> None:
         """Raises unless Redis answers within the ack timeout; also measures how far
         Redis's clock is from ours (accept_command's deadline is in Redis's)."""
+        if not self._accept_loaded:
+            # Loaded here, not on the first command: a NOSCRIPT round trip would come out
+            # of that ack's short budget. (After a Redis restart redis-py loads it again.)
+            self.fast.script_load(_ACCEPT)
+            self._accept_loaded = True
         t0 = time.time()
         sec, usec = self.fast.time()
         t1 = time.time()

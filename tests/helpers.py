@@ -18,6 +18,33 @@ def wait_until(predicate, timeout: float = 10.0, what: str = "the condition", ev
     raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
+def readyz(base_url: str) -> tuple[int, str]:
+    """GET <base>/readyz: (status, body); (0, why) when nothing answers yet."""
+    import urllib.error
+    import urllib.request
+    try:
+        with urllib.request.urlopen(base_url + "/readyz", timeout=10) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+    except OSError as e:
+        return 0, str(e)
+
+
+def wait_ready(base_url: str, timeout: float = 120.0) -> None:
+    """Until the bot says ready: Redis and the store answer and its job workers are up (a
+    command sent before them waits for workers to spawn, long on a starved machine)."""
+    last = [(0, "")]
+
+    def ready() -> bool:
+        last[0] = readyz(base_url)
+        return last[0][0] == 200
+    try:
+        wait_until(ready, timeout, f"{base_url}/readyz to say ready")
+    except AssertionError as e:
+        raise AssertionError(f"{e}; last answer {last[0]}") from None
+
+
 class Clock:
     """An injected clock (``clock=`` of the service, the jobs...) that a test moves."""
 

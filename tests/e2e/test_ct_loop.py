@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from devkit.standin import SlackStandin
+from tests.helpers import wait_ready
 from tests.helpers import wait_until as wait
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -56,6 +57,7 @@ def test_new_data_to_posted_report(tmp_path, redis_url, s3_store, bucket):
     s3_store.put_bytes("eval/eval.npz", npz(x[:300], y[:300]))
     proc = build_bot(build_deps(settings)).start(port=0)
     try:
+        wait_ready(proc.server.url)    # job workers up: the button's run starts there
         # The scheduler ticks once at start-up; after it, the next tick is an hour away.
         wait(proc.scheduler.data_watch_started, 20, "the start-up data-watch tick")
         proc.scheduler.run_data_watch_now()   # the baseline: what was there before is not news

@@ -22,6 +22,7 @@ from core.config import Settings
 from core.state import StateStore
 from core.types import NewData
 from devkit.standin import SlackStandin
+from tests.helpers import wait_ready
 from tests.slack_helpers import ALICE, BOT_TOKEN, SIGNING_SECRET, command_body, post
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -50,6 +51,7 @@ def test_bot_process_serves_slack_without_torch(tmp_path, redis_url, scheduler):
             line = wait_for_line(proc, "ctbot serve: serving ")
             events_url = line.split()[-1]
             base = events_url.rsplit("/slack/events", 1)[0]
+            wait_ready(base)        # job workers up: the command's slow half runs there
             with urllib.request.urlopen(base + "/healthz", timeout=5) as resp:
                 health = json.loads(resp.read())
             assert health["ok"] is True and health["mode"] == "http" and health["scheduler"] is scheduler

