@@ -134,7 +134,7 @@ def children(pid: int) -> list[str]:
 
 def start_bot(env: dict, kind: str, extra: list[str]) -> tuple[subprocess.Popen, str, float]:
     """Start the bot process (``kind``: ours, bolt-dev, bolt-asgi); returns (proc, events
-    url, seconds until /healthz answered)."""
+    url, seconds until /healthz answered: ready, for ours, job workers included)."""
     port = free_port()
     args = [sys.executable, "-m", "ctbot.cli", "serve", "--port", str(port), "--log-level", "WARNING"] + extra
     if kind != "ours":   # the same app and job workers, served by Bolt's app.start() or its ASGI adapter
@@ -153,8 +153,11 @@ def start_bot(env: dict, kind: str, extra: list[str]) -> tuple[subprocess.Popen,
             with urllib.request.urlopen(probe, timeout=1) as r:
                 r.read()
                 break
-        except urllib.error.HTTPError:   # Bolt's server answers 404 on GET: it is serving
-            break
+        except urllib.error.HTTPError as e:
+            if kind == "ours" and e.code == 503:   # serving, not ready: job workers starting
+                time.sleep(0.005)
+                continue
+            break                                # Bolt's server answers 404 on GET: it is serving
         except OSError:
             time.sleep(0.005)
     else:
@@ -481,7 +484,7 @@ def main() -> int:
             for e in r["errors"]:
                 kinds[str(e)] = kinds.get(str(e), 0) + 1
             print(f"{'':30} errors: {kinds}")
-    print(f"\nbot process: start-up to /healthz {info['startup']:.2f} s (job workers start alongside), "
+    print(f"\nbot process: start-up to /healthz ready {info['startup']:.2f} s (job workers up), "
           f"RSS {info['rss']:.0f} MB (peak {info['hwm']:.0f} MB); its child processes (job workers and "
           f"multiprocessing's resource tracker) {' + '.join(f'{x:.0f}' for x in sorted(info['children_rss']))} MB; "
           f"torch imported: {info['imports_after']['torch']}, faiss imported: {info['imports_after']['faiss']} "
