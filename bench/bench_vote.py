@@ -1,6 +1,9 @@
 """kNN vote rules on bench_ct's drift scenario: what a refresh recovers, what clean costs.
 
-    .venv/bin/python bench/bench_vote.py [--data ../shared/data/mnist] [--models /tmp/bench-vote]
+    .venv/bin/python bench/bench_vote.py [--data ../shared/data/mnist] [--models /tmp/bench-vote] [--smoke]
+
+--smoke: 1,000 history digits, batches of 100, 300 eval images, one epoch, a temporary work
+dir; seconds, so that ./dev.sh bench --smoke keeps it running; nothing to read in its figures.
 
 bench_ct.py's scenario (history 50,000 digits, five batches of 2,000 shifted ones, eval the
 10k test set clean and shifted), without the pipeline: steps.train trains production on
@@ -32,7 +35,7 @@ sys.path.insert(0, str(REPO / "bench"))
 KMAX = 50
 
 
-def prepare(data: Path, work: Path) -> None:
+def prepare(data: Path, work: Path, n_hist: int = 50000, n_batch: int = 2000, n_eval: int | None = None) -> None:
     """History, the five shifted batches and both evals as npz files under work/data."""
     import numpy as np
     from bench_ct import shift
@@ -46,15 +49,19 @@ def prepare(data: Path, work: Path) -> None:
         order = np.random.default_rng(0).permutation(len(d["y"]))   # bench_ct's order
         x, y = d["x"][order], d["y"][order]
     with np.load(data / "test.npz") as d:
-        np.savez(out / "eval_clean.npz", x=d["x"], y=d["y"])
-        np.savez(out / "eval_shifted.npz", x=shift(d["x"]), y=d["y"])
+        ex, ey = d["x"][:n_eval], d["y"][:n_eval]
+        np.savez(out / "eval_clean.npz", x=ex, y=ey)
+        np.savez(out / "eval_shifted.npz", x=shift(ex), y=ey)
     for r in range(1, 6):
-        lo = 50000 + (r - 1) * 2000
-        np.savez(out / f"batch{r}.npz", x=shift(x[lo:lo + 2000]), y=y[lo:lo + 2000])
-    np.savez(out / "hist" / "data.npz", x=x[:50000], y=y[:50000])
+        lo = n_hist + (r - 1) * n_batch
+        np.savez(out / f"batch{r}.npz", x=shift(x[lo:lo + n_batch]), y=y[lo:lo + n_batch])
+    np.savez(out / "hist" / "data.npz", x=x[:n_hist], y=y[:n_hist])
     with np.load(out / "batch1.npz") as b:
-        np.savez(out / "hist1" / "data.npz", x=np.concatenate([x[:50000], b["x"]]),
-                 y=np.concatenate([y[:50000], b["y"]]))
+        np.savez(out / "hist1" / "data.npz", x=np.concatenate([x[:n_hist], b["x"]]),
+                 y=np.concatenate([y[:n_hist], b["y"]]))
+
+
+TRAIN_PARAMS = {"seed": 0}
 
 
 def embedded(work: Path, model: str, part: str):
@@ -67,7 +74,7 @@ def embedded(work: Path, model: str, part: str):
     model_dir, out = work / "models" / model, work / "emb" / model / f"{part}.npz"
     if not (model_dir / "model_export.pt").is_file():
         print(f"training {model} (default recipe, seed 0)...", flush=True)
-        train(str(work / "data" / model), str(model_dir), {"seed": 0})
+        train(str(work / "data" / model), str(model_dir), dict(TRAIN_PARAMS))
     if not out.is_file():
         src = work / "data" / part
         embed(str(model_dir), str(src / "data.npz" if src.is_dir() else src.with_suffix(".npz")), str(out))
@@ -119,13 +126,21 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default=str(REPO.parent / "shared/data/mnist"))
     ap.add_argument("--models", default="/tmp/bench-vote", help="work dir: data, models, embeddings (reused)")
+    ap.add_argument("--smoke", action="store_true", help="tiny sizes, seconds, nothing judged")
     args = ap.parse_args(argv)
+    import tempfile
+
     import numpy as np
 
     from steps.evaluate import DEFAULT_K, VOTE_SCALE
 
-    work = Path(args.models)
-    prepare(Path(args.data), work)
+    if args.smoke:
+        TRAIN_PARAMS["epochs"] = 1
+        work = Path(tempfile.mkdtemp(prefix="bench-vote-smoke-"))
+        prepare(Path(args.data), work, n_hist=1000, n_batch=100, n_eval=300)
+    else:
+        work = Path(args.models)
+        prepare(Path(args.data), work)
     h, hy = embedded(work, "hist", "hist")
     batches = [embedded(work, "hist", f"batch{r}") for r in range(1, 6)]
     evals = {ev: embedded(work, "hist", f"eval_{ev}") for ev in ("clean", "shifted")}
