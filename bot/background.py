@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
@@ -80,12 +81,15 @@ def _ready() -> int:
 
 
 class ProcessBackground:
-    def __init__(self, *, workers: int = 2, initializer, initargs: tuple = ()):
+    def __init__(self, *, workers: int = 2, initializer, initargs: tuple = (), retry_every: float = 10.0):
         """``initializer(*initargs)`` runs in each worker and must end by calling
-        set_worker_context; it is a module-level function so spawn can pickle it."""
+        set_worker_context; it is a module-level function so spawn can pickle it. Workers
+        that failed to start are started again every ``retry_every`` seconds."""
         self.workers, self.initializer, self.initargs = workers, initializer, initargs
+        self.retry_every = retry_every
         self._pool = self._new_pool()
         self._warming: list[Future] = []
+        self._failed_at = 0.0
 
     def _new_pool(self) -> ProcessPoolExecutor:
         import multiprocessing
@@ -108,7 +112,20 @@ class ProcessBackground:
         if pending:
             return f"{len(self._warming) - len(pending)} of {len(self._warming)} job workers up"
         failed = next((f.exception() for f in self._warming if f.exception() is not None), None)
-        return f"job workers failed to start: {type(failed).__name__}" if failed else ""
+        if failed is None:
+            return ""
+        # Readiness asks every 0.5 s; a failed start (Redis or the store down as the
+        # workers built their deps) is tried again by itself, not on the next job.
+        now = time.monotonic()
+        if not self._failed_at:
+            self._failed_at = now
+            log.error("job workers failed to start: %s: %s; trying again every %.0f s",
+                      type(failed).__name__, failed, self.retry_every)
+        elif now - self._failed_at >= self.retry_every:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool, self._failed_at = self._new_pool(), 0.0
+            self.start()
+        return f"job workers failed to start: {type(failed).__name__}; trying again"
 
     def submit(self, fn, *args, what: str = "") -> Future:
         what = what or fn.__name__

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections import deque
 
 from core.state_watch import WatchState, iso_time
 from core.types import RunRecord
@@ -36,7 +37,17 @@ return 1
 
 AUDIT_MAXLEN = 10_000
 ACK_TIMEOUT = 0.3       # seconds; Redis calls on the ack path and the readiness ping
+CLOCK_SAMPLES = 32      # pings whose fastest round trip sets the clock offset
 TIMEOUT = 5.0           # every other Redis call
+
+
+def clock_offset(samples) -> float:
+    """Redis's clock minus ours from (round trip, midpoint offset) samples. A sample is off
+    by up to half its round trip, and a busy machine makes some slow: with the latest
+    sample, the deadline could move by up to 0.15 s (half the ping's timeout), leaving a
+    command 0.05 s. The fastest recent sample is used: off by a fraction of a millisecond
+    on one host or a LAN, well inside the deadline's margin."""
+    return min(samples)[1]
 
 
 def _short_timeout_client(client, timeout: float):
@@ -63,6 +74,7 @@ class StateStore(WatchState):
         self.ack_timeout = ack_timeout
         self.fast = _short_timeout_client(redis_client, ack_timeout)   # the ack path's: one try, short wait
         self._clock_offset = 0.0      # Redis's clock minus ours, measured by ping()
+        self._clock_samples: deque[tuple[float, float]] = deque(maxlen=CLOCK_SAMPLES)
         self._release = self.r.register_script(_RELEASE)
         self._refresh = self.r.register_script(_REFRESH)
         self._accept = self.fast.register_script(_ACCEPT)
@@ -79,7 +91,8 @@ class StateStore(WatchState):
         t0 = time.time()
         sec, usec = self.fast.time()
         t1 = time.time()
-        self._clock_offset = sec + usec / 1e6 - (t0 + t1) / 2
+        self._clock_samples.append((t1 - t0, sec + usec / 1e6 - (t0 + t1) / 2))
+        self._clock_offset = clock_offset(self._clock_samples)
 
     @classmethod
     def from_url(cls, url: str, prefix: str = "ct:", timeout: float = TIMEOUT, **kwargs) -> StateStore:
@@ -210,19 +223,24 @@ class StateStore(WatchState):
 
     def accept_command(self, cmd_id: str, payload: dict, ttl: float) -> bool:
         """Record a command before its ack promises anything; False when it was already
-        accepted (a retry of the same request). On the ack path: one try, within the ack
+        accepted (a retry of the same request). On the ack path: each try within the ack
         timeout, all or nothing; a redis TimeoutError or ConnectionError means nothing
         was recorded, nor will be (the script refuses to run past its deadline)."""
         import redis
+        # Redis answered "too late" means it is up and we were slow (a busy machine paused
+        # us): one more try with a fresh deadline still answers within 2 × ack_timeout.
+        for _ in range(2):
+            done = self._accept_before_deadline(cmd_id, payload, ttl)
+            if done != -1:
+                return bool(done)
+        raise redis.TimeoutError("Redis ran the command's record after its deadline; nothing was recorded")
+
+    def _accept_before_deadline(self, cmd_id: str, payload: dict, ttl: float) -> int:
         # The deadline sits a margin before our own timeout, in Redis's clock.
         margin = min(0.1, self.ack_timeout / 3)
         deadline = time.time() + self._clock_offset + self.ack_timeout - margin
-        now = self.clock()
-        done = self._accept(keys=[self.k("cmd", cmd_id), self.k("cmds")],
-                            args=[json.dumps(payload), now, f"{deadline:.6f}", int(ttl), cmd_id])
-        if done == -1:
-            raise redis.TimeoutError("Redis ran the command's record after its deadline; nothing was recorded")
-        return bool(done)
+        return self._accept(keys=[self.k("cmd", cmd_id), self.k("cmds")],
+                            args=[json.dumps(payload), self.clock(), f"{deadline:.6f}", int(ttl), cmd_id])
 
     def command(self, cmd_id: str) -> dict:
         h = self.r.hgetall(self.k("cmd", cmd_id))

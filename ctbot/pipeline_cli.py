@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -52,6 +53,8 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     r.add_argument("--workdir", help="local scratch dir (default: $CT_RUN_WORKDIR)")
     r.add_argument("--keep-workdir", action="store_true", help="keep task outputs after a successful run")
     r.add_argument("--verbose", action="store_true", help="show kfp's task output instead of logging it")
+    r.add_argument("--nice", type=int, default=0, metavar="N",
+                   help="run at this OS niceness or lower priority (the bot's local runs use 10)")
     r.add_argument("--resources", help="kfp: per-step resources file (default: $CT_RESOURCES)")
     r.add_argument("--wait", action="store_true", help="kfp: wait for the run to finish")
     r.set_defaults(_handler=run_command)
@@ -183,6 +186,9 @@ def run_command(args: argparse.Namespace) -> int:
 def _run_local(settings, run_id, args, params, sweep) -> int:
     from ctbot.wiring import build_store
     from pipelines.local_run import run_local
+
+    if args.nice > os.getpriority(os.PRIO_PROCESS, 0):   # kfp.local's task processes inherit it
+        os.setpriority(os.PRIO_PROCESS, 0, args.nice)
 
     out = sys.stdout  # kfp's output gets redirected; progress lines must not follow it
     store = build_store(settings)

@@ -148,6 +148,12 @@ def check_bot_settings(settings: Settings) -> None:
         raise SystemExit("ctbot serve: missing settings: " + ", ".join(missing))
 
 
+# Job workers yield to the ack path (nice 0) and go before local runs (pipelines.local_runner
+# RUN_NICE). Not 19: a command's reply is someone waiting, and at 19 any busy process on
+# the machine starved it (a button's run took over 30 s to be recorded with two CPU hogs).
+JOB_NICE = 5
+
+
 def build_bot(deps: Deps, *, with_scheduler: bool = True, job_workers: int = 2):
     """The bot process around ``deps``. Slow work runs in ``job_workers`` niced worker
     processes that build their own deps from the settings (0: threads in this process,
@@ -162,7 +168,7 @@ def build_bot(deps: Deps, *, with_scheduler: bool = True, job_workers: int = 2):
     background = None
     if job_workers:
         background = ProcessBackground(workers=job_workers, initializer=init_job_worker,
-                                       initargs=(s, 19, logging.getLogger().getEffectiveLevel()))
+                                       initargs=(s, JOB_NICE, logging.getLogger().getEffectiveLevel()))
     app = create_app(s, deps.service, deps.client, background=background)
     if with_scheduler:
         # Commands acked just before a crash are resumed here (the first run is at start).

@@ -15,6 +15,11 @@ from pipelines.runners import status_of, write_canceled_report
 from steps.layout import data_uris_or_default, resolve_eval_uri, store_root
 from steps.results import read_report
 
+# A local run is batch work: it yields the CPU to the bot's acks (nice 0) and replies
+# (ctbot.wiring.JOB_NICE). The run's own process lowers itself (``--nice``): no
+# preexec_fn, which is unsafe in a process with threads.
+RUN_NICE = 10
+
 
 class LocalRunner:
     """One detached ``ctbot pipeline run --runner local`` process per run; the pid is the
@@ -36,7 +41,7 @@ class LocalRunner:
                "--run-id", run_id, "--store", store_root(s.store), "--model", s.model_name,
                "--workdir", str(Path(s.run_workdir).expanduser().resolve()),
                "--floor", repr(float(s.deploy_floor)), "--tolerance", repr(float(s.deploy_tolerance)),
-               "--keep-versions", str(int(s.keep_versions)), "--verbose"]
+               "--keep-versions", str(int(s.keep_versions)), "--nice", str(RUN_NICE), "--verbose"]
         if requested_by:
             cmd += ["--requested-by", requested_by]
         if s.deploy.require_approval:   # the child reads no config file: say it on its command line

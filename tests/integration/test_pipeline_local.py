@@ -18,7 +18,7 @@ import pytest
 
 from core.config import Settings
 from pipelines.local_run import run_local
-from pipelines.local_runner import LocalRunner
+from pipelines.local_runner import RUN_NICE, LocalRunner
 from steps import layout
 from steps.results import read_confusion_png, read_report, read_steps, read_trials
 from steps.storage import open_store, s3_client
@@ -216,6 +216,10 @@ def test_cancel_stops_the_process_group_and_records_it(world, first_run):
         assert runner.poll("run-cancel", pid) == "running"
         assert time.time() < deadline
         time.sleep(0.5)
+    # The run is batch work: its whole group (kfp.local's task processes) runs niced.
+    ps = subprocess.run(["ps", "-eo", "pgid,ni"], capture_output=True, text=True).stdout
+    nices = [int(line.split()[1]) for line in ps.splitlines()[1:] if line.split()[0] == pid]
+    assert len(nices) >= 2 and min(nices) >= RUN_NICE, nices
     runner.cancel("run-cancel", pid, by="U-cancel")
     assert runner.poll("run-cancel", pid) == "canceled"
     report = read_report(store, "run-cancel")
