@@ -142,6 +142,7 @@ def main(argv=None) -> int:
     from core.config import Settings
     from devkit.localservices import start_s3
     from pipelines.local_run import run_local
+    from steps.results import read_steps
     from steps.storage import open_store, s3_client
 
     if args.smoke:
@@ -200,7 +201,7 @@ def main(argv=None) -> int:
             wall = time.time() - t0
             if report["status"] != "succeeded":
                 raise SystemExit(f"{run_id} failed: {report['error']}")
-            return {"report": report, "wall": wall,
+            return {"report": report, "wall": wall, "steps": read_steps(store, run_id),
                     "clean": top1_of_candidate(store, run_id, clean),
                     "shifted": top1_of_candidate(store, run_id, shifted)}
 
@@ -240,6 +241,11 @@ def print_round(r: int, prod: dict, got: dict) -> None:
     print(f"  refresh: compute (sum of its steps) {compute:.1f}s, pipeline overhead "
           f"{ref['wall'] - compute:.1f}s of {ref['wall']:.1f}s wall; steps "
           + ", ".join(f"{s} {t:.1f}" for s, t in ref["report"]["timings"].items()), flush=True)
+    for m in MODES:   # what each run took from the eval cache (steps.eval_cache)
+        emb, ev = got[m]["steps"]["embed"]["summary"], got[m]["steps"]["evaluate"]["summary"]
+        print(f"  {m}: embedded {emb['gallery']['n']} gallery images and "
+              f"{'none of' if emb['eval']['cached'] else 'all'} the {emb['eval']['n']} eval images "
+              f"(eval set {emb['eval']['seconds']:.1f}s); production's score: {ev.get('production_from')}")
 
 
 def judge(prod: dict, rows: list[dict], *, smoke: bool) -> None:

@@ -1,6 +1,6 @@
 """kNN vote rules on bench_ct's drift scenario: what a refresh recovers, what clean costs.
 
-    .venv/bin/python bench/bench_vote.py [--data ../shared/data/mnist] [--models /tmp/bench-vote] [--smoke]
+    .venv/bin/python bench/bench_vote.py [--data ../shared/data/mnist] [--models /tmp/bench-vote] [--smoke] [--gallery-augment]
 
 --smoke: 1,000 history digits, batches of 100, 300 eval images, one epoch, a temporary work
 dir; seconds, so that ./dev.sh bench --smoke keeps it running; nothing to read in its figures.
@@ -127,6 +127,8 @@ def main(argv=None) -> int:
     ap.add_argument("--data", default=str(REPO.parent / "shared/data/mnist"))
     ap.add_argument("--models", default="/tmp/bench-vote", help="work dir: data, models, embeddings (reused)")
     ap.add_argument("--smoke", action="store_true", help="tiny sizes, seconds, nothing judged")
+    ap.add_argument("--gallery-augment", action="store_true",
+                    help="the served rule with each batch added with augmented copies (AUGMENTS)")
     args = ap.parse_args(argv)
     import tempfile
 
@@ -153,14 +155,54 @@ def main(argv=None) -> int:
     fg, fgy = embedded(work, "hist1", "hist1")
     for ev in evals:
         found[(ev, "full")] = neighbours(fg, fgy, embedded(work, "hist1", f"eval_{ev}")[0])
-    table = {f"* exp({VOTE_SCALE:g}(cos-1)) k={DEFAULT_K} (now)": (DEFAULT_K, None), **rules()}
+    now = f"* exp({VOTE_SCALE:g}(cos-1)) k={DEFAULT_K} (now)"
+    if args.gallery_augment:
+        print_table({now: (DEFAULT_K, None)}, found, y)
+        for name in AUGMENTS:   # the same rule, each batch added with augmented copies of it
+            extra = [embedded(work, "hist", augment(work, f"batch{r}", name)) for r in range(1, 6)]
+            aug = dict(found)
+            for n in range(1, 6):
+                g = np.concatenate([h] + [b[0] for b in batches[:n]] + [e[0] for e in extra[:n]])
+                gy = np.concatenate([hy] + [b[1] for b in batches[:n]] + [e[1] for e in extra[:n]])
+                aug.update({(ev, n): neighbours(g, gy, evals[ev][0]) for ev in evals})
+            print_table({f"  + {name}": (DEFAULT_K, None)}, aug, y, header=False)
+        return 0
+    table = {now: (DEFAULT_K, None), **rules()}
     print_table(table, found, y)
     return 0
 
 
-def print_table(table: dict, found: dict, y) -> None:
-    print(f"{'rule':<26}{'fullC':>6}{'fullS':>6}" + "".join(f"{'c' + str(n):>6}" for n in range(6))
-          + "".join(f"{'s' + str(n):>6}" for n in range(6)) + f"{'drift':>6}  rec n=1..5 (min, mean)")
+# --gallery-augment: a refresh that adds each new image with copies of it moved the way
+# training augments (rotation, shift), embedded with production's weights.
+AUGMENTS = {"rotated +-6 deg": (("rot", 6), ("rot", -6)),
+            "rotated +-10 deg": (("rot", 10), ("rot", -10)),
+            "shifted 1 px, 4 ways": (("shift", (1, 0)), ("shift", (-1, 0)), ("shift", (0, 1)), ("shift", (0, -1)))}
+
+
+def augment(work: Path, part: str, name: str) -> str:
+    """data/<part>_<slug>.npz: the part's images once per move of AUGMENTS[name]; returns its part name."""
+    import numpy as np
+    from PIL import Image
+
+    slug = "".join(c for c in name if c.isalnum())
+    out = work / "data" / f"{part}_{slug}.npz"
+    if not out.is_file():
+        with np.load(work / "data" / f"{part}.npz") as d:
+            x, y = d["x"], d["y"]
+        moved = []
+        for kind, v in AUGMENTS[name]:
+            if kind == "rot":
+                moved.append(np.stack([np.asarray(Image.fromarray(i).rotate(v, resample=Image.BILINEAR)) for i in x]))
+            else:
+                moved.append(np.roll(np.roll(x, v[0], axis=2), v[1], axis=1))
+        np.savez(out, x=np.concatenate(moved), y=np.tile(y, len(moved)))
+    return out.stem
+
+
+def print_table(table: dict, found: dict, y, header: bool = True) -> None:
+    if header:
+            print(f"{'rule':<26}{'fullC':>6}{'fullS':>6}" + "".join(f"{'c' + str(n):>6}" for n in range(6))
+              + "".join(f"{'s' + str(n):>6}" for n in range(6)) + f"{'drift':>6}  rec n=1..5 (min, mean)")
     for name, (k, weight) in table.items():
         c = [top1(found[("clean", n)], y, k, weight) for n in range(6)]
         s = [top1(found[("shifted", n)], y, k, weight) for n in range(6)]

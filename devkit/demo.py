@@ -381,8 +381,11 @@ def second_run(proc, standin, app_url, args, settings, store, batch, first):
 
 def show_channel(standin, app_url, out: Path, channel: str) -> None:
     """/ct status, the form and the App Home, then the channel as text and as a page."""
-    standin.command(app_url, "status", user="U0ALICE01")
-    time.sleep(1.0)  # the status reply is posted after the ack
+    reply = standin.command(app_url, "status", user="U0ALICE01")
+    rid = reply["response_url"].rsplit("/", 1)[-1]
+    deadline = time.monotonic() + 60      # the status reply is posted after the ack, by a job worker
+    while not any("ctbot status" in json.dumps(p) for p in standin.responses(rid)) and time.monotonic() < deadline:
+        time.sleep(0.1)
     show_form_and_home(standin, app_url, out)
     images = standin.save_files(out)
     path = standin.save_transcript(out / "slack-transcript.txt")

@@ -237,6 +237,7 @@ def evaluate(run_id: str, store: str, model_name: str, floor: float, tolerance: 
 
     from pipelines.status import track
     from steps import dataset, layout
+    from steps.eval_cache import eval_fingerprint
     from steps.evaluate import evaluate_against_production, upload_candidate
     from steps.reuse import fetch_staged, read_lineage
     from steps.storage import open_store
@@ -244,22 +245,23 @@ def evaluate(run_id: str, store: str, model_name: str, floor: float, tolerance: 
     with track(store, run_id, "evaluate") as st, tempfile.TemporaryDirectory() as model_dir, \
             tempfile.TemporaryDirectory() as scratch:
         fetch_staged(open_store(store), model_uri, model_dir)
-        eval_npz = dataset.materialize(data.path, "eval", scratch)  # production is measured on its images
         lineage = read_lineage(model_dir)
         reused = ({"version": lineage["weights_from"], "index_dir": model_dir}
                   if lineage.get("mode") == "refresh" else None)
         os.makedirs(evaluation.path, exist_ok=True)
         result = evaluate_against_production(
             store, model_name, index.path, os.path.join(embeddings.path, "eval.npz"),
-            str(eval_npz), evaluation.path, floor=floor, tolerance=tolerance,
-            reused=reused)
+            # production's images, only read when its score is neither cached nor reused
+            lambda: str(dataset.materialize(data.path, "eval", scratch)),
+            evaluation.path, floor=floor, tolerance=tolerance, reused=reused,
+            model_dir=model_dir, eval_fp=eval_fingerprint(data.path))
         upload_candidate(store, run_id, model_dir=model_dir, index_dir=index.path,
                          eval_dir=evaluation.path,
                          data_card=os.path.join(data.path, layout.DATA_CARD_JSON),
                          added=os.path.join(embeddings.path, "added.json"))
         if require_approval and result["decision"] == "deploy":
             result["reason"] = f"{result['reason']}; awaiting approval"
-        st.summary = {k: result.get(k) for k in ("top1", "decision", "reason", "production")}
+        st.summary = {k: result.get(k) for k in ("top1", "decision", "reason", "production", "production_from")}
 
     production = result.get("production")
     metrics.log_metric("top1", float(result["top1"]))

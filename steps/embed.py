@@ -30,18 +30,13 @@ def embed(model_dir: str, npz_path: str, out_path: str, batch_size: int = 0,
 
 
 def embed_arrays(model_dir: str, x: np.ndarray, y: np.ndarray, out_path: str, batch_size: int = 0,
-                 *, prefer: str = "export", threads: int = 0) -> dict:
-    """embed() of images already in memory (x uint8 (N,28,28), y their labels)."""
-    import torch
-
-    from steps.model import EMBED_BATCH, available_cpus, embed_images, load_embedder, optimize_for_cpu
-
+                 *, prefer: str = "export", threads: int = 0, embedder=None) -> dict:
+    """embed() of images already in memory (x uint8 (N,28,28), y their labels).
+    ``embedder``: one from load_for_embedding(), to load and trace the model once for
+    several calls."""
     t0 = time.time()
-    torch.set_num_threads(threads or available_cpus())
-    fn, runtime = optimize_for_cpu(load_embedder(model_dir, prefer=prefer))
-    emb = embed_images(fn, x, batch_size=batch_size or EMBED_BATCH).numpy().astype(np.float32)
-    # The network normalises already; renormalising guards inner-product search against drift.
-    emb /= np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+    fn, runtime = embedder or load_for_embedding(model_dir, prefer=prefer, threads=threads)
+    emb = _embed(fn, x, batch_size)
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out, "wb") as f:  # an explicit handle keeps numpy from appending '.npz'
@@ -50,15 +45,36 @@ def embed_arrays(model_dir: str, x: np.ndarray, y: np.ndarray, out_path: str, ba
             "seconds": round(time.time() - t0, 2)}
 
 
+def load_for_embedding(model_dir: str, *, prefer: str = "export", threads: int = 0) -> tuple:
+    """(callable, runtime name): the model loaded and optimised for this CPU."""
+    import torch
+
+    from steps.model import available_cpus, load_embedder, optimize_for_cpu
+
+    torch.set_num_threads(threads or available_cpus())
+    return optimize_for_cpu(load_embedder(model_dir, prefer=prefer))
+
+
+def _embed(fn, x: np.ndarray, batch_size: int) -> np.ndarray:
+    from steps.model import EMBED_BATCH, embed_images
+
+    emb = embed_images(fn, x, batch_size=batch_size or EMBED_BATCH).numpy().astype(np.float32)
+    # The network normalises already; renormalising guards inner-product search against drift.
+    emb /= np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+    return emb
+
+
 def embed_for_run(store, model_prefix: str, model_dir: str, data_dir: str, out_dir: str) -> dict:
     """The pipeline's embed step: fetch the run's staged model (steps.reuse) and embed the
     gallery (the run's training data, steps.dataset) and the eval set into out_dir. For a
     refresh the gallery is only the rows from objects production has not seen (so only
     their pixels are read), production's index is copied to out_dir/base_index/ for index
-    to append to, and added.json names what was added."""
+    to append to, and added.json names what was added. The eval set's embeddings come from
+    the store's cache when these weights embedded this eval set before (steps.eval_cache:
+    a refresh's weights are production's), and go into it otherwise."""
     import shutil
 
-    from steps import dataset, layout, reuse
+    from steps import dataset, eval_cache, layout, reuse
     from steps.index import BASE_DIR, GALLERY_FILES
 
     reuse.fetch_staged(store, model_prefix, model_dir)
@@ -74,8 +90,21 @@ def embed_for_run(store, model_prefix: str, model_dir: str, data_dir: str, out_d
             shutil.copy(Path(model_dir) / name, out / BASE_DIR / name)
         added = {**lineage, "added_images": int(len(select)), "added_objects": objects}
         (out / "added.json").write_text(json.dumps(added))
-    summary = {"gallery": embed_arrays(model_dir, *dataset.images(data, "data", select), str(out / "gallery.npz")),
-               "eval": embed_arrays(model_dir, *dataset.images(data, "eval"), str(out / "eval.npz")),
+    weights, eval_fp = eval_cache.weights_fingerprint(model_dir), eval_cache.eval_fingerprint(data)
+    eval_path = out / "eval.npz"
+    embedder = load_for_embedding(model_dir)
+    gallery = embed_arrays(model_dir, *dataset.images(data, "data", select), str(out / "gallery.npz"),
+                           embedder=embedder)
+    t_eval = time.time()
+    eval_y = dataset.read_rows(data, "eval")["y"]
+    if eval_cache.get_eval_embeddings(store, weights, eval_fp, eval_path, eval_y):
+        evaluated = {"n": int(len(eval_y)), "out": str(eval_path), "cached": True}
+    else:
+        evaluated = {**embed_arrays(model_dir, *dataset.images(data, "eval"), str(eval_path), embedder=embedder),
+                     "cached": False}
+        eval_cache.put_eval_embeddings(store, weights, eval_fp, eval_path)
+    evaluated["seconds"] = round(time.time() - t_eval, 2)
+    summary = {"gallery": gallery, "eval": evaluated, "weights": weights, "eval_set": eval_fp,
                "mode": lineage.get("mode"), "weights_from": lineage.get("weights_from")}
     if added:
         summary["added_images"], summary["added_objects"] = added["added_images"], len(objects)

@@ -129,7 +129,8 @@ def write_confusion_csv(cm: np.ndarray, path: str | Path) -> None:
 
 
 def evaluate(index_dir: str, eval_emb_path: str, out_dir: str, *, production: dict | None = None,
-             floor: float = 0.97, tolerance: float = 0.002, k: int = DEFAULT_K) -> dict:
+             floor: float = 0.97, tolerance: float = 0.002, k: int = DEFAULT_K,
+             production_from: str | None = None) -> dict:
     from steps.index import load_index
 
     t0 = time.time()
@@ -155,6 +156,8 @@ def evaluate(index_dir: str, eval_emb_path: str, out_dir: str, *, production: di
               "n": int(len(y)), "k": int(k), "production": production, "decision": decision,
               "reason": reason, "floor": floor, "tolerance": tolerance,
               "seconds": round(time.time() - t0, 2)}
+    if production_from:
+        result["production_from"] = production_from
     (out / METRICS_JSON).write_text(json.dumps(result, indent=1))
     return result
 
@@ -181,41 +184,99 @@ def measure_production(store, model_name: str, eval_npz: str, k: int = DEFAULT_K
     alias = registry.read_alias(store, model_name)
     if not alias or alias.get("version") is None:
         return None
-    version = int(alias["version"])
+    return measure_version(store, model_name, int(alias["version"]), eval_npz, k)
+
+
+def measure_version(store, model_name: str, version: int, eval_npz: str, k: int = DEFAULT_K) -> dict:
+    """{"version", "top1"} of one published version on eval_npz (downloaded, hashes checked)."""
+    from steps import deploy as registry
+
     with tempfile.TemporaryDirectory() as pkg:
         try:
             registry.download_version(store, model_name, version, pkg)
         except ValueError as e:
-            raise ValueError(f"cannot compare with production: {e}; roll back to a whole version "
-                             "or promote a run to replace it") from None
+            raise _torn_production(e) from None
         return {"version": version, "top1": float(evaluate_package(pkg, eval_npz, k))}
 
 
-def evaluate_against_production(store_root: str, model_name: str, index_dir: str, eval_emb: str,
-                                eval_npz: str, out_dir: str, *, floor: float = 0.97,
-                                tolerance: float = 0.002, k: int = DEFAULT_K,
-                                reused: dict | None = None) -> dict:
-    """evaluate() with production measured on the same eval set (images in eval_npz; the
-    candidate's own embeddings of them in eval_emb). ``reused`` ({"version", "index_dir"}:
-    a refresh's production weights and gallery): while production is still that version,
-    its eval embeddings are the candidate's own, so it is measured on its gallery without
-    embedding the eval set again."""
-    from steps import deploy as registry
-    from steps.storage import open_store
+def _torn_production(e: ValueError) -> ValueError:
+    return ValueError(f"cannot compare with production: {e}; roll back to a whole version "
+                      "or promote a run to replace it")
 
-    store = open_store(store_root)
-    production = None
-    if reused and (registry.read_alias(store, model_name) or {}).get("version") == reused["version"]:
+
+def vote_tag(k: int) -> str:
+    """The vote in a cached score's key (steps.eval_cache): another k or weighting is another score."""
+    return f"k{int(k)}-s{VOTE_SCALE:g}"
+
+
+def production_score(store, model_name: str, eval_emb: str, eval_images, k: int = DEFAULT_K, *,
+                     reused: dict | None = None, eval_fp: str | None = None) -> tuple[dict | None, str | None]:
+    """(production's {"version", "top1"} on the eval set, where the figure came from):
+    "cache" (the score its weights and gallery got on this eval set before, found by
+    production's manifest, so nothing is downloaded; needs ``eval_fp``), "gallery" (a
+    refresh: ``reused`` production's gallery voted with the candidate's eval embeddings,
+    the same weights'), or "measured" (its package downloaded and the eval images,
+    ``eval_images()``, embedded). (None, None) before the first deploy. What was
+    measured goes into the cache."""
+    from steps import deploy as registry
+    from steps import eval_cache
+
+    alias = registry.read_alias(store, model_name)
+    if not alias or alias.get("version") is None:
+        return None, None
+    version = int(alias["version"])
+    key = None
+    if eval_fp:
+        try:
+            manifest = registry.verify_package(store, model_name, version, check_hashes=False)
+        except ValueError as e:
+            raise _torn_production(e) from None
+        try:
+            key = eval_cache.score_key(*eval_cache.manifest_fingerprints(manifest), eval_fp, vote_tag(k))
+        except (KeyError, ValueError):   # a package without weights or gallery files: not cacheable
+            key = None
+        top1 = eval_cache.get_score(store, key) if key else None
+        if top1 is not None:
+            return {"version": version, "top1": top1}, "cache"
+    if reused and reused.get("version") == version:
         from steps.index import load_index
         index, labels = load_index(reused["index_dir"])
         with np.load(eval_emb) as d:
             q, y = d["emb"], d["y"].astype(np.int64)
-        production = {"version": int(reused["version"]),
-                      "top1": float((knn_predict(index, labels, q, k) == y).mean())}
-    if production is None:
-        production = measure_production(store, model_name, eval_npz, k)
-    return evaluate(index_dir, eval_emb, out_dir, production=production, floor=floor,
-                    tolerance=tolerance, k=k)
+        production, source = {"version": version, "top1": float((knn_predict(index, labels, q, k) == y).mean())}, "gallery"
+    else:
+        production, source = measure_version(store, model_name, version, eval_images(), k), "measured"
+    if key:
+        with np.load(eval_emb) as d:
+            eval_cache.put_score(store, key, production["top1"], len(d["y"]))
+    return production, source
+
+
+def evaluate_against_production(store_root: str, model_name: str, index_dir: str, eval_emb: str,
+                                eval_images, out_dir: str, *, floor: float = 0.97,
+                                tolerance: float = 0.002, k: int = DEFAULT_K,
+                                reused: dict | None = None, model_dir: str | None = None,
+                                eval_fp: str | None = None) -> dict:
+    """evaluate() with production measured on the same eval set (production_score();
+    ``eval_images``: a callable returning the eval images' npz, x and y, read only if
+    production must be embedded; the candidate's own embeddings of them in eval_emb).
+    With ``model_dir`` (the candidate's weights) and ``eval_fp`` the candidate's score
+    goes into the store's cache (steps.eval_cache), where a later run finds it once the
+    candidate is production. metrics.json says where production's figure came from
+    (``production_from``)."""
+    from steps import eval_cache
+    from steps.storage import open_store
+
+    store = open_store(store_root)
+    production, source = production_score(store, model_name, eval_emb, eval_images, k,
+                                          reused=reused, eval_fp=eval_fp)
+    result = evaluate(index_dir, eval_emb, out_dir, production=production, floor=floor,
+                      tolerance=tolerance, k=k, production_from=source)
+    if model_dir and eval_fp:
+        key = eval_cache.score_key(eval_cache.weights_fingerprint(model_dir),
+                                   eval_cache.gallery_fingerprint(index_dir), eval_fp, vote_tag(k))
+        eval_cache.put_score(store, key, result["top1"], result["n"])
+    return result
 
 
 def upload_candidate(store_root: str, run_id: str, *, model_dir: str, index_dir: str,
@@ -266,7 +327,7 @@ def main(argv=None) -> int:
         if not args.eval_npz:
             ap.error("--store needs --eval-npz: production is measured on the eval images")
         r = evaluate_against_production(args.store, args.model, args.index_dir, args.eval_emb,
-                                        args.eval_npz, args.out_dir, floor=args.floor,
+                                        lambda: args.eval_npz, args.out_dir, floor=args.floor,
                                         tolerance=args.tolerance, k=args.k)
         print(json.dumps({k: v for k, v in r.items() if k != "confusion"}))
         return 0

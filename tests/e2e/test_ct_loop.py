@@ -117,6 +117,7 @@ def test_demo_command_ends_in_a_posted_report(tmp_path, redis_url):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     transcript = (out / "slack-transcript.txt").read_text()
     assert "Refresh gallery" in transcript and "/ct train" in transcript
+    assert "ctbot status" in transcript          # /ct status's reply, posted after its ack
     # the refreshed run's report says what it reused and how long it took
     assert re.search(r"mode \*?refresh\*? · weights from v1 · \+400 gallery images from 1 object", transcript), \
         transcript[-3000:]

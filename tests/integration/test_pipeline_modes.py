@@ -108,6 +108,13 @@ def test_refresh_reuses_production_weights_and_appends_exactly_the_new_images(wo
     assert steps["train"]["state"] == "skipped" and steps["train"]["summary"]["weights_from"] == 1
     assert all(steps[s]["state"] == "done" for s in ("ingest", "validate", "embed", "index", "evaluate"))
     assert steps["embed"]["summary"]["gallery"]["n"] == 500     # only the new object was embedded
+    # and the eval set's embeddings under production's weights are the full run's, from the
+    # store's cache: the refresh embedded no eval image; production's score came from there too
+    full_steps = read_steps(store, "run-full")
+    assert full_steps["embed"]["summary"]["eval"]["cached"] is False
+    assert steps["embed"]["summary"]["eval"] == {**steps["embed"]["summary"]["eval"], "cached": True, "n": 500}
+    assert steps["embed"]["summary"]["weights"] == full_steps["embed"]["summary"]["weights"]
+    assert steps["evaluate"]["summary"]["production_from"] == "cache"
     # data preparation read only the new object, and of the cached one its sidecar, not its pixels
     assert report["data"]["cache"] == {"objects_new": 1, "objects_cached": 1, "new": [new_uri]}
     read = report["data"]["prep"]["bytes_read"]
@@ -144,7 +151,12 @@ def test_warm_starts_from_production_weights(world, refreshed):
     assert report["status"] == "succeeded", report["error"]
     assert report["mode"] == "warm" and report["reuse"] == {"weights_from": 2}
     assert report["params"]["mode"] == "warm" and report["params"]["lr"] == 1e-6
-    assert read_steps(store, "run-warm")["train"]["summary"]["weights_from"] == 2
+    warm_steps = read_steps(store, "run-warm")
+    assert warm_steps["train"]["summary"]["weights_from"] == 2
+    # new weights: the eval set is embedded; production v2's score is the refresh's own, cached
+    assert warm_steps["embed"]["summary"]["eval"]["cached"] is False
+    assert warm_steps["evaluate"]["summary"]["production_from"] == "cache"
+    assert report["production"] == {"version": 2, "top1": refreshed["metrics"]["top1"]}
     # both objects came from the shard cache, and train and embed still got every image
     assert report["data"]["cache"]["objects_cached"] == 2 and report["data"]["n"] == 2000
     assert len(np.load(io.BytesIO(store.get_bytes(layout.candidate_key("run-warm", "labels.npy"))))) == 2000
