@@ -123,7 +123,7 @@ class ServingSection(Section):
     search: Literal["exact", "ivf"] = "ivf"
     # Processes and limits (docs/serving.md says which limit is enforced where).
     workers: int = Field(0, ge=0)                  # worker processes, each holding the model; 0: one per CPU
-    infer_threads: int = Field(2, ge=1)            # requests one worker parses and embeds at once
+    infer_threads: int = Field(2, ge=1)            # a worker's pool: one runs its model call (one at a time), the rest parse
     # Micro-batching: requests arriving while a worker's model call runs are merged into
     # its next call (docs/serving.md). An idle worker waits batch_wait_ms for company
     # first (0: never, so a lone request waits for nothing).
