@@ -175,18 +175,6 @@ def evaluate_package(package_dir: str, eval_npz: str, k: int = DEFAULT_K) -> flo
     return float((knn_predict(index, labels, emb, k) == y).mean())
 
 
-def measure_production(store, model_name: str, eval_npz: str, k: int = DEFAULT_K) -> dict | None:
-    """{"version", "top1"} of the production model on eval_npz; None before the first
-    deploy. A torn production package fails the step: a comparison against it would be
-    meaningless, and deploying over it unmeasured could replace a better model."""
-    from steps import deploy as registry
-
-    alias = registry.read_alias(store, model_name)
-    if not alias or alias.get("version") is None:
-        return None
-    return measure_version(store, model_name, int(alias["version"]), eval_npz, k)
-
-
 def measure_version(store, model_name: str, version: int, eval_npz: str, k: int = DEFAULT_K) -> dict:
     """{"version", "top1"} of one published version on eval_npz (downloaded, hashes checked)."""
     from steps import deploy as registry
@@ -217,7 +205,9 @@ def production_score(store, model_name: str, eval_emb: str, eval_images, k: int 
     refresh: ``reused`` production's gallery voted with the candidate's eval embeddings,
     the same weights'), or "measured" (its package downloaded and the eval images,
     ``eval_images()``, embedded). (None, None) before the first deploy. What was
-    measured goes into the cache."""
+    measured goes into the cache. A torn production package fails the step: a comparison
+    against it would be meaningless, and deploying over it unmeasured could replace a
+    better model."""
     from steps import deploy as registry
     from steps import eval_cache
 

@@ -176,14 +176,15 @@ def test_cli_publish_rollback_show(s3_store, bucket):
 
 
 def test_evaluate_refuses_to_compare_with_a_torn_production_package(tmp_path):
-    from steps.evaluate import measure_production
+    from steps.evaluate import production_score
 
     store = LocalStore(tmp_path / "store")
-    assert measure_production(store, MODEL, "unused.npz") is None  # nothing deployed yet
+    unused = lambda: "unused.npz"  # noqa: E731  (production's images: never reached)
+    assert production_score(store, MODEL, "unused-emb.npz", unused) == (None, None)  # nothing deployed yet
     publish(store, MODEL, make_candidate(store, "r1", 0.98), run_id="r1", by="u")
     store.delete(layout.package_key(MODEL, 1, "index.faiss"))
     with pytest.raises(ValueError, match=r"cannot compare with production: .*index.faiss is missing"):
-        measure_production(store, MODEL, "unused.npz")
+        production_score(store, MODEL, "unused-emb.npz", unused)
 
 
 def evaluated(store, run_id, top1, production):
