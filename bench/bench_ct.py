@@ -241,11 +241,23 @@ def print_round(r: int, prod: dict, got: dict) -> None:
     print(f"  refresh: compute (sum of its steps) {compute:.1f}s, pipeline overhead "
           f"{ref['wall'] - compute:.1f}s of {ref['wall']:.1f}s wall; steps "
           + ", ".join(f"{s} {t:.1f}" for s, t in ref["report"]["timings"].items()), flush=True)
+    for step in ("embed", "evaluate"):   # their sections (steps.laps)
+        inside = ref["steps"][step]["summary"].get("timings") or {}
+        print(f"  refresh's {step} step: " + ", ".join(f"{s} {t:.2f}s" for s, t in inside.items()))
     for m in MODES:   # what each run took from the eval cache (steps.eval_cache)
         emb, ev = got[m]["steps"]["embed"]["summary"], got[m]["steps"]["evaluate"]["summary"]
         print(f"  {m}: embedded {emb['gallery']['n']} gallery images and "
               f"{'none of' if emb['eval']['cached'] else 'all'} the {emb['eval']['n']} eval images "
-              f"(eval set {emb['eval']['seconds']:.1f}s); production's score: {ev.get('production_from')}")
+              f"(eval set {emb['eval']['seconds']:.1f}s); production's score: {ev.get('production_from')}; "
+              f"{_searched(ev.get('searched'))}")
+
+
+def _searched(s: dict | None) -> str:
+    """How much of the gallery evaluate searched (steps.evaluate.candidate_neighbours)."""
+    if not s:
+        return "searched: not recorded"
+    tail = f", merged with production's neighbours ({s['base_from']})" if "base_from" in s else ""
+    return f"searched {s['rows']} of {s['of']} gallery rows{tail}"
 
 
 def judge(prod: dict, rows: list[dict], *, smoke: bool) -> None:

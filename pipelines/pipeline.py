@@ -239,12 +239,15 @@ def evaluate(run_id: str, store: str, model_name: str, floor: float, tolerance: 
     from steps import dataset, layout
     from steps.eval_cache import eval_fingerprint
     from steps.evaluate import evaluate_against_production, upload_candidate
+    from steps.laps import Laps
     from steps.reuse import fetch_staged, read_lineage
     from steps.storage import open_store
 
     with track(store, run_id, "evaluate") as st, tempfile.TemporaryDirectory() as model_dir, \
             tempfile.TemporaryDirectory() as scratch:
+        lap = Laps()
         fetch_staged(open_store(store), model_uri, model_dir)
+        lap("fetch")
         lineage = read_lineage(model_dir)
         reused = ({"version": lineage["weights_from"], "index_dir": model_dir}
                   if lineage.get("mode") == "refresh" else None)
@@ -259,9 +262,12 @@ def evaluate(run_id: str, store: str, model_name: str, floor: float, tolerance: 
                          eval_dir=evaluation.path,
                          data_card=os.path.join(data.path, layout.DATA_CARD_JSON),
                          added=os.path.join(embeddings.path, "added.json"))
+        lap("upload")
         if require_approval and result["decision"] == "deploy":
             result["reason"] = f"{result['reason']}; awaiting approval"
-        st.summary = {k: result.get(k) for k in ("top1", "decision", "reason", "production", "production_from")}
+        st.summary = {k: result.get(k) for k in ("top1", "decision", "reason", "production", "production_from",
+                                                    "searched")}
+        st.summary["timings"] = {**lap.seconds, **result["timings"]}
 
     production = result.get("production")
     metrics.log_metric("top1", float(result["top1"]))

@@ -357,13 +357,11 @@ def upload_package(store: Store, local_dir: str, prefix: str) -> list[str]:
     if not root.is_dir():
         raise FileNotFoundError(f"package directory {root} does not exist")
     prefix = prefix.rstrip("/") + "/"
-    keys = []
-    for path in sorted(p for p in root.rglob("*") if p.is_file()):
-        key = prefix + path.relative_to(root).as_posix()
-        store.upload_file(path, key)
-        keys.append(key)
-    if not keys:
+    paths = sorted(p for p in root.rglob("*") if p.is_file())
+    if not paths:
         raise ValueError(f"package directory {root} is empty")
+    keys = [prefix + path.relative_to(root).as_posix() for path in paths]
+    store.map(lambda pair: store.upload_file(*pair), zip(paths, keys, strict=True))
     return keys
 
 
@@ -392,10 +390,11 @@ def _download(store: Store, prefix: str, local_dir: str, require_manifest: bool)
         names = [o.key[len(prefix):] for o in list(store.list(prefix))]
         if not names:
             raise FileNotFoundError(f"no package under {where}")
-        return [store.download_file(prefix + n, Path(local_dir) / n) for n in names], None
-    paths = []
-    # Check the bytes fetched, not a second read: a prune may race the download.
-    for name, want in sorted(manifest.get("files", {}).items()):
+        return store.map(lambda n: store.download_file(prefix + n, Path(local_dir) / n), names), None
+
+    def fetch(item) -> Path:
+        # Check the bytes fetched, not a second read: a prune may race the download.
+        name, want = item
         try:
             data = store.get_bytes(prefix + name)
         except KeyError:
@@ -404,8 +403,8 @@ def _download(store: Store, prefix: str, local_dir: str, require_manifest: bool)
         path = Path(local_dir) / name
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(data)
-        paths.append(path)
-    return paths, manifest
+        return path
+    return store.map(fetch, sorted(manifest.get("files", {}).items())), manifest
 
 
 def show(store: Store, model: str) -> dict:

@@ -76,8 +76,11 @@ def embed_for_run(store, model_prefix: str, model_dir: str, data_dir: str, out_d
 
     from steps import dataset, eval_cache, layout, reuse
     from steps.index import BASE_DIR, GALLERY_FILES
+    from steps.laps import Laps
 
+    lap = Laps()
     reuse.fetch_staged(store, model_prefix, model_dir)
+    lap("fetch")
     lineage = reuse.read_lineage(model_dir)
     data, out = Path(data_dir), Path(out_dir)
     select, added = None, None
@@ -92,9 +95,15 @@ def embed_for_run(store, model_prefix: str, model_dir: str, data_dir: str, out_d
         (out / "added.json").write_text(json.dumps(added))
     weights, eval_fp = eval_cache.weights_fingerprint(model_dir), eval_cache.eval_fingerprint(data)
     eval_path = out / "eval.npz"
-    embedder = load_for_embedding(model_dir)
+    # The checkpoint, not the export program: the same network (model.pt's config and
+    # weights) without torch.export's loader, whose first use costs the step about a second
+    # (bench/bench_ct.py's refresh). The steps have the project's code; servers do not.
+    lap("prepare")
+    embedder = load_for_embedding(model_dir, prefer="checkpoint")
+    lap("load_model")
     gallery = embed_arrays(model_dir, *dataset.images(data, "data", select), str(out / "gallery.npz"),
                            embedder=embedder)
+    lap("gallery")
     t_eval = time.time()
     eval_y = dataset.read_rows(data, "eval")["y"]
     if eval_cache.get_eval_embeddings(store, weights, eval_fp, eval_path, eval_y):
@@ -104,7 +113,8 @@ def embed_for_run(store, model_prefix: str, model_dir: str, data_dir: str, out_d
                      "cached": False}
         eval_cache.put_eval_embeddings(store, weights, eval_fp, eval_path)
     evaluated["seconds"] = round(time.time() - t_eval, 2)
-    summary = {"gallery": gallery, "eval": evaluated, "weights": weights, "eval_set": eval_fp,
+    lap("eval")
+    summary = {"gallery": gallery, "eval": evaluated, "weights": weights, "eval_set": eval_fp, "timings": lap.seconds,
                "mode": lineage.get("mode"), "weights_from": lineage.get("weights_from")}
     if added:
         summary["added_images"], summary["added_objects"] = added["added_images"], len(objects)

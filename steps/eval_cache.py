@@ -4,11 +4,16 @@
                                                (embed's eval.npz: emb, y)
   cache/scores/<weights>-<gallery>-<eval>-<vote>.json   {"top1", "n"}: that model's top-1 on
                                                that eval set with that gallery and vote
+  cache/neighbours/<weights>-<gallery>-<eval>-k<k>.npz  sims, ids: each eval image's k
+                                               nearest rows of that gallery (exact search)
 
 A refresh reuses production's weights, so the eval set's embeddings under them are the
 ones production's own run made, and production's score on the eval set is the one its
 run measured: embed then encodes only the new images, and evaluate votes only for the
-candidate. A full or warm run reuses production's score the same way.
+candidate. A full or warm run reuses production's score the same way. A refresh's gallery
+is production's with rows appended, so its nearest rows are production's cached
+neighbours merged with the nearest of the appended rows: evaluate searches only the new
+rows (steps.evaluate.search_appended).
 
 Fingerprints are content hashes, the same whether computed from local files or from a
 published version's manifest.json (which lists each file's sha256): ``weights`` over the
@@ -34,11 +39,14 @@ GALLERY_FILES = ("index.faiss", "labels.npy")
 # Bump when how images become embeddings changes (steps.model's input scaling, the
 # network's head): cached embeddings of the old code are then never read.
 EMBED_FORMAT = 1
-EVAL_EMB_PREFIX, SCORES_PREFIX = "cache/eval_emb/", "cache/scores/"
+EVAL_EMB_PREFIX, SCORES_PREFIX, NEIGHBOURS_PREFIX = "cache/eval_emb/", "cache/scores/", "cache/neighbours/"
 # The eval embeddings are 5 MB for 10k images at 128 dimensions, one entry per trained
 # model: the ones used or written last are kept (a refresh uses production's; one
 # pruned all the same is embedded and written again by the next refresh).
 KEEP_EVAL_EMB = 8
+# 4 MB for 10k eval images at k=50 (float32 sims, int32 ids), one entry per evaluated
+# candidate; only production's is read (by a refresh), so a few suffice.
+KEEP_NEIGHBOURS = 8
 USED_SUFFIX = ".used"
 
 
@@ -114,14 +122,44 @@ def put_eval_embeddings(store, weights: str, eval_fp: str, path: str | Path) -> 
     """Cache embed's eval.npz, then keep only the KEEP_EVAL_EMB entries used or written last."""
     key = eval_emb_key(weights, eval_fp)
     store.put_bytes(key, Path(path).read_bytes())
+    _prune(store, EVAL_EMB_PREFIX, KEEP_EVAL_EMB, key)
+
+
+def _prune(store, prefix: str, keep: int, written: str) -> None:
+    """Keep the ``keep`` entries under prefix used or written last (never ``written``)."""
     last: dict[str, tuple] = {}
-    for o in store.list(EVAL_EMB_PREFIX):
+    for o in store.list(prefix):
         entry = o.key.removesuffix(USED_SUFFIX)
         last[entry] = max(last.get(entry, ()), (o.last_modified, o.key))
-    for entry in sorted(last, key=last.__getitem__, reverse=True)[KEEP_EVAL_EMB:]:
-        if entry != key:
+    for entry in sorted(last, key=last.__getitem__, reverse=True)[keep:]:
+        if entry != written:
             store.delete(entry + USED_SUFFIX)
             store.delete(entry)
+
+
+def neighbours_key(weights: str, gallery: str, eval_fp: str, k: int) -> str:
+    return f"{NEIGHBOURS_PREFIX}{weights}-{gallery}-{eval_fp}-k{int(k)}-f{EMBED_FORMAT}.npz"
+
+
+def get_neighbours(store, key: str, n_queries: int, k: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """(sims float32 (n, <=k), ids int64) cached under key, marked used; None when absent
+    or not for n_queries queries and k neighbours (a damaged entry is searched again)."""
+    try:
+        with np.load(io.BytesIO(store.get_bytes(key))) as z:
+            sims, ids = z["sims"], z["ids"].astype(np.int64)
+    except (KeyError, FileNotFoundError, ValueError, OSError):
+        return None
+    if sims.shape != ids.shape or sims.ndim != 2 or len(sims) != n_queries or sims.shape[1] > k:
+        return None
+    store.put_bytes(key + USED_SUFFIX, b"")
+    return sims, ids
+
+
+def put_neighbours(store, key: str, sims: np.ndarray, ids: np.ndarray) -> None:
+    buf = io.BytesIO()
+    np.savez(buf, sims=np.asarray(sims, np.float32), ids=np.asarray(ids, np.int32))
+    store.put_bytes(key, buf.getvalue())
+    _prune(store, NEIGHBOURS_PREFIX, KEEP_NEIGHBOURS, key)
 
 
 def get_score(store, key: str) -> float | None:

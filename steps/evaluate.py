@@ -38,11 +38,46 @@ CONFUSION_PNG, CONFUSION_CSV = "confusion.png", "confusion.csv"
 
 def knn_predict(index, gallery_labels: np.ndarray, queries: np.ndarray, k: int = DEFAULT_K) -> np.ndarray:
     """Label per query by vote() of its k nearest gallery rows."""
+    return vote(*search(index, queries, k), gallery_labels)
+
+
+def search(index, queries: np.ndarray, k: int = DEFAULT_K) -> tuple[np.ndarray, np.ndarray]:
+    """(sims, ids) of each query's min(k, gallery size) nearest rows, nearest first."""
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
-    k = min(k, index.ntotal)
-    sims, ids = index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
-    return vote(sims, ids, gallery_labels)
+    return index.search(np.ascontiguousarray(queries, dtype=np.float32), min(k, index.ntotal))
+
+
+def is_exact(index) -> bool:
+    """An exhaustive inner-product index: its neighbours of a query do not depend on the
+    other rows, so lists from parts of the gallery merge into the whole's."""
+    import faiss
+    return isinstance(index, faiss.IndexFlat) and index.metric_type == faiss.METRIC_INNER_PRODUCT
+
+
+def search_appended(index, base_n: int, base: tuple[np.ndarray, np.ndarray], queries: np.ndarray,
+                    k: int = DEFAULT_K) -> tuple[np.ndarray, np.ndarray]:
+    """search() of an exact index whose first base_n rows were searched already (``base``:
+    their (sims, ids) for the same queries and k), such as a refresh's gallery, which is
+    production's with the new images appended: only the appended rows are searched, so
+    the cost follows the new images, not the history. The two lists merge nearest first;
+    on equal similarity the base's row (the lower id) comes first."""
+    import faiss
+
+    if not is_exact(index):
+        raise ValueError(f"search_appended needs an exact index, not {type(index).__name__}")
+    q = np.ascontiguousarray(queries, dtype=np.float32)
+    base_sims, base_ids = base
+    k, added = min(k, index.ntotal), index.ntotal - base_n
+    if added <= 0:
+        return base_sims[:, :k], base_ids[:, :k]
+    part = faiss.IndexFlatIP(index.d)
+    part.add(index.reconstruct_n(base_n, added))
+    sims, ids = part.search(q, min(k, added))
+    sims = np.concatenate([base_sims, sims], axis=1)
+    ids = np.concatenate([base_ids.astype(np.int64), np.where(ids >= 0, ids + base_n, -1)], axis=1)
+    order = np.argsort(-sims, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(sims, order, axis=1), np.take_along_axis(ids, order, axis=1)
 
 
 def neighbour_labels(ids: np.ndarray, gallery_labels: np.ndarray) -> np.ndarray:
@@ -130,16 +165,23 @@ def write_confusion_csv(cm: np.ndarray, path: str | Path) -> None:
 
 def evaluate(index_dir: str, eval_emb_path: str, out_dir: str, *, production: dict | None = None,
              floor: float = 0.97, tolerance: float = 0.002, k: int = DEFAULT_K,
-             production_from: str | None = None) -> dict:
-    from steps.index import load_index
+             production_from: str | None = None, neighbours: tuple | None = None,
+             searched: dict | None = None) -> dict:
+    """``neighbours``: the eval embeddings' (sims, ids) in the index, found already
+    (search_appended); else the index is searched. ``searched`` goes into metrics.json."""
+    from steps.index import LABELS_FILE, load_index
 
     t0 = time.time()
-    index, labels = load_index(index_dir)
     with np.load(eval_emb_path) as d:
         q, y = d["emb"], d["y"].astype(np.int64)
     if len(q) == 0:
         raise ValueError(f"{eval_emb_path} holds no eval embeddings")
-    pred = knn_predict(index, labels, q, k)
+    if neighbours is None:
+        index, labels = load_index(index_dir)
+        neighbours = search(index, q, k)
+    else:
+        labels = np.load(Path(index_dir) / LABELS_FILE)
+    pred = vote(*neighbours, labels)
     top1 = float((pred == y).mean())
     cm = confusion_matrix(y, pred)
     support = cm.sum(1)
@@ -158,6 +200,8 @@ def evaluate(index_dir: str, eval_emb_path: str, out_dir: str, *, production: di
               "seconds": round(time.time() - t0, 2)}
     if production_from:
         result["production_from"] = production_from
+    if searched:
+        result["searched"] = searched
     (out / METRICS_JSON).write_text(json.dumps(result, indent=1))
     return result
 
@@ -198,16 +242,17 @@ def vote_tag(k: int) -> str:
 
 
 def production_score(store, model_name: str, eval_emb: str, eval_images, k: int = DEFAULT_K, *,
-                     reused: dict | None = None, eval_fp: str | None = None) -> tuple[dict | None, str | None]:
+                     reused: dict | None = None, eval_fp: str | None = None,
+                     base: dict | None = None) -> tuple[dict | None, str | None]:
     """(production's {"version", "top1"} on the eval set, where the figure came from):
     "cache" (the score its weights and gallery got on this eval set before, found by
     production's manifest, so nothing is downloaded; needs ``eval_fp``), "gallery" (a
     refresh: ``reused`` production's gallery voted with the candidate's eval embeddings,
-    the same weights'), or "measured" (its package downloaded and the eval images,
-    ``eval_images()``, embedded). (None, None) before the first deploy. What was
-    measured goes into the cache. A torn production package fails the step: a comparison
-    against it would be meaningless, and deploying over it unmeasured could replace a
-    better model."""
+    the same weights'; ``base``, from refresh_base(), has its neighbours found already), or
+    "measured" (its package downloaded and the eval images, ``eval_images()``, embedded).
+    (None, None) before the first deploy. What was measured goes into the cache. A torn
+    production package fails the step: a comparison against it would be meaningless, and
+    deploying over it unmeasured could replace a better model."""
     from steps import deploy as registry
     from steps import eval_cache
 
@@ -229,17 +274,72 @@ def production_score(store, model_name: str, eval_emb: str, eval_images, k: int 
         if top1 is not None:
             return {"version": version, "top1": top1}, "cache"
     if reused and reused.get("version") == version:
-        from steps.index import load_index
-        index, labels = load_index(reused["index_dir"])
         with np.load(eval_emb) as d:
-            q, y = d["emb"], d["y"].astype(np.int64)
-        production, source = {"version": version, "top1": float((knn_predict(index, labels, q, k) == y).mean())}, "gallery"
+            y = d["y"].astype(np.int64)
+        if base is not None:
+            pred = vote(base["sims"], base["ids"], base["labels"])
+        else:
+            from steps.index import load_index
+            index, labels = load_index(reused["index_dir"])
+            with np.load(eval_emb) as d:
+                pred = knn_predict(index, labels, d["emb"], k)
+        production, source = {"version": version, "top1": float((pred == y).mean())}, "gallery"
     else:
         production, source = measure_version(store, model_name, version, eval_images(), k), "measured"
     if key:
         with np.load(eval_emb) as d:
             eval_cache.put_score(store, key, production["top1"], len(d["y"]))
     return production, source
+
+
+def refresh_base(store, reused: dict, queries: np.ndarray, k: int = DEFAULT_K,
+                 eval_fp: str | None = None) -> dict | None:
+    """Production's gallery as a refresh reuses it (``reused["index_dir"]``: its weights and
+    index), with each eval embedding's nearest rows in it: {"n", "labels", "sims", "ids",
+    "from": "cache"|"searched"}. From the store's cache (steps.eval_cache) when production's
+    own run left them there, else searched once and cached. None for an approximate index,
+    whose neighbours do not merge."""
+    from steps import eval_cache
+    from steps.index import INFO_FILE, LABELS_FILE, load_index
+
+    base_dir = Path(reused["index_dir"])
+    info = base_dir / INFO_FILE
+    if info.is_file() and json.loads(info.read_text()).get("kind", "flat") != "flat":
+        return None
+    labels = np.load(base_dir / LABELS_FILE)
+    key = None
+    if eval_fp:
+        try:
+            key = eval_cache.neighbours_key(eval_cache.weights_fingerprint(base_dir),
+                                            eval_cache.gallery_fingerprint(base_dir), eval_fp, k)
+        except ValueError:   # no weight files beside the gallery: not cacheable
+            key = None
+    found = eval_cache.get_neighbours(store, key, len(queries), k) if key else None
+    source = "cache"
+    if found is None:
+        index, _ = load_index(base_dir)
+        if not is_exact(index):
+            return None
+        found, source = search(index, queries, k), "searched"
+        if key:
+            eval_cache.put_neighbours(store, key, *found)
+    return {"n": int(len(labels)), "labels": labels, "sims": found[0], "ids": found[1], "from": source}
+
+
+def candidate_neighbours(index_dir: str, queries: np.ndarray, k: int = DEFAULT_K,
+                         base: dict | None = None) -> tuple[tuple, dict, bool]:
+    """(the eval embeddings' (sims, ids) in the candidate's gallery, what was searched
+    {"rows", "of", "base_from"}, whether the index is exact). With ``base`` (a refresh) and
+    a gallery that starts with the base's rows, only the appended rows are searched."""
+    from steps.index import load_index
+
+    index, labels = load_index(index_dir)
+    exact = is_exact(index)
+    if (base is not None and exact and index.ntotal >= base["n"]
+            and np.array_equal(labels[:base["n"]], base["labels"])):
+        return (search_appended(index, base["n"], (base["sims"], base["ids"]), queries, k),
+                {"rows": int(index.ntotal - base["n"]), "of": int(index.ntotal), "base_from": base["from"]}, exact)
+    return search(index, queries, k), {"rows": int(index.ntotal), "of": int(index.ntotal)}, exact
 
 
 def evaluate_against_production(store_root: str, model_name: str, index_dir: str, eval_emb: str,
@@ -250,22 +350,39 @@ def evaluate_against_production(store_root: str, model_name: str, index_dir: str
     """evaluate() with production measured on the same eval set (production_score();
     ``eval_images``: a callable returning the eval images' npz, x and y, read only if
     production must be embedded; the candidate's own embeddings of them in eval_emb).
-    With ``model_dir`` (the candidate's weights) and ``eval_fp`` the candidate's score
-    goes into the store's cache (steps.eval_cache), where a later run finds it once the
-    candidate is production. metrics.json says where production's figure came from
-    (``production_from``)."""
+    A refresh (``reused``) searches only the rows it appended to production's gallery
+    (refresh_base(), candidate_neighbours()). With ``model_dir`` (the candidate's weights)
+    and ``eval_fp`` the candidate's score and its exact neighbours go into the store's
+    cache (steps.eval_cache), where a later run finds them once the candidate is
+    production. metrics.json says where production's figure came from (``production_from``)
+    and how many gallery rows were searched (``searched``)."""
     from steps import eval_cache
+    from steps.laps import Laps
     from steps.storage import open_store
 
+    lap = Laps()
     store = open_store(store_root)
+    with np.load(eval_emb) as d:
+        queries = d["emb"]
+    base = refresh_base(store, reused, queries, k, eval_fp) if reused else None
+    lap("production_neighbours")
     production, source = production_score(store, model_name, eval_emb, eval_images, k,
-                                          reused=reused, eval_fp=eval_fp)
+                                          reused=reused, eval_fp=eval_fp, base=base)
+    lap("production_score")
+    neighbours, searched, exact = candidate_neighbours(index_dir, queries, k, base)
+    lap("search")
     result = evaluate(index_dir, eval_emb, out_dir, production=production, floor=floor,
-                      tolerance=tolerance, k=k, production_from=source)
+                      tolerance=tolerance, k=k, production_from=source, neighbours=neighbours,
+                      searched=searched)
+    lap("vote_and_confusion")
+    result["timings"] = lap.seconds
     if model_dir and eval_fp:
-        key = eval_cache.score_key(eval_cache.weights_fingerprint(model_dir),
-                                   eval_cache.gallery_fingerprint(index_dir), eval_fp, vote_tag(k))
-        eval_cache.put_score(store, key, result["top1"], result["n"])
+        weights, gallery = eval_cache.weights_fingerprint(model_dir), eval_cache.gallery_fingerprint(index_dir)
+        eval_cache.put_score(store, eval_cache.score_key(weights, gallery, eval_fp, vote_tag(k)),
+                             result["top1"], result["n"])
+        if exact:   # what a refresh of this candidate, once production, merges with
+            eval_cache.put_neighbours(store, eval_cache.neighbours_key(weights, gallery, eval_fp, k), *neighbours)
+        lap("cache")
     return result
 
 

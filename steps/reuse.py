@@ -52,8 +52,7 @@ def stage_production(store, model: str, run_id: str) -> dict:
         raise ValueError(f"cannot refresh from {model} v{version}: its package lacks "
                          f"{', '.join(missing)} (published before refresh existed?); run mode=full")
     src, dst = layout.version_prefix(model, version), layout.run_model_prefix(run_id)
-    for name in (*MODEL_FILES, *GALLERY_FILES):
-        store.put_bytes(dst + name, store.get_bytes(src + name))
+    store.map(lambda name: store.put_bytes(dst + name, store.get_bytes(src + name)), (*MODEL_FILES, *GALLERY_FILES))
     store.put_json(dst + LINEAGE_JSON, {"mode": "refresh", "weights_from": version})
     return {"version": version, "prefix": dst}
 
@@ -63,8 +62,7 @@ def production_weights(store, model: str, local_dir: str) -> int:
     version = production_version(store, model, "warm")
     prefix = layout.version_prefix(model, version)
     registry.verify_package(store, model, version)
-    for name in MODEL_FILES:
-        store.download_file(prefix + name, Path(local_dir) / name)
+    store.map(lambda name: store.download_file(prefix + name, Path(local_dir) / name), MODEL_FILES)
     return version
 
 
@@ -81,8 +79,7 @@ def fetch_staged(store, prefix: str, local_dir: str) -> Path:
     names = [o.key[len(prefix):] for o in store.list(prefix)]
     if not names:
         raise FileNotFoundError(f"no staged model under {store.uri(prefix)}")
-    for name in names:
-        store.download_file(prefix + name, Path(local_dir) / name)
+    store.map(lambda name: store.download_file(prefix + name, Path(local_dir) / name), names)
     return Path(local_dir)
 
 

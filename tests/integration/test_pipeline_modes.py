@@ -115,6 +115,10 @@ def test_refresh_reuses_production_weights_and_appends_exactly_the_new_images(wo
     assert steps["embed"]["summary"]["eval"] == {**steps["embed"]["summary"]["eval"], "cached": True, "n": 500}
     assert steps["embed"]["summary"]["weights"] == full_steps["embed"]["summary"]["weights"]
     assert steps["evaluate"]["summary"]["production_from"] == "cache"
+    # evaluate searched only the appended rows, merged with production's neighbours that
+    # v1's own evaluate left in the cache; the score is the whole gallery's
+    assert steps["evaluate"]["summary"]["searched"] == {"rows": 500, "of": 2000, "base_from": "cache"}
+    assert full_steps["evaluate"]["summary"]["searched"] == {"rows": 1500, "of": 1500}
     # data preparation read only the new object, and of the cached one its sidecar, not its pixels
     assert report["data"]["cache"] == {"objects_new": 1, "objects_cached": 1, "new": [new_uri]}
     read = report["data"]["prep"]["bytes_read"]
@@ -138,6 +142,14 @@ def test_refresh_reuses_production_weights_and_appends_exactly_the_new_images(wo
     import faiss
     index = faiss.deserialize_index(np.frombuffer(package(store, 2, "index.faiss"), np.uint8))
     assert index.ntotal == len(after)
+    from steps.eval_cache import get_eval_embeddings
+    from steps.evaluate import knn_predict
+    weights = steps["embed"]["summary"]["weights"]
+    cached = world["settings"].run_workdir + "/eval-v1.npz"
+    assert get_eval_embeddings(store, weights, steps["embed"]["summary"]["eval_set"], cached, digits["eval"][1])
+    with np.load(cached) as z:
+        whole = float((knn_predict(index, after, z["emb"]) == z["y"]).mean())
+    assert report["metrics"]["top1"] == pytest.approx(whole, abs=1e-9)
     # the report's params are the run's, not the reused package's
     assert report["params"]["mode"] == "refresh"
 

@@ -249,3 +249,19 @@ def test_the_cli_cannot_publish_a_run_the_bot_holds_for_an_approver(s3_store, bu
         publish(s3_store, MODEL, "runs/r1/candidate/", run_id="r1", by="U1")
     s3_store.put_json(layout.approval_key("r1"), {"state": "approved", "by": "U0OPS0001"})
     assert json.loads(subprocess.run(base, capture_output=True, text=True).stdout)["version"] == 1
+
+
+def test_store_map_keeps_order_tries_every_item_and_raises_the_first_failure(bucket):
+    from steps.storage import open_store
+    store = open_store(f"s3://{bucket}/")   # no client yet: it is made once, before the threads
+    keys = [f"m/{i}" for i in range(12)]
+    store.map(lambda k: store.put_bytes(k, k.encode()), keys)
+    assert store.map(store.get_bytes, keys) == [k.encode() for k in keys]
+    tried = []
+
+    def get(key):
+        tried.append(key)
+        return store.get_bytes(key)
+    with pytest.raises(KeyError, match="m/missing-1"):
+        store.map(get, ["m/0", "m/missing-1", "m/1", "m/missing-2"])
+    assert sorted(tried) == ["m/0", "m/1", "m/missing-1", "m/missing-2"]

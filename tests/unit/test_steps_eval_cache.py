@@ -173,3 +173,57 @@ def test_a_torn_production_still_fails_the_comparison(s3_store, world, tmp_path)
     s3_store.delete(layout.package_key(MODEL, 1, "labels.npy"))
     with pytest.raises(ValueError, match=r"cannot compare with production: .*labels.npy is missing"):
         evaluate_run(s3_store, world, tmp_path / "r1", s1, tmp_path / "r1" / "index")
+
+
+def test_neighbours_come_back_only_for_the_same_queries_and_k(s3_store):
+    sims = np.linspace(1, 0, 12, dtype=np.float32).reshape(3, 4)
+    ids = np.arange(12).reshape(3, 4)
+    key = eval_cache.neighbours_key("w", "g", "e", 4)
+    assert eval_cache.get_neighbours(s3_store, key, 3, 4) is None          # nothing cached yet
+    eval_cache.put_neighbours(s3_store, key, sims, ids)
+    got = eval_cache.get_neighbours(s3_store, key, 3, 4)
+    np.testing.assert_array_equal(got[0], sims)
+    np.testing.assert_array_equal(got[1], ids)
+    assert got[1].dtype == np.int64
+    assert eval_cache.get_neighbours(s3_store, key, 4, 4) is None          # another eval set's length
+    s3_store.put_bytes(key, b"not an npz")
+    assert eval_cache.get_neighbours(s3_store, key, 3, 4) is None          # damaged: searched again
+    for i in range(eval_cache.KEEP_NEIGHBOURS + 2):
+        eval_cache.put_neighbours(s3_store, eval_cache.neighbours_key(f"w{i:02d}", "g", "e", 4), sims, ids)
+    kept = [o.key for o in s3_store.list(eval_cache.NEIGHBOURS_PREFIX) if o.key.endswith(".npz")]
+    assert len(kept) == eval_cache.KEEP_NEIGHBOURS
+
+
+def test_a_refresh_searches_only_the_rows_it_appended_to_production(s3_store, world, tmp_path):
+    from steps.deploy import download_version
+    from steps.evaluate import evaluate
+
+    s1, _, _ = embed_run(s3_store, world, tmp_path, "r1")
+    r1 = evaluate_run(s3_store, world, tmp_path / "r1", s1, gallery(world, tmp_path / "r1", rows=np.arange(150)))
+    assert r1["searched"] == {"rows": 150, "of": 150}
+    assert deploy(s3_store, world, "r1", tmp_path / "r1", tmp_path / "r1" / "index") == 1
+    # the refresh: production's package as the pipeline stages it (weights and gallery in
+    # one directory), and its gallery with the other 150 rows appended
+    pkg = tmp_path / "v1"
+    download_version(s3_store, MODEL, 1, str(pkg))
+    grown = tmp_path / "r2" / "index"
+    build_index(str(tmp_path / "r1" / "emb" / "gallery.npz"), str(grown))
+    whole = evaluate(str(grown), str(tmp_path / "r1" / "emb" / "eval.npz"), str(tmp_path / "whole"), floor=0.0)
+
+    def refresh(name):
+        return evaluate_against_production(
+            f"s3://{s3_store.bucket}/", MODEL, str(grown), str(tmp_path / "r1" / "emb" / "eval.npz"),
+            lambda: pytest.fail("a refresh does not embed production's eval images"), str(tmp_path / name),
+            floor=0.0, reused={"version": 1, "index_dir": str(pkg)}, model_dir=str(pkg), eval_fp=s1["eval_set"])
+
+    r2 = refresh("r2-eval")          # v1's neighbours, left in the cache by its own evaluate
+    assert r2["searched"] == {"rows": 150, "of": 300, "base_from": "cache"}
+    assert r2["top1"] == whole["top1"] and r2["confusion"] == whole["confusion"]
+    assert r2["production"] == {"version": 1, "top1": r1["top1"]}
+    # a production whose run left no neighbours (evaluated before this cache existed):
+    # searched once, then taken from the cache
+    for o in list(s3_store.list(eval_cache.NEIGHBOURS_PREFIX)):
+        s3_store.delete(o.key)
+    assert refresh("r3-eval")["searched"]["base_from"] == "searched"
+    r4 = refresh("r4-eval")
+    assert r4["searched"]["base_from"] == "cache" and r4["top1"] == whole["top1"]

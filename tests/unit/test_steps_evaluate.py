@@ -211,3 +211,35 @@ def test_vote_matches_the_weighted_count_written_with_numpy():
     np.add.at(counts, (np.repeat(np.arange(500), 8), votes_for.ravel()),
               np.exp(VOTE_SCALE * (sims.astype(np.float64) - 1.0)).ravel())
     assert (vote(sims, ids, labels) == counts[:, :10].argmax(1)).all()
+
+
+@pytest.mark.parametrize("base_n,added,k", [(300, 40, 50), (300, 0, 50), (20, 200, 50), (3, 2, 50), (300, 40, 1)])
+def test_search_appended_finds_what_searching_the_whole_gallery_finds(base_n, added, k):
+    """A refresh's gallery is production's with rows appended: production's neighbours
+    merged with the appended rows' are the whole gallery's (and base_n < k, added < k,
+    nothing added, k=1 are all the same search)."""
+    import faiss
+
+    from steps.evaluate import search, search_appended
+    rng = np.random.default_rng(base_n + added + k)
+    rows = rng.standard_normal((base_n + added, 16)).astype(np.float32)
+    rows /= np.linalg.norm(rows, axis=1, keepdims=True)
+    queries = rng.standard_normal((64, 16)).astype(np.float32)
+    base, whole = faiss.IndexFlatIP(16), faiss.IndexFlatIP(16)
+    base.add(rows[:base_n])
+    whole.add(rows)
+    sims, ids = search_appended(whole, base_n, search(base, queries, k), queries, k)
+    want_sims, want_ids = search(whole, queries, k)
+    assert ids.shape == want_ids.shape == (64, min(k, base_n + added))
+    np.testing.assert_array_equal(ids, want_ids)
+    np.testing.assert_allclose(sims, want_sims, atol=1e-6)
+
+
+def test_search_appended_refuses_an_approximate_index():
+    import faiss
+
+    from steps.evaluate import search_appended
+    ivf = faiss.IndexIVFFlat(faiss.IndexFlatIP(4), 4, 1, faiss.METRIC_INNER_PRODUCT)
+    with pytest.raises(ValueError, match="needs an exact index, not IndexIVFFlat"):
+        search_appended(ivf, 0, (np.zeros((1, 1), np.float32), np.zeros((1, 1), np.int64)),
+                        np.zeros((1, 4), np.float32))
