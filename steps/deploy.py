@@ -278,6 +278,29 @@ def verify_package(store: Store, model: str, version: int, *, check_hashes: bool
     return manifest
 
 
+def copy_version_files(store: Store, model: str, version: int, manifest: dict, names, dst: str) -> None:
+    """Copy these files of a published version (``manifest``: its manifest.json, from
+    verify_package(check_hashes=False)) to dst, a prefix, each checked against the
+    manifest as read: one read of each instead of a full verify_package()'s and then the
+    copy's, and the bytes written are the bytes checked. All are read and checked before
+    any is written. Raises ValueError naming a missing or mismatching file."""
+    prefix, where = _version_prefix(model, version), f"{model} v{version}"
+
+    def read(name: str) -> bytes:
+        if name not in manifest["files"]:
+            raise ValueError(f"{where} has no {name} (not in manifest.json)")
+        try:
+            data = store.get_bytes(prefix + name)
+        except KeyError:
+            raise ValueError(f"{where} is torn: {name} is missing (listed in manifest.json)") from None
+        _check_file(where, name, len(data), data, manifest["files"][name])
+        return data
+
+    names = list(names)
+    blobs = store.map(read, names)
+    store.map(lambda pair: store.put_bytes(dst + pair[0], pair[1]), zip(names, blobs, strict=True))
+
+
 def _check_file(what: str, name: str, size: int, data: bytes | None, want: dict) -> None:
     if size != want.get("size"):
         raise ValueError(f"{what} is torn: {name} has {size} bytes, manifest.json says {want.get('size')}")

@@ -44,15 +44,16 @@ def stage_production(store, model: str, run_id: str) -> dict:
     to store, after checking the version is whole). Returns {"version", "prefix"}."""
     version = production_version(store, model, "refresh")
     try:
-        manifest = registry.verify_package(store, model, version)
+        manifest = registry.verify_package(store, model, version, check_hashes=False)
+        missing = [n for n in (*MODEL_FILES, *GALLERY_FILES) if n not in manifest["files"]]
+        if not missing:   # hashes checked as the files are copied
+            dst = layout.run_model_prefix(run_id)
+            registry.copy_version_files(store, model, version, manifest, (*MODEL_FILES, *GALLERY_FILES), dst)
     except ValueError as e:
         raise ValueError(f"cannot refresh from production: {e}") from None
-    missing = [n for n in (*MODEL_FILES, *GALLERY_FILES) if n not in manifest["files"]]
     if missing:
         raise ValueError(f"cannot refresh from {model} v{version}: its package lacks "
                          f"{', '.join(missing)} (published before refresh existed?); run mode=full")
-    src, dst = layout.version_prefix(model, version), layout.run_model_prefix(run_id)
-    store.map(lambda name: store.put_bytes(dst + name, store.get_bytes(src + name)), (*MODEL_FILES, *GALLERY_FILES))
     store.put_json(dst + LINEAGE_JSON, {"mode": "refresh", "weights_from": version})
     return {"version": version, "prefix": dst}
 

@@ -265,3 +265,24 @@ def test_store_map_keeps_order_tries_every_item_and_raises_the_first_failure(buc
     with pytest.raises(KeyError, match="m/missing-1"):
         store.map(get, ["m/0", "m/missing-1", "m/1", "m/missing-2"])
     assert sorted(tried) == ["m/0", "m/1", "m/missing-1", "m/missing-2"]
+
+
+def test_a_refresh_stages_production_byte_for_byte_and_refuses_a_torn_one(s3_store):
+    from steps.reuse import GALLERY_FILES, LINEAGE_JSON, MODEL_FILES, stage_production
+    prefix = "runs/r1/candidate/"
+    files = {name: f"{name} of r1".encode() for name in (*MODEL_FILES, *GALLERY_FILES)}
+    for name, data in files.items():
+        s3_store.put_bytes(prefix + name, data)
+    assert publish(s3_store, MODEL, prefix, run_id="r1", by="u", metrics={"top1": 0.98}) == 1
+
+    staged = stage_production(s3_store, MODEL, "r2")
+    assert staged == {"version": 1, "prefix": layout.run_model_prefix("r2")}
+    for name, data in files.items():
+        assert s3_store.get_bytes(staged["prefix"] + name) == data
+    assert s3_store.get_json(staged["prefix"] + LINEAGE_JSON) == {"mode": "refresh", "weights_from": 1}
+
+    s3_store.put_bytes(layout.package_key(MODEL, 1, "index.faiss"), b"index.faiss of rX")   # same size
+    with pytest.raises(ValueError, match=r"cannot refresh from production: mnist-arcface v1 is torn: "
+                                         r"index.faiss has sha256 .* manifest.json says"):
+        stage_production(s3_store, MODEL, "r3")
+    assert list(s3_store.list(layout.run_model_prefix("r3"))) == []    # nothing copied
