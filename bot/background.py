@@ -133,7 +133,7 @@ class ProcessBackground:
             return self._pool.submit(_run_in_worker, fn, args, what)
         except BrokenProcessPool:  # a worker died (OOM, kill): start fresh ones
             log.error("background workers died; starting new ones")
-            self._pool, self._warming = self._new_pool(), []
+            self._pool, self._warming, self._failed_at = self._new_pool(), [], 0.0
             return self._pool.submit(_run_in_worker, fn, args, what)
 
     def shutdown(self, wait: bool = True) -> None:
