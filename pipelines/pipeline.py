@@ -238,7 +238,7 @@ def evaluate(run_id: str, store: str, model_name: str, floor: float, tolerance: 
     from pipelines.status import track
     from steps import dataset, layout
     from steps.eval_cache import eval_fingerprint
-    from steps.evaluate import evaluate_against_production, upload_candidate
+    from steps.evaluate import evaluate_and_upload
     from steps.laps import Laps
     from steps.reuse import fetch_staged, read_lineage
     from steps.storage import open_store
@@ -252,17 +252,14 @@ def evaluate(run_id: str, store: str, model_name: str, floor: float, tolerance: 
         reused = ({"version": lineage["weights_from"], "index_dir": model_dir}
                   if lineage.get("mode") == "refresh" else None)
         os.makedirs(evaluation.path, exist_ok=True)
-        result = evaluate_against_production(
-            store, model_name, index.path, os.path.join(embeddings.path, "eval.npz"),
+        result = evaluate_and_upload(
+            store, model_name, run_id, model_dir=model_dir, index_dir=index.path,
+            eval_emb=os.path.join(embeddings.path, "eval.npz"),
             # production's images, only read when its score is neither cached nor reused
-            lambda: str(dataset.materialize(data.path, "eval", scratch)),
-            evaluation.path, floor=floor, tolerance=tolerance, reused=reused,
-            model_dir=model_dir, eval_fp=eval_fingerprint(data.path))
-        upload_candidate(store, run_id, model_dir=model_dir, index_dir=index.path,
-                         eval_dir=evaluation.path,
-                         data_card=os.path.join(data.path, layout.DATA_CARD_JSON),
-                         added=os.path.join(embeddings.path, "added.json"))
-        lap("upload")
+            eval_images=lambda: str(dataset.materialize(data.path, "eval", scratch)),
+            eval_dir=evaluation.path, data_card=os.path.join(data.path, layout.DATA_CARD_JSON),
+            added=os.path.join(embeddings.path, "added.json"), floor=floor, tolerance=tolerance,
+            reused=reused, eval_fp=eval_fingerprint(data.path))
         if require_approval and result["decision"] == "deploy":
             result["reason"] = f"{result['reason']}; awaiting approval"
         st.summary = {k: result.get(k) for k in ("top1", "decision", "reason", "production", "production_from",

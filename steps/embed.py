@@ -96,8 +96,10 @@ def embed_for_run(store, model_prefix: str, model_dir: str, data_dir: str, out_d
     weights, eval_fp = eval_cache.weights_fingerprint(model_dir), eval_cache.eval_fingerprint(data)
     eval_path = out / "eval.npz"
     # The checkpoint, not the export program: the same network (model.pt's config and
-    # weights) without torch.export's loader, whose first use costs the step about a second
-    # (bench/bench_ct.py's refresh). The steps have the project's code; servers do not.
+    # weights) without torch.export's loader, whose first use in a process costs more than
+    # the rest of a refresh's embedding (a fresh process, torch's import included, quiet:
+    # 2.6-3.7 s from the export program, 1.2 s from the checkpoint; the command is in
+    # docs/continuous-training.md). Steps have the project's code; servers need not.
     lap("prepare")
     embedder = load_for_embedding(model_dir, prefer="checkpoint")
     lap("load_model")

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import shutil
 import sys
 import tempfile
 import time
@@ -23,7 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from steps.layout import METRICS_JSON
+from steps.layout import DATA_CARD_JSON, METRICS_JSON
+from steps.reuse import LINEAGE_JSON
 
 N_CLASSES = 10
 # The vote evaluated is the one served (serving.model.LoadedModel.predict): the k nearest
@@ -386,33 +386,97 @@ def evaluate_against_production(store_root: str, model_name: str, index_dir: str
     return result
 
 
+# Written by upload_candidate() once evaluate has its result, metrics.json last: a
+# candidate without it is incomplete (steps.deploy.publish refuses it).
+RESULT_FILES = (LINEAGE_JSON, DATA_CARD_JSON, METRICS_JSON)
+
+
+def upload_candidate_files(store_root: str, run_id: str, *, model_dir: str, index_dir: str) -> list[str]:
+    """The bulk of the candidate package, its weights and gallery (index_dir's files over
+    model_dir's of the same name: a refresh's model_dir holds production's gallery), which
+    do not depend on evaluate's result: the pipeline uploads them while evaluate computes.
+    Returns their keys."""
+    from steps import layout
+    from steps.storage import open_store
+
+    files = {}
+    for src in (model_dir, index_dir):
+        root = Path(src)
+        files.update({p.relative_to(root).as_posix(): p for p in sorted(root.rglob("*")) if p.is_file()})
+    for name in RESULT_FILES:
+        files.pop(name, None)
+    store, prefix = open_store(store_root), layout.candidate_prefix(run_id)
+    store.map(lambda item: store.upload_file(item[1], prefix + item[0]), files.items())
+    return [prefix + name for name in files]
+
+
 def upload_candidate(store_root: str, run_id: str, *, model_dir: str, index_dir: str,
-                     eval_dir: str, data_card: str, added: str | None = None) -> list[str]:
+                     eval_dir: str, data_card: str, added: str | None = None,
+                     uploaded: list[str] | None = None) -> list[str]:
     """Put the run's confusion matrix and its candidate package (model, index, labels,
     metrics, data card, params, lineage) into the store, whatever the decision: a held
     candidate is what 'Promote anyway' publishes. Returns the package keys. ``added``: a
-    refresh's added.json (embed), the images and objects appended to the gallery."""
+    refresh's added.json (embed), the images and objects appended to the gallery.
+    ``uploaded``: upload_candidate_files() ran already (its keys); else it runs here."""
     from steps import layout
-    from steps.deploy import upload_package
-    from steps.reuse import LINEAGE_JSON, read_lineage
+    from steps.reuse import read_lineage
     from steps.storage import open_store
 
     store = open_store(store_root)
+    if uploaded is None:
+        uploaded = upload_candidate_files(store_root, run_id, model_dir=model_dir, index_dir=index_dir)
     ev = Path(eval_dir)
     for name, key in ((CONFUSION_PNG, layout.confusion_png_key(run_id)),
                       (CONFUSION_CSV, layout.confusion_csv_key(run_id))):
         if (ev / name).exists():
             store.upload_file(ev / name, key)
-    with tempfile.TemporaryDirectory() as pkg:
-        for src in (model_dir, index_dir):
-            shutil.copytree(src, pkg, dirs_exist_ok=True)
-        shutil.copy(ev / METRICS_JSON, Path(pkg) / METRICS_JSON)
-        shutil.copy(data_card, Path(pkg) / layout.DATA_CARD_JSON)
-        lineage = read_lineage(model_dir)
-        if added and Path(added).is_file():
-            lineage.update(json.loads(Path(added).read_text()))
-        (Path(pkg) / LINEAGE_JSON).write_text(json.dumps(lineage, indent=1))
-        return upload_package(store, pkg, layout.candidate_prefix(run_id))
+    lineage = read_lineage(model_dir)
+    if added and Path(added).is_file():
+        lineage.update(json.loads(Path(added).read_text()))
+    prefix = layout.candidate_prefix(run_id)
+    results = {LINEAGE_JSON: json.dumps(lineage, indent=1).encode(),
+               DATA_CARD_JSON: Path(data_card).read_bytes(),
+               METRICS_JSON: (ev / METRICS_JSON).read_bytes()}
+    for name in RESULT_FILES:   # in order: metrics.json last
+        store.put_bytes(prefix + name, results[name])
+    return sorted([*uploaded, *(prefix + name for name in RESULT_FILES)])
+
+
+def evaluate_and_upload(store_root: str, model_name: str, run_id: str, *, model_dir: str, index_dir: str,
+                        eval_emb: str, eval_images, eval_dir: str, data_card: str, added: str | None = None,
+                        floor: float = 0.97, tolerance: float = 0.002, reused: dict | None = None,
+                        eval_fp: str | None = None) -> dict:
+    """The pipeline's evaluate: evaluate_against_production() while the candidate's weights
+    and gallery go up to the store (upload_candidate_files() in a thread: the upload waits
+    on the store while evaluate keeps the CPU), then the rest of the package
+    (upload_candidate()). If evaluate fails, what was uploaded is deleted, so no candidate
+    without metrics.json is left behind. The result's ``timings`` include ``upload``, the
+    wait for the weights and gallery plus the rest of the package."""
+    from concurrent.futures import ThreadPoolExecutor
+    from contextlib import suppress
+
+    from steps import layout
+    from steps.storage import open_store
+
+    with ThreadPoolExecutor(1) as pool:
+        bulk = pool.submit(upload_candidate_files, store_root, run_id, model_dir=model_dir, index_dir=index_dir)
+        try:
+            result = evaluate_against_production(store_root, model_name, index_dir, eval_emb, eval_images,
+                                                 eval_dir, floor=floor, tolerance=tolerance, reused=reused,
+                                                 model_dir=model_dir, eval_fp=eval_fp)
+        except BaseException:
+            with suppress(Exception):   # a failed upload leaves part of it: deleted all the same
+                bulk.result()
+            store, prefix = open_store(store_root), layout.candidate_prefix(run_id)
+            for o in list(store.list(prefix)):
+                store.delete(o.key)
+            raise
+        t0 = time.perf_counter()
+        uploaded = bulk.result()
+    upload_candidate(store_root, run_id, model_dir=model_dir, index_dir=index_dir, eval_dir=eval_dir,
+                     data_card=data_card, added=added, uploaded=uploaded)
+    result["timings"]["upload"] = round(time.perf_counter() - t0, 3)
+    return result
 
 
 def main(argv=None) -> int:

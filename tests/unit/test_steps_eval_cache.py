@@ -227,3 +227,28 @@ def test_a_refresh_searches_only_the_rows_it_appended_to_production(s3_store, wo
     assert refresh("r3-eval")["searched"]["base_from"] == "searched"
     r4 = refresh("r4-eval")
     assert r4["searched"]["base_from"] == "cache" and r4["top1"] == whole["top1"]
+
+
+def test_evaluate_and_upload_leaves_the_whole_candidate_or_none(s3_store, world, tmp_path):
+    from steps.evaluate import RESULT_FILES, evaluate_and_upload
+
+    def run(run_id, summary, eval_emb):
+        return evaluate_and_upload(
+            f"s3://{s3_store.bucket}/", MODEL, run_id, model_dir=str(tmp_path / "r1" / "model"),
+            index_dir=str(index), eval_emb=str(eval_emb), eval_images=lambda: str(world / "data" / "eval.npz"),
+            eval_dir=str(tmp_path / run_id / "evaluation"), data_card=str(world / "data" / layout.DATA_CARD_JSON),
+            floor=0.0, eval_fp=summary["eval_set"])
+
+    s1, out, _ = embed_run(s3_store, world, tmp_path, "r1")
+    index = gallery(world, tmp_path / "r1")
+    result = run("r1", s1, out / "eval.npz")
+    prefix = layout.candidate_prefix("r1")
+    names = {p.name for d in (tmp_path / "r1" / "model", index) for p in d.iterdir()} | set(RESULT_FILES)
+    assert sorted(o.key for o in s3_store.list(prefix)) == sorted(prefix + n for n in names)
+    assert s3_store.get_json(prefix + layout.METRICS_JSON)["top1"] == result["top1"]
+    assert s3_store.get_bytes(prefix + "index.faiss") == (index / "index.faiss").read_bytes()
+    assert result["timings"]["upload"] >= 0
+    # evaluate fails (no eval embeddings) while the weights and gallery upload: none is left
+    with pytest.raises(FileNotFoundError):
+        run("r2", s1, tmp_path / "missing.npz")
+    assert list(s3_store.list(layout.candidate_prefix("r2"))) == []
