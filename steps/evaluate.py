@@ -133,13 +133,14 @@ def decide(top1: float, production: dict | None, floor: float, tolerance: float)
 
 
 def plot_confusion(cm: np.ndarray, top1: float, path: str | Path, title: str = "") -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # A Figure on its own canvas, not pyplot: no backend or figure manager is set up, which
+    # is most of what importing pyplot costs a step's fresh process.
+    from matplotlib.figure import Figure
 
     row = cm.sum(1, keepdims=True)
     frac = np.divide(cm, row, out=np.zeros(cm.shape, float), where=row > 0)
-    fig, ax = plt.subplots(figsize=(7.2, 6.2), dpi=110)
+    fig = Figure(figsize=(7.2, 6.2), dpi=110)
+    ax = fig.subplots()
     im = ax.imshow(frac, cmap="Blues", vmin=0, vmax=1)
     for i in range(N_CLASSES):
         for j in range(N_CLASSES):
@@ -154,7 +155,6 @@ def plot_confusion(cm: np.ndarray, top1: float, path: str | Path, title: str = "
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="share of the true class")
     fig.tight_layout()
     fig.savefig(path)
-    plt.close(fig)
 
 
 def write_confusion_csv(cm: np.ndarray, path: str | Path) -> None:
