@@ -275,14 +275,13 @@ def production_score(store, model_name: str, eval_emb: str, eval_images, k: int 
             return {"version": version, "top1": top1}, "cache"
     if reused and reused.get("version") == version:
         with np.load(eval_emb) as d:
-            y = d["y"].astype(np.int64)
+            q, y = d["emb"], d["y"].astype(np.int64)
         if base is not None:
             pred = vote(base["sims"], base["ids"], base["labels"])
         else:
             from steps.index import load_index
             index, labels = load_index(reused["index_dir"])
-            with np.load(eval_emb) as d:
-                pred = knn_predict(index, labels, d["emb"], k)
+            pred = knn_predict(index, labels, q, k)
         production, source = {"version": version, "top1": float((pred == y).mean())}, "gallery"
     else:
         production, source = measure_version(store, model_name, version, eval_images(), k), "measured"
@@ -297,15 +296,12 @@ def refresh_base(store, reused: dict, queries: np.ndarray, k: int = DEFAULT_K,
     """Production's gallery as a refresh reuses it (``reused["index_dir"]``: its weights and
     index), with each eval embedding's nearest rows in it: {"n", "labels", "sims", "ids",
     "from": "cache"|"searched"}. From the store's cache (steps.eval_cache) when production's
-    own run left them there, else searched once and cached. None for an approximate index,
-    whose neighbours do not merge."""
+    own run left them there (only exact galleries' are), else searched once and cached.
+    None for an approximate index, whose neighbours do not merge."""
     from steps import eval_cache
-    from steps.index import INFO_FILE, LABELS_FILE, load_index
+    from steps.index import LABELS_FILE, load_index
 
     base_dir = Path(reused["index_dir"])
-    info = base_dir / INFO_FILE
-    if info.is_file() and json.loads(info.read_text()).get("kind", "flat") != "flat":
-        return None
     labels = np.load(base_dir / LABELS_FILE)
     key = None
     if eval_fp:
@@ -386,8 +382,8 @@ def evaluate_against_production(store_root: str, model_name: str, index_dir: str
     return result
 
 
-# Written by upload_candidate() once evaluate has its result, metrics.json last: a
-# candidate without it is incomplete (steps.deploy.publish refuses it).
+# Written by upload_candidate() once evaluate has its result, metrics.json last, so a
+# candidate whose metrics.json is there is whole.
 RESULT_FILES = (LINEAGE_JSON, DATA_CARD_JSON, METRICS_JSON)
 
 
