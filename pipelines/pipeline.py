@@ -50,7 +50,7 @@ def ingest(run_id: str, store: str, data_uris: list, eval_uri: str, data: Output
     import json
     import os
 
-    import boto3  # noqa: F401 - imported up front like the rest: the task's start-up, not ingest's compute
+    import botocore.session  # noqa: F401 - imported up front like the rest: the task's start-up, not ingest's compute
 
     from pipelines.status import track
     from steps import layout

@@ -1,7 +1,7 @@
 """One interface over an S3 bucket (AWS, MinIO, GCS interop) and a local directory.
 
 A store is addressed by a root URI: ``s3://bucket/prefix`` or a filesystem path.
-Keys are always '/'-separated and relative to the root. boto3 is imported lazily
+Keys are always '/'-separated and relative to the root. botocore is imported lazily
 so that importing this module costs nothing.
 """
 from __future__ import annotations
@@ -43,23 +43,36 @@ def is_aws(endpoint_url: str | None) -> bool:
     return (urllib.parse.urlsplit(endpoint_url).hostname or "").endswith(".amazonaws.com")
 
 
+_session_lock = threading.Lock()
+_session = None
+
+
 def s3_client(endpoint_url: str | None = None):
-    """boto3 S3 client honouring S3_ENDPOINT_URL (MinIO, GCS interop, moto). Since boto3
+    """An S3 client honouring S3_ENDPOINT_URL (MinIO, GCS interop, moto). Since botocore
     1.36 every request carries a CRC checksum by default, which GCS's interop API and
-    older MinIO reject: other endpoints get checksums only where S3 requires them."""
-    import boto3
+    older MinIO reject: other endpoints get checksums only where S3 requires them.
+
+    botocore's own client, not boto3's: the calls used here are the same, and every
+    pipeline task is a fresh process, where importing boto3 (and s3transfer) cost about
+    0.1 s of each task's start. One session per process, as boto3's default: it caches
+    the service model, and making clients from it is not thread-safe, hence the lock."""
+    global _session
+    import botocore.session
     from botocore.config import Config
 
     endpoint_url = endpoint_url or os.environ.get("S3_ENDPOINT_URL") or None
     compat = {} if is_aws(endpoint_url) else {"request_checksum_calculation": "when_required",
                                                 "response_checksum_validation": "when_required"}
-    return boto3.client(
-        "s3",
-        endpoint_url=endpoint_url,
-        region_name=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"),
-        config=Config(retries={"max_attempts": 5, "mode": "standard"},
-                      s3={"addressing_style": "path"} if endpoint_url else None, **compat),
-    )
+    with _session_lock:
+        if _session is None:
+            _session = botocore.session.get_session()
+        return _session.create_client(
+            "s3",
+            endpoint_url=endpoint_url,
+            region_name=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"),
+            config=Config(retries={"max_attempts": 5, "mode": "standard"},
+                          s3={"addressing_style": "path"} if endpoint_url else None, **compat),
+        )
 
 
 class Store:
@@ -142,7 +155,7 @@ class S3Store(Store):
         return self._client
 
     def _before_threads(self) -> None:
-        _ = self.client   # one client, made once: boto3's clients are thread-safe, their creation is not
+        _ = self.client   # one client, made once: botocore's clients are thread-safe, their creation is not
 
     def _k(self, key: str) -> str:
         return self.prefix + key.lstrip("/")

@@ -243,3 +243,24 @@ def test_search_appended_refuses_an_approximate_index():
     with pytest.raises(ValueError, match="needs an exact index, not IndexIVFFlat"):
         search_appended(ivf, 0, (np.zeros((1, 1), np.float32), np.zeros((1, 1), np.int64)),
                         np.zeros((1, 4), np.float32))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_vote_names_what_vote_row_names_query_by_query(seed):
+    """vote() is vote_row() with numpy; on sims rounded to one decimal (exact ties between
+    labels everywhere), -1 ids and labels past 9 the two still agree on every query."""
+    rng = np.random.default_rng(seed)
+    n, k = int(rng.integers(1, 2000)), int(rng.integers(1, 60))
+    sims = -np.sort(-rng.uniform(-1.0, 1.0, (n, k)).astype(np.float32), axis=1)
+    if seed % 2 == 0:
+        sims = np.round(sims, 1)
+    ids = rng.integers(-1, 200, (n, k))
+    labels = rng.integers(0, int(rng.integers(1, 14)), 200)
+    by_row = [vote_row(s, [-1 if i < 0 else int(labels[i]) for i in row])
+              for s, row in zip(sims.tolist(), ids.tolist(), strict=True)]
+    assert vote(sims, ids, labels).tolist() == by_row
+
+
+def test_vote_with_nobody_voting_names_class_0():
+    assert vote(np.zeros((3, 2), np.float32), np.full((3, 2), -1), np.arange(5)).tolist() == [0, 0, 0]
+    assert vote(np.zeros((0, 5), np.float32), np.zeros((0, 5), np.int64), np.arange(5)).tolist() == []
