@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -189,6 +190,10 @@ def _run_local(settings, run_id, args, params, sweep) -> int:
 
     if args.nice > os.getpriority(os.PRIO_PROCESS, 0):   # kfp.local's task processes inherit it
         os.setpriority(os.PRIO_PROCESS, 0, args.nice)
+    # The bot's job worker ignores SIGCHLD (ctbot.wiring), and a started process keeps that:
+    # then no child of this run could be waited for, and subprocess takes a failed task's
+    # unknown status for 0. This run waits for its tasks, so it wants the default.
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
 
     out = sys.stdout  # kfp's output gets redirected; progress lines must not follow it
     store = build_store(settings)

@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 import threading
 import warnings
@@ -51,12 +52,14 @@ class ProgressWatcher:
 def run_local(settings, store, run_id: str, data_uris: list[str], params: dict, eval_uri: str = "", *,
               sweep: list | None = None, requested_by: str = "",
               on_step: Callable[[str, dict], None] | None = None, verbose: bool = False,
-              keep_workdir: bool = False, parallelism: int = 2) -> dict:
+              keep_workdir: bool = False, parallelism: int = 2, warm_tasks: bool = True) -> dict:
     """Run the whole pipeline in this process with kfp.local and return report.json.
 
     Scratch space is <run_workdir>/<run_id>/: root/ (task outputs, removed after a
     successful run unless keep_workdir), tmp/ (TMPDIR for kfp.local, which leaks a temp
-    dir per task; always removed) and kfp.log (kfp's own output unless verbose)."""
+    dir per task; always removed) and kfp.log (kfp's own output unless verbose).
+    ``warm_tasks``: tasks fork from a host that has their imports done
+    (pipelines.task_host); False starts each as a fresh process, as a cluster does."""
     from kfp import local
 
     from pipelines.pipeline import build_pipeline, pipeline_arguments
@@ -74,7 +77,7 @@ def run_local(settings, store, run_id: str, data_uris: list[str], params: dict, 
     tmp.mkdir(parents=True, exist_ok=True)
     crash: BaseException | None = None
     watcher = ProgressWatcher(store, run_id, on_step) if on_step else contextlib.nullcontext()
-    with _kfp_local_env(tmp):
+    with _kfp_local_env(tmp), _warm_tasks(tmp, workdir / "kfp.log", warm_tasks):
         pipeline = build_pipeline(None, sweep="sweep" in args, parallelism=parallelism)
         local.init(runner=local.SubprocessRunner(use_venv=False),
                    pipeline_root=str(workdir / "root"), raise_on_error=False)
@@ -116,6 +119,28 @@ def _kfp_local_env(tmp: Path):
             os.environ["TMPDIR"] = old_tmpdir
         tempfile.tempdir = None
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _warm_tasks(tmp: Path, log_path: Path, enabled: bool):
+    """kfp.local's tasks through a task host (pipelines.task_host): kfp.local runs each
+    task with sys.executable, so that names the host's launcher while the run lasts."""
+    if not enabled:
+        yield None
+        return
+    from pipelines.task_host import ENV, task_host
+
+    with task_host(tmp, log_path) as host:
+        python, old = sys.executable, os.environ.get(ENV)
+        sys.executable, os.environ[ENV] = str(host.launcher), host.address
+        try:
+            yield host
+        finally:
+            sys.executable = python
+            if old is None:
+                os.environ.pop(ENV, None)
+            else:
+                os.environ[ENV] = old
 
 
 @contextlib.contextmanager

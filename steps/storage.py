@@ -75,6 +75,20 @@ def s3_client(endpoint_url: str | None = None):
         )
 
 
+def preload_s3() -> None:
+    """Load botocore's S3 model into this process's session (pipelines.task_host, before
+    it forks its tasks), so that a client made after costs milliseconds, not 0.2 s.
+    Placeholder keys: no credentials are looked up here, nor kept in the session."""
+    global _session
+    import botocore.session
+
+    with _session_lock:
+        if _session is None:
+            _session = botocore.session.get_session()
+        _session.create_client("s3", region_name="us-east-1", aws_access_key_id="preload",
+                               aws_secret_access_key="preload")
+
+
 class Store:
     """Conditional writes (``if_none_match``: only if absent; ``if_match``: only if the
     object still has that tag) make read-modify-write safe across processes: the model

