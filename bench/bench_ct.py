@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import os
 import sys
 import tempfile
 import time
@@ -143,10 +142,9 @@ def main(argv=None) -> int:
     import numpy as np
 
     from core.config import Settings
-    from devkit.localservices import start_s3
+    from devkit.localservices import scratch_bucket
     from pipelines.local_run import run_local
     from steps.results import read_steps
-    from steps.storage import open_store, s3_client
 
     if args.smoke:
         n_hist, n_obj, n_batch, n_eval, rounds, extra = 1000, 500, 200, 500, 1, {"epochs": 1}
@@ -163,15 +161,7 @@ def main(argv=None) -> int:
     with np.load(data / "test.npz") as d:
         ex, ey = d["x"][:n_eval], d["y"][:n_eval]
 
-    os.environ.setdefault("AWS_ACCESS_KEY_ID", "bench")
-    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "bench")
-    os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
-    s3 = start_s3()
-    os.environ["S3_ENDPOINT_URL"] = s3.endpoint_url
-    work = Path(tempfile.mkdtemp(prefix="bench-ct-"))
-    try:
-        s3_client(s3.endpoint_url).create_bucket(Bucket="bench-ct")
-        store = open_store("s3://bench-ct/")
+    with scratch_bucket("bench-ct") as (store, work):
         for i in range(0, n_hist, n_obj):
             store.put_bytes(f"data/history-{i // n_obj:03d}.npz", npz_bytes(x=x[i:i + n_obj], y=y[i:i + n_obj]))
         store.put_bytes("eval/eval.npz", npz_bytes(x=ex, y=ey))
@@ -226,10 +216,6 @@ def main(argv=None) -> int:
             # the goals over the rounds so far: a run cut short still says where it stood
             judge(prod, rows, smoke=args.smoke)
             print_prep(prep["first"], prep["one_new"], smoke=args.smoke)
-    finally:
-        s3.stop()
-        import shutil
-        shutil.rmtree(work, ignore_errors=True)
     return 0
 
 

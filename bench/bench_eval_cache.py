@@ -20,10 +20,8 @@ gallery of 1,000 and 500 eval images, one run (seconds; nothing to read in the f
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -41,12 +39,11 @@ def main(argv=None) -> int:
 
     import numpy as np
 
-    from devkit.localservices import start_s3
+    from devkit.localservices import scratch_bucket
     from steps import eval_cache
     from steps.embed import embed_arrays, load_for_embedding
     from steps.evaluate import knn_predict, vote_tag
     from steps.index import build_index, load_index
-    from steps.storage import open_store, s3_client
     from steps.train import train
 
     with np.load(Path(args.data) / "train.npz") as d:
@@ -54,14 +51,7 @@ def main(argv=None) -> int:
         hx, hy = d["x"][order][:n_gallery], d["y"][order][:n_gallery]
     with np.load(Path(args.data) / "test.npz") as d:
         ex, ey = d["x"][:n_eval], d["y"][:n_eval]
-    for k, v in (("AWS_ACCESS_KEY_ID", "bench"), ("AWS_SECRET_ACCESS_KEY", "bench"), ("AWS_DEFAULT_REGION", "us-east-1")):
-        os.environ.setdefault(k, v)
-    s3 = start_s3()
-    work = Path(tempfile.mkdtemp(prefix="bench-eval-cache-"))
-    try:
-        s3_client(s3.endpoint_url).create_bucket(Bucket="bench-eval-cache")
-        os.environ["S3_ENDPOINT_URL"] = s3.endpoint_url
-        store = open_store("s3://bench-eval-cache/")
+    with scratch_bucket("bench-eval-cache") as (store, work):
         (work / "small").mkdir()
         np.savez(work / "small" / "data.npz", x=hx[:1000], y=hy[:1000])
         train(str(work / "small"), str(work / "model"), {"epochs": 1, "val_fraction": 0.0})
@@ -103,10 +93,6 @@ def main(argv=None) -> int:
         saved = sum(med["before"]) - sum(med["now"])
         print(f"medians: before {med['before'][0]:.2f} + {med['before'][1]:.2f} s, now {med['now'][0]:.2f} + "
               f"{med['now'][1]:.2f} s: the cache takes {saved:.2f} s off each refresh's embed and evaluate")
-    finally:
-        s3.stop()
-        import shutil
-        shutil.rmtree(work, ignore_errors=True)
     return 0
 
 

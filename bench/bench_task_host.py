@@ -19,11 +19,8 @@ one pair (seconds; nothing to read in the figures).
 from __future__ import annotations
 
 import argparse
-import io
-import os
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -31,13 +28,6 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 DEFAULT_DATA = REPO.parent / "shared/data/mnist"
-
-
-def npz_bytes(**arrays) -> bytes:
-    import numpy as np
-    buf = io.BytesIO()
-    np.savez(buf, **arrays)
-    return buf.getvalue()
 
 
 def main(argv=None) -> int:
@@ -49,11 +39,11 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     import numpy as np
+    from bench_ct import npz_bytes  # bench/ is this script's directory, on sys.path
 
     from core.config import Settings
-    from devkit.localservices import start_s3
+    from devkit.localservices import scratch_bucket
     from pipelines.local_run import run_local
-    from steps.storage import open_store, s3_client
 
     digits, n_eval, pairs, params = ((1000, 500, 1, {"epochs": 1}) if args.smoke
                                      else (args.digits, 5000, args.pairs, {}))
@@ -65,19 +55,11 @@ def main(argv=None) -> int:
         x, y = d["x"][:digits], d["y"][:digits]
     with np.load(data / "test.npz") as d:
         ex, ey = d["x"][:n_eval], d["y"][:n_eval]
-    for key, value in (("AWS_ACCESS_KEY_ID", "bench"), ("AWS_SECRET_ACCESS_KEY", "bench"),
-                       ("AWS_DEFAULT_REGION", "us-east-1")):
-        os.environ.setdefault(key, value)
-    s3 = start_s3()
-    os.environ["S3_ENDPOINT_URL"] = s3.endpoint_url
-    work = Path(tempfile.mkdtemp(prefix="bench-task-host-"))
-    try:
-        s3_client(s3.endpoint_url).create_bucket(Bucket="bench-task-host")
-        store = open_store("s3://bench-task-host/")
+    with scratch_bucket("bench-task-host") as (store, work):
         for i in range(0, digits, 2000):
             store.put_bytes(f"data/part-{i // 2000:03d}.npz", npz_bytes(x=x[i:i + 2000], y=y[i:i + 2000]))
         store.put_bytes("eval/eval.npz", npz_bytes(x=ex, y=ey))
-        settings = Settings(store="s3://bench-task-host/", run_workdir=str(work / "runs"), deploy_floor=0.3,
+        settings = Settings(store=store.root, run_workdir=str(work / "runs"), deploy_floor=0.3,
                             deploy={"require_approval": True})
         print(f"{digits} training digits, {n_eval} eval digits; full runs, {pairs} pair(s), host and fresh alternated",
               flush=True)
@@ -99,10 +81,6 @@ def main(argv=None) -> int:
         for part in ("wall", "train", "rest"):
             print(f"median {part:<5}: host {med[True][part]:6.2f}s, fresh {med[False][part]:6.2f}s, "
                   f"host/fresh {med[True][part] / med[False][part]:.3f}x")
-    finally:
-        s3.stop()
-        import shutil
-        shutil.rmtree(work, ignore_errors=True)
     return 0
 
 

@@ -139,6 +139,9 @@ def main(argv=None) -> int:
     if args.smoke:
         TRAIN_PARAMS["epochs"] = 1
         work = Path(tempfile.mkdtemp(prefix="bench-vote-smoke-"))
+        import atexit
+        import shutil
+        atexit.register(shutil.rmtree, work, True)   # the smoke's models are thrown away
         prepare(Path(args.data), work, n_hist=1000, n_batch=100, n_eval=300)
     else:
         work = Path(args.models)

@@ -1,12 +1,15 @@
 """Throwaway local Redis and S3 for the demo and the tests, when none is configured."""
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
 import socket
 import subprocess
 import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 
 def free_port() -> int:
@@ -62,6 +65,27 @@ class LocalS3:
 
     def stop(self) -> None:
         self.server.stop()
+
+
+@contextlib.contextmanager
+def scratch_bucket(bucket: str):
+    """For a benchmark, one process end to end: moto's S3 server with ``bucket`` made, its
+    endpoint in S3_ENDPOINT_URL (placeholder keys unless the environment has some), and a
+    scratch directory. Yields (store, directory); both are gone afterwards."""
+    from steps.storage import open_store, s3_client
+
+    for key, value in (("AWS_ACCESS_KEY_ID", "bench"), ("AWS_SECRET_ACCESS_KEY", "bench"),
+                       ("AWS_DEFAULT_REGION", "us-east-1")):
+        os.environ.setdefault(key, value)
+    s3 = start_s3()
+    os.environ["S3_ENDPOINT_URL"] = s3.endpoint_url
+    work = Path(tempfile.mkdtemp(prefix=f"{bucket}-"))
+    try:
+        s3_client(s3.endpoint_url).create_bucket(Bucket=bucket)
+        yield open_store(f"s3://{bucket}/"), work
+    finally:
+        s3.stop()
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def start_s3() -> LocalS3:

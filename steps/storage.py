@@ -47,6 +47,18 @@ _session_lock = threading.Lock()
 _session = None
 
 
+def _create_client(**kwargs):
+    """An S3 client from this process's one botocore session, as boto3's default: the
+    session caches the service model, and making clients from it is not thread-safe."""
+    global _session
+    import botocore.session
+
+    with _session_lock:
+        if _session is None:
+            _session = botocore.session.get_session()
+        return _session.create_client("s3", **kwargs)
+
+
 def s3_client(endpoint_url: str | None = None):
     """An S3 client honouring S3_ENDPOINT_URL (MinIO, GCS interop, moto). Since botocore
     1.36 every request carries a CRC checksum by default, which GCS's interop API and
@@ -54,39 +66,25 @@ def s3_client(endpoint_url: str | None = None):
 
     botocore's own client, not boto3's: the calls used here are the same, and every
     pipeline task is a fresh process, where importing boto3 (and s3transfer) cost about
-    0.1 s of each task's start. One session per process, as boto3's default: it caches
-    the service model, and making clients from it is not thread-safe, hence the lock."""
-    global _session
-    import botocore.session
+    0.1 s of each task's start."""
     from botocore.config import Config
 
     endpoint_url = endpoint_url or os.environ.get("S3_ENDPOINT_URL") or None
     compat = {} if is_aws(endpoint_url) else {"request_checksum_calculation": "when_required",
                                                 "response_checksum_validation": "when_required"}
-    with _session_lock:
-        if _session is None:
-            _session = botocore.session.get_session()
-        return _session.create_client(
-            "s3",
-            endpoint_url=endpoint_url,
-            region_name=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"),
-            config=Config(retries={"max_attempts": 5, "mode": "standard"},
-                          s3={"addressing_style": "path"} if endpoint_url else None, **compat),
-        )
+    return _create_client(
+        endpoint_url=endpoint_url,
+        region_name=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"),
+        config=Config(retries={"max_attempts": 5, "mode": "standard"},
+                      s3={"addressing_style": "path"} if endpoint_url else None, **compat),
+    )
 
 
 def preload_s3() -> None:
     """Load botocore's S3 model into this process's session (pipelines.task_host, before
     it forks its tasks), so that a client made after costs milliseconds, not 0.2 s.
     Placeholder keys: no credentials are looked up here, nor kept in the session."""
-    global _session
-    import botocore.session
-
-    with _session_lock:
-        if _session is None:
-            _session = botocore.session.get_session()
-        _session.create_client("s3", region_name="us-east-1", aws_access_key_id="preload",
-                               aws_secret_access_key="preload")
+    _create_client(region_name="us-east-1", aws_access_key_id="preload", aws_secret_access_key="preload")
 
 
 class Store:
