@@ -228,7 +228,8 @@ def print_round(r: int, prod: dict, got: dict) -> None:
         g = got[m]
         print(f"  {m:<10} {g['clean']:>12.4%} {g['shifted']:>14.4%} {g['wall']:>8.1f} {g['wall'] / full:>10.3f}")
     ref, cold = got["refresh"], got["cold"]
-    for name, run_ in (("refresh", ref), ("refresh, fresh task processes", cold)):
+    for name, run_ in (("full", got["full"]), ("warm", got["warm"]), ("refresh", ref),
+                       ("refresh, fresh task processes", cold)):
         compute = sum(run_["report"]["timings"].values())
         print(f"  {name}: compute (sum of its steps) {compute:.1f}s, pipeline overhead "
               f"{run_['wall'] - compute:.1f}s of {run_['wall']:.1f}s wall; steps "
