@@ -26,9 +26,11 @@ PRESETS: dict[str, dict] = {
     # would embed 22k images for a figure the gate does not use (evaluate measures the
     # candidate). Offline, history + 1 shifted batch, seeds 0 and 1, the k=50 vote: 0.05 pp
     # behind full on clean, 0.12 on shifted (lr 2e-3 with val: 0.08 / 0.17; half an epoch,
-    # even with the new batch oversampled 4x: 0.2-0.4 pp behind on shifted).
+    # even with the new batch oversampled 4x: 0.2-0.4 pp behind on shifted). freeze=2 keeps
+    # production's first two conv layers: a step costs about 0.6x, and over bench_ct's five
+    # rounds top-1 moved by 0.02-0.03 pp on average, less than one seed from another.
     # docs/continuous-training.md ("Warm").
-    "warm": {"mode": "warm", "epochs": 1, "lr": 1e-3, "warmup": 0.1, "val_fraction": 0.0},
+    "warm": {"mode": "warm", "epochs": 1, "lr": 1e-3, "warmup": 0.1, "val_fraction": 0.0, "freeze": 2},
     "v0": {"epochs": 8, "batch_size": 256, "lr": 4e-3, "lr_schedule": "onecycle",
            "margin": 0.5, "scale": 30.0, "augment_shift": 2, "augment_rotate": 0.0,
            "augment_scale": 0.0, "augment_elastic": 0.0, "layers": "c16,p,c32,p,c64,c128", "warmup": 0.2, "min_steps": 1},
@@ -63,6 +65,7 @@ _RANGES: dict[str, tuple] = {
     "epoch_fraction": (0.05, 1.0),
     "label_smoothing": (0.0, 0.5),
     "ema": (0.0, 0.9999),
+    "freeze": (0, 8),
 }
 
 
@@ -99,6 +102,8 @@ class TrainParams:
                                "the data (preset warm: a short pass that still sees every kind of image)")
     label_smoothing: float = _f(0.0, "share of the ArcFace target spread over the other classes")
     ema: float = _f(0.0, "decay of an exponential moving average of the weights, kept as the model (0 = off)")
+    freeze: int = _f(0, "leading conv layers (each with its BatchNorm) kept at the weights training starts "
+                     "from, production's in mode=warm: no gradient is computed for them, so a step costs less")
     mode: str = _f("full", "full: train from scratch; warm: start from production's weights and "
                    "train briefly (preset warm); refresh: no training, production's weights embed "
                    "the new objects into a copy of its gallery")
@@ -159,6 +164,13 @@ class TrainParams:
                     problems.append(f"{f.name}={v!r} must be one of {', '.join(rng)}")
             elif not (rng[0] <= v <= rng[1]):
                 problems.append(f"{f.name}={v} is out of range [{rng[0]}, {rng[1]}]")
+        n_conv = sum(1 for spec in self.layers.split(",") if spec.startswith("c"))
+        if self.freeze and self.mode != "warm":
+            problems.append(f"freeze={self.freeze} keeps the first layers as they start, which only "
+                            "means something from production's weights: use it with mode=warm")
+        elif self.freeze >= n_conv > 0:
+            problems.append(f"freeze={self.freeze} would leave no conv layer to train: "
+                            f"layers={self.layers} has {n_conv}")
         if problems:
             raise ValueError("; ".join(problems))
 

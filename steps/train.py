@@ -227,7 +227,8 @@ def _param_groups(modules, weight_decay):
     decay, no_decay = [], []
     for m in modules:
         for p in m.parameters():
-            (decay if p.dim() >= 2 else no_decay).append(p)
+            if p.requires_grad:   # frozen layers (freeze) take no step, and no decay either
+                (decay if p.dim() >= 2 else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay},
             {"params": no_decay, "weight_decay": 0.0}]
 
@@ -356,9 +357,24 @@ def _build(params: TrainParams, device, init=None):
         net.load_state_dict(init["state_dict"])
         if init.get("head"):
             head.load_state_dict(init["head"])
+    _freeze_leading(net, params.freeze)
     # channels_last runs the CPU (oneDNN) convolutions ~15% faster here.
     mem = torch.contiguous_format if str(device).startswith("cuda") else torch.channels_last
     return cfg, net.to(device, memory_format=mem), head.to(device), mem
+
+
+def _freeze_leading(net, n: int) -> None:
+    """The first ``n`` conv layers and their BatchNorms keep their weights. Nothing before
+    them trains either, so autograd records none of them: the backward pass stops at the
+    first trained layer, where the feature maps are largest. Their BatchNorms still
+    follow the data's statistics, as in any training step."""
+    import torch.nn as nn
+    if not n:
+        return
+    convs = [i for i, m in enumerate(net.features) if isinstance(m, nn.Conv2d)]
+    for module in net.features[:convs[n - 1] + 2]:   # up to and with the n-th conv's BatchNorm
+        for p in module.parameters():
+            p.requires_grad_(False)
 
 
 def _trainable(net, head, device, world):

@@ -203,6 +203,31 @@ def test_warm_with_another_network_names_both_layer_specs(world, tmp_path):
               init_from=str(tmp_path / "prod"))
 
 
+def test_warm_with_freeze_keeps_the_first_layers_as_production_has_them(world, digits, tmp_path):
+    """freeze=N: the first N conv layers and their BatchNorms' weights stay production's to
+    the bit; the layers after them train (a learning rate that moves them)."""
+    import torch
+
+    from steps.deploy import download_version
+    from steps.train import train
+
+    download_version(world["store"], MODEL, 1, str(tmp_path / "prod"))
+    data = tmp_path / "data"
+    data.mkdir()
+    x, y = digits["new"]
+    np.savez(data / "data.npz", x=x, y=y)
+    train(str(data), str(tmp_path / "out"), {"mode": "warm", "freeze": 2, "lr": 1e-2, "threads": 2},
+          init_from=str(tmp_path / "prod"))
+    prod = torch.load(tmp_path / "prod" / "model.pt", weights_only=True)["state_dict"]
+    warm = torch.load(tmp_path / "out" / "model.pt", weights_only=True)["state_dict"]
+    # features: 0 conv, 1 bn, 2 relu, 3 pool, 4 conv, 5 bn, 6 relu, 7 pool, 8 conv, 9 bn, ...
+    for k in ("features.0.weight", "features.1.weight", "features.1.bias",
+              "features.4.weight", "features.5.weight", "features.5.bias"):
+        assert torch.equal(warm[k], prod[k]), k
+    for k in ("features.8.weight", "features.9.weight", "project.weight"):
+        assert not torch.allclose(warm[k], prod[k], atol=1e-4), k
+
+
 def test_refresh_without_a_production_model_is_a_clear_error(s3_endpoint, tmp_path_factory, digits):
     _bucket, store, settings = make_settings(s3_endpoint, tmp_path_factory, "noprod")
     put_history(store, digits)

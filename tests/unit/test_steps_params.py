@@ -179,3 +179,12 @@ def test_mode_warm_brings_preset_warms_schedule_under_explicit_keys():
     assert TrainParams.from_dict({"mode": "warm", "val_fraction": 0.05}).val_fraction == 0.05
     assert TrainParams.parse_tokens(["mode=warm", "lr=2e-3"]) == {**PRESETS["warm"], "lr": 2e-3}
     assert TrainParams.from_dict({"mode": "full"}).epochs == 4    # full keeps the defaults
+
+
+def test_freeze_needs_mode_warm_and_a_conv_layer_left_to_train():
+    assert TrainParams.from_dict({"mode": "warm", "freeze": 2}).freeze == 2
+    with pytest.raises(ValueError, match="freeze=1 keeps the first layers as they start.*use it with mode=warm"):
+        TrainParams.from_dict({"freeze": 1}).check()
+    with pytest.raises(ValueError, match=r"freeze=4 would leave no conv layer to train: "
+                                         r"layers=c16,p,c32,p,c64,c64,p,f has 4"):
+        TrainParams.from_dict({"mode": "warm", "freeze": 4}).check()
