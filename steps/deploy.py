@@ -284,6 +284,16 @@ def copy_version_files(store: Store, model: str, version: int, manifest: dict, n
     manifest as read: one read of each instead of a full verify_package()'s and then the
     copy's, and the bytes written are the bytes checked. All are read and checked before
     any is written. Raises ValueError naming a missing or mismatching file."""
+    names = list(names)
+    blobs = read_version_files(store, model, version, manifest, names)
+    store.map(lambda pair: store.put_bytes(dst + pair[0], pair[1]), zip(names, blobs, strict=True))
+
+
+def read_version_files(store: Store, model: str, version: int, manifest: dict, names) -> list[bytes]:
+    """These files of a published version, each read once and checked against its
+    ``manifest`` (size and sha256), a few at a time: only what the caller needs is read,
+    not the whole package as verify_package() does. Raises ValueError naming a missing or
+    mismatching file."""
     prefix, where = _version_prefix(model, version), f"{model} v{version}"
 
     def read(name: str) -> bytes:
@@ -296,9 +306,7 @@ def copy_version_files(store: Store, model: str, version: int, manifest: dict, n
         _check_file(where, name, len(data), data, manifest["files"][name])
         return data
 
-    names = list(names)
-    blobs = store.map(read, names)
-    store.map(lambda pair: store.put_bytes(dst + pair[0], pair[1]), zip(names, blobs, strict=True))
+    return store.map(read, list(names))
 
 
 def _check_file(what: str, name: str, size: int, data: bytes | None, want: dict) -> None:

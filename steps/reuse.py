@@ -59,11 +59,13 @@ def stage_production(store, model: str, run_id: str) -> dict:
 
 
 def production_weights(store, model: str, local_dir: str) -> int:
-    """mode=warm: fetch production's model files into local_dir; returns its version."""
+    """mode=warm: production's model files, each read once and checked against its
+    manifest, into local_dir (not its gallery: warm embeds its own); returns its version."""
     version = production_version(store, model, "warm")
-    prefix = layout.version_prefix(model, version)
-    registry.verify_package(store, model, version)
-    store.map(lambda name: store.download_file(prefix + name, Path(local_dir) / name), MODEL_FILES)
+    manifest = registry.verify_package(store, model, version, check_hashes=False)
+    blobs = registry.read_version_files(store, model, version, manifest, MODEL_FILES)
+    for name, data in zip(MODEL_FILES, blobs, strict=True):
+        (Path(local_dir) / name).write_bytes(data)
     return version
 
 
