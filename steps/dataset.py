@@ -133,7 +133,8 @@ def _part_pixels(data_dir, doc: dict, p: int) -> np.ndarray:
             raise FileNotFoundError(
                 f"the shard cache lost {store.uri(spec['key'])} after ingest: run again (a deleted "
                 f"cache/shards/ is rebuilt); if only that file went, delete {store.uri(sidecar)} "
-                "too, so that ingest reads its object anew") from None
+                f"and the shard indexes under {store.uri('cache/shards/index/')} too, so that ingest "
+                "reads its object anew") from None
     with np.load(io.BytesIO(data)) as z:
         return z["x"]
 

@@ -20,7 +20,9 @@ cache/shards/, keyed by the object's URI and content tag (its S3 ETag; an MD5 of
 locally): its pixels in <tag>.npz and, in a small sidecar <tag>.meta.npz, its labels, one
 hash per image and the issues found. A run reads and decodes only objects it has not
 seen (a rewritten object has a new tag and is read again) and of the others only the
-sidecars: the output directory then holds the rows form of steps.dataset (labels,
+sidecars, which for data of several objects come in one read: the shard index
+(cache/shards/index/, keyed by the URIs) holds every sidecar those URIs had at their last
+ingest, and is rewritten when that changes. The output directory then holds the rows form of steps.dataset (labels,
 hashes and where each row's pixels are), not the pixels, which train and embed read from
 the cache. Leakage is still checked against the whole eval set, from the hashes. The
 card's "cache" says how many objects were new and how many came from the cache; its
@@ -46,7 +48,7 @@ import numpy as np
 
 from steps import dataset, storage
 from steps.dataset import image_hashes
-from steps.layout import DATA_CARD_JSON, shard_key, shard_meta_key
+from steps.layout import DATA_CARD_JSON, shard_index_key, shard_key, shard_meta_key
 
 # Bump when what a shard holds, or how an object is decoded, changes: old shards are ignored.
 SHARD_FORMAT = 2
@@ -416,8 +418,32 @@ def _fetch_sidecars(cache: storage.Store, tags: list[str]) -> dict[str, bytes | 
         return dict(pool.map(one, tags))
 
 
-def _cache_unit(cache: storage.Store, tag: str, items: list[Loaded]) -> None:
-    """Pixels first, then the sidecar that makes the shard visible to later runs."""
+def _read_index(cache: storage.Store, key: str, wanted: set[str]) -> tuple[dict[str, bytes], int]:
+    """(tag -> sidecar for the wanted tags the shard index holds, the bytes read); an
+    index that is missing or unreadable holds nothing."""
+    try:
+        data = cache.get_bytes(key)
+    except (KeyError, OSError):
+        return {}, 0
+    try:
+        with np.load(io.BytesIO(data), allow_pickle=False) as z:
+            return {t: z[t].tobytes() for t in wanted & set(z.files)}, len(data)
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile):
+        return {}, len(data)
+
+
+def _write_index(cache: storage.Store, key: str, sidecars: dict[str, bytes]) -> None:
+    buf = io.BytesIO()
+    np.savez(buf, **{t: np.frombuffer(b, np.uint8) for t, b in sidecars.items()})
+    try:
+        cache.put_bytes(key, buf.getvalue())
+    except OSError:   # the index only saves requests: the sidecars themselves are written
+        pass
+
+
+def _cache_unit(cache: storage.Store, tag: str, items: list[Loaded]) -> bytes:
+    """Pixels first, then the sidecar that makes the shard visible to later runs; returns
+    the sidecar."""
     pixels, sidecar = _shard_files(items)
     cache.put_bytes(shard_key(tag), pixels)
     cache.put_bytes(shard_meta_key(tag), sidecar)
@@ -426,6 +452,7 @@ def _cache_unit(cache: storage.Store, tag: str, items: list[Loaded]) -> None:
         if it.y is not None:
             it.part, it.offset = shard_key(tag), at
             at += len(it.y)
+    return sidecar
 
 
 def _decode_unit(kind: str, objs: list[tuple], reader: _Reader) -> tuple[list[Loaded], list[dict]]:
@@ -459,21 +486,37 @@ def load_sources(uris: list[str], cache: storage.Store | None = None
     With a cache store, a unit whose content tag has a shard there is taken from its
     sidecar (labels and hashes; the pixels stay in the store); any other unit is read,
     decoded and hashed, and (when nothing in it was unreadable) its shard written for the
-    next run. The stats count objects new and cached, and the bytes read of each."""
+    next run. The sidecars of a snapshot of several units come from its shard index (one
+    request) where it has them, and the index is rewritten when they changed. The stats
+    count objects new and cached, the bytes read of each and the sidecar requests."""
     reader = _Reader(getattr(cache, "client", None))   # one S3 client for the listing, reads and cache
     objects, errors = expand(uris, reader)
     units, unit_errors, skipped = _units(objects)
     errors += unit_errors
     loaded: list[Loaded] = []
-    stats = {"objects_new": 0, "objects_cached": 0, "new": [], "sidecar_bytes": 0}
+    stats = {"objects_new": 0, "objects_cached": 0, "new": [], "sidecar_bytes": 0, "sidecar_reads": 0}
     tags = [_unit_tag(kind, objs) for kind, objs in units]
-    sidecars = _fetch_sidecars(cache, [t for t in tags if t]) if cache is not None else {}
+    known = {t for t in tags if t}
+    sidecars: dict[str, bytes | None] = {}
+    index_key = shard_index_key(uris) if cache is not None and len(known) > 1 else None
+    if index_key:
+        sidecars, n_bytes = _read_index(cache, index_key, known)
+        stats["sidecar_bytes"] += n_bytes
+        stats["sidecar_reads"] += 1
+    from_index = set(sidecars)
+    missing = [t for t in tags if t and t not in sidecars]
+    if cache is not None and missing:
+        fetched = _fetch_sidecars(cache, missing)
+        sidecars.update(fetched)
+        stats["sidecar_bytes"] += sum(len(b) for b in fetched.values() if b is not None)
+        stats["sidecar_reads"] += len(missing)
+    usable: dict[str, bytes] = {}   # what the index is to hold afterwards
     for (kind, objs), tag in zip(units, tags, strict=True):
         if sidecars.get(tag) is not None:
             try:
                 loaded += _shard_items(sidecars[tag], tag)
                 stats["objects_cached"] += len(objs)
-                stats["sidecar_bytes"] += len(sidecars[tag])
+                usable[tag] = sidecars[tag]
                 continue
             except (KeyError, ValueError, OSError, zipfile.BadZipFile):
                 pass   # an unreadable sidecar: a miss, the objects are read again
@@ -485,7 +528,9 @@ def load_sources(uris: list[str], cache: storage.Store | None = None
         stats["objects_new"] += len(objs)
         stats["new"] += [o[0] for o in objs]
         if cache is not None and tag and not bad:
-            _cache_unit(cache, tag, items)
+            usable[tag] = _cache_unit(cache, tag, items)
+    if index_key and set(usable) != from_index:
+        _write_index(cache, index_key, usable)
     stats["object_bytes"] = reader.bytes
     return loaded, sorted(errors, key=lambda e: e["uri"]), skipped, stats
 
@@ -609,11 +654,18 @@ def ingest(uris: list[str], out_dir: str, eval_uri: str | None = None,
         raise ValueError("ingest needs at least one data URI")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    loaded, errors, skipped, stats = load_sources(list(uris), cache)
+    # The eval set loads beside the training data: with a warm shard cache both are mostly
+    # round trips to the store (a listing, then sidecars), which overlap.
+    from concurrent.futures import ThreadPoolExecutor
+
+    getattr(cache, "client", None)   # one S3 client, built before the threads share it
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        eval_loading = pool.submit(load_sources, [eval_uri], cache) if eval_uri else None
+        loaded, errors, skipped, stats = load_sources(list(uris), cache)
+        e_loaded, e_errors, _, e_stats = eval_loading.result() if eval_loading else ([], [], [], {})
     m = _merge(loaded)
-    card_eval, rows, leakage, e_stats = None, m.rows, None, {}
+    card_eval, rows, leakage = None, m.rows, None
     if eval_uri:
-        e_loaded, e_errors, _, e_stats = load_sources([eval_uri], cache)
         em = _merge(e_loaded)
         _write_side(out, "eval", em, em.rows, cache)
         card_eval = {"uri": eval_uri, **_side_card(em, em.rows, e_errors, e_stats, cache)}

@@ -45,6 +45,17 @@ def shard_key(tag: str) -> str:
     return f"cache/shards/{tag}.npz"
 
 
+def shard_index_key(uris: list[str]) -> str:
+    """One object with the sidecars of every unit these data URIs held at their last
+    ingest (steps.ingest): the next ingest of the same URIs reads its seen objects'
+    sidecars in one request, not one each. Entries are keyed by content tag, so an index
+    left behind by older data only misses."""
+    import hashlib
+    import json
+    digest = hashlib.sha256(json.dumps(sorted(uris)).encode()).hexdigest()[:32]
+    return f"cache/shards/index/{digest}.npz"
+
+
 def shard_meta_key(tag: str) -> str:
     """The shard's sidecar: labels, image hashes, issues; all a run's data preparation
     reads of an object it has seen. Written after the pixels, so it implies them."""

@@ -120,10 +120,11 @@ def train_in_mode(store_root: str, model: str, data_dir: str, out_dir: str, para
     import tempfile
 
     from steps.storage import open_store
-    from steps.train import train
+    from steps.train import prefetch_lazy_imports, train
 
     if params.mode == "refresh":
         raise ValueError("mode=refresh does not train: the pipeline reuses production's weights")
+    prefetch_lazy_imports()   # while production's weights and the data come from the store
     weights_from = None
     with tempfile.TemporaryDirectory() as init_dir:
         if params.mode == "warm":

@@ -21,7 +21,12 @@ def png_bytes(img: np.ndarray) -> bytes:
 
 
 def shard_keys(store) -> list[str]:
-    return sorted(o.key for o in store.list("cache/shards/"))
+    """The shards and their sidecars, not the shard index."""
+    return sorted(o.key for o in store.list("cache/shards/") if not o.key.startswith("cache/shards/index/"))
+
+
+def index_keys(store) -> list[str]:
+    return sorted(o.key for o in store.list("cache/shards/index/"))
 
 
 def arrays(d):
@@ -51,6 +56,7 @@ def test_second_run_reads_only_the_new_object(s3_store, world, tmp_path):
                                       "new": [world["eval"]]}
     assert len(pixel_shards(s3_store)) == 3          # a, b and the eval set, each with a sidecar
     assert len(shard_keys(s3_store)) == 6
+    assert len(index_keys(s3_store)) == 1             # the data's two sidecars in one object
     validate(str(tmp_path / "1"))
 
     nx, ny = make_digits(40, seed=5)
@@ -163,11 +169,14 @@ def test_a_second_run_reads_no_pixels_of_cached_objects(s3_store, world, tmp_pat
     validate of a second run still succeed (they read sidecars only), and the bytes the
     card says were read are the new object's and the sidecars'. The steps that need pixels
     read them from the cache: all of them, or for a refresh only the new object's."""
-    ingest([world["data"]], str(tmp_path / "1"), world["eval"], cache=s3_store)
+    first = ingest([world["data"]], str(tmp_path / "1"), world["eval"], cache=s3_store)
     nx, ny = make_digits(40, seed=5)
     s3_store.put_bytes("data/c.npz", npz_bytes(x=nx, y=ny))
     pixels = {k: s3_store.get_bytes(k) for k in pixel_shards(s3_store)}
-    sidecars = sum(o.size for o in s3_store.list("cache/shards/") if o.key.endswith(".meta.npz"))
+    # the data's sidecars come from the shard index, the eval set's (one object) from its own
+    (index,) = [o.size for o in s3_store.list("cache/shards/index/")]
+    eval_tag = first["eval"]["sources"][0]["tag"]
+    sidecars = index + len(s3_store.get_bytes(f"cache/shards/{eval_tag}.meta.npz"))
     for k in pixels:
         s3_store.delete(k)
     out = tmp_path / "2"
@@ -197,9 +206,38 @@ def test_a_second_run_reads_no_pixels_of_cached_objects(s3_store, world, tmp_pat
     np.testing.assert_array_equal(ex, world["ex"])
 
 
+def test_seen_objects_sidecars_come_from_the_shard_index_in_one_read(s3_store, world, tmp_path):
+    """The index holds the sidecars of every unit the data URIs held: with every data
+    sidecar deleted, a second run still finds both objects cached; a new object adds its
+    entry; an index that cannot be read is a miss, and the sidecars are read one by one."""
+    first = ingest([world["data"]], str(tmp_path / "1"), world["eval"], cache=s3_store)
+    data_tags = {s["tag"] for s in first["sources"]}
+    for tag in data_tags:
+        s3_store.delete(f"cache/shards/{tag}.meta.npz")
+    second = ingest([world["data"]], str(tmp_path / "2"), world["eval"], cache=s3_store)
+    assert second["cache"]["objects_cached"] == 2 and second["fingerprint"] == first["fingerprint"]
+    assert validate(str(tmp_path / "2"))["ok"]
+
+    nx, ny = make_digits(40, seed=5)
+    s3_store.put_bytes("data/c.npz", npz_bytes(x=nx, y=ny))
+    third = ingest([world["data"]], str(tmp_path / "3"), world["eval"], cache=s3_store)
+    assert third["cache"]["objects_new"] == 1 and third["cache"]["objects_cached"] == 2
+    (key,) = index_keys(s3_store)
+    with np.load(io.BytesIO(s3_store.get_bytes(key))) as z:
+        assert set(z.files) == {s["tag"] for s in third["sources"]}
+
+    s3_store.put_bytes(key, b"not an npz")
+    fourth = ingest([world["data"]], str(tmp_path / "4"), world["eval"], cache=s3_store)
+    # a and b lost their own sidecars above, so only c's is found; the index is rewritten
+    assert fourth["cache"]["objects_cached"] == 1 and fourth["cache"]["objects_new"] == 2
+    assert fourth["fingerprint"] == third["fingerprint"]
+    with np.load(io.BytesIO(s3_store.get_bytes(key))) as z:
+        assert len(z.files) == 3
+
+
 def test_a_deleted_cache_is_rebuilt(s3_store, world, tmp_path):
     first = ingest([world["data"]], str(tmp_path / "1"), world["eval"], cache=s3_store)
-    for k in shard_keys(s3_store):
+    for k in shard_keys(s3_store) + index_keys(s3_store):   # all of cache/shards/
         s3_store.delete(k)
     again = ingest([world["data"]], str(tmp_path / "2"), world["eval"], cache=s3_store)
     assert again["cache"]["objects_new"] == 2 and again["eval"]["cache"]["objects_new"] == 1
