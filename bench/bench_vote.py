@@ -64,6 +64,22 @@ def prepare(data: Path, work: Path, n_hist: int = 50000, n_batch: int = 2000, n_
 TRAIN_PARAMS = {"seed": 0}
 
 
+def work_dir(args, name: str) -> Path:
+    """--models with the scenario's data in it; with --smoke a temporary one at tiny sizes,
+    removed at exit, and one epoch of training."""
+    if not args.smoke:
+        prepare(Path(args.data), Path(args.models))
+        return Path(args.models)
+    import atexit
+    import shutil
+    import tempfile
+    TRAIN_PARAMS["epochs"] = 1
+    work = Path(tempfile.mkdtemp(prefix=f"{name}-smoke-"))
+    atexit.register(shutil.rmtree, work, True)   # the smoke's models are thrown away
+    prepare(Path(args.data), work, n_hist=1000, n_batch=100, n_eval=300)
+    return work
+
+
 def embedded(work: Path, model: str, part: str):
     """(embeddings, labels) of data/<part> by the model trained on data/<model's set>."""
     import numpy as np
@@ -130,22 +146,12 @@ def main(argv=None) -> int:
     ap.add_argument("--gallery-augment", action="store_true",
                     help="the served rule with each batch added with augmented copies (AUGMENTS)")
     args = ap.parse_args(argv)
-    import tempfile
 
     import numpy as np
 
     from steps.evaluate import DEFAULT_K, VOTE_SCALE
 
-    if args.smoke:
-        TRAIN_PARAMS["epochs"] = 1
-        work = Path(tempfile.mkdtemp(prefix="bench-vote-smoke-"))
-        import atexit
-        import shutil
-        atexit.register(shutil.rmtree, work, True)   # the smoke's models are thrown away
-        prepare(Path(args.data), work, n_hist=1000, n_batch=100, n_eval=300)
-    else:
-        work = Path(args.models)
-        prepare(Path(args.data), work)
+    work = work_dir(args, "bench-vote")
     h, hy = embedded(work, "hist", "hist")
     batches = [embedded(work, "hist", f"batch{r}") for r in range(1, 6)]
     evals = {ev: embedded(work, "hist", f"eval_{ev}") for ev in ("clean", "shifted")}

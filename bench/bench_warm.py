@@ -77,7 +77,7 @@ def main(argv=None) -> int:
     import shutil
     import tempfile
 
-    from bench_vote import TRAIN_PARAMS, embedded, prepare
+    from bench_vote import TRAIN_PARAMS, embedded, work_dir
 
     from steps.train import train
 
@@ -85,15 +85,9 @@ def main(argv=None) -> int:
     freezes = [int(f) for f in args.freeze.split(",")]
     extra = {}
     if args.smoke:
-        TRAIN_PARAMS["epochs"] = extra["epochs"] = 1
+        extra["epochs"] = 1
         rounds, freezes, args.full = [1], [0, 2], True
-        work = Path(tempfile.mkdtemp(prefix="bench-warm-smoke-"))
-        import atexit
-        atexit.register(shutil.rmtree, work, True)   # the smoke's models are thrown away
-        prepare(Path(args.data), work, n_hist=1000, n_batch=100, n_eval=300)
-    else:
-        work = Path(args.models)
-        prepare(Path(args.data), work)
+    work = work_dir(args, "bench-warm")
     embedded(work, "hist", "hist")   # production: trained once, kept in --models
     production = work / "models" / "hist"
     print(f"{'round':>5} {'candidate':<10} {'train s':>8} {'epoch s':>8} {'x f=0':>6} "
