@@ -5,7 +5,8 @@ layers to keep (freeze), what each costs and what it changes.
                                          [--rounds 1,2,3,4,5] [--freeze 0,1,2,3] [--full] [--smoke]
 
 --smoke: 1,000 history digits, batches of 100, 300 eval images, one epoch, round 1, freeze
-0 and 2 and the full retrain, a temporary work dir; seconds, so that ./dev.sh bench --smoke keeps it running; nothing to read in its figures.
+0 and 2 and the full retrain, a temporary work dir; seconds, so that ./dev.sh bench --smoke
+keeps it running; nothing to read in its figures.
 
 bench_ct.py's scenario without the pipeline (bench_vote.py's data and production, kept in
 --models and shared with it): production is the default recipe on history (seed 0). For

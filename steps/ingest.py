@@ -22,15 +22,16 @@ hash per image and the issues found. A run reads and decodes only objects it has
 seen (a rewritten object has a new tag and is read again) and of the others only the
 sidecars, which for data of several objects come in one read: the shard index
 (cache/shards/index/, keyed by the URIs) holds every sidecar those URIs had at their last
-ingest, and is rewritten when that changes. The output directory then holds the rows form of steps.dataset (labels,
-hashes and where each row's pixels are), not the pixels, which train and embed read from
-the cache. Leakage is still checked against the whole eval set, from the hashes. The
+ingest, and is rewritten when that changes. The output directory then holds the rows
+form of steps.dataset (labels, hashes and where each row's pixels are), not the pixels,
+which train and embed read from the cache. Leakage is still checked against the whole eval set, from the hashes. The
 card's "cache" says how many objects were new and how many came from the cache; its
 "prep" the step's own seconds and the bytes it read.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gzip
 import hashlib
 import io
@@ -435,10 +436,8 @@ def _read_index(cache: storage.Store, key: str, wanted: set[str]) -> tuple[dict[
 def _write_index(cache: storage.Store, key: str, sidecars: dict[str, bytes]) -> None:
     buf = io.BytesIO()
     np.savez(buf, **{t: np.frombuffer(b, np.uint8) for t, b in sidecars.items()})
-    try:
+    with contextlib.suppress(OSError):   # the index only saves requests: the sidecars are written
         cache.put_bytes(key, buf.getvalue())
-    except OSError:   # the index only saves requests: the sidecars themselves are written
-        pass
 
 
 def _cache_unit(cache: storage.Store, tag: str, items: list[Loaded]) -> bytes:
@@ -488,13 +487,13 @@ def load_sources(uris: list[str], cache: storage.Store | None = None
     decoded and hashed, and (when nothing in it was unreadable) its shard written for the
     next run. The sidecars of a snapshot of several units come from its shard index (one
     request) where it has them, and the index is rewritten when they changed. The stats
-    count objects new and cached, the bytes read of each and the sidecar requests."""
+    count objects new and cached, and the bytes read of each."""
     reader = _Reader(getattr(cache, "client", None))   # one S3 client for the listing, reads and cache
     objects, errors = expand(uris, reader)
     units, unit_errors, skipped = _units(objects)
     errors += unit_errors
     loaded: list[Loaded] = []
-    stats = {"objects_new": 0, "objects_cached": 0, "new": [], "sidecar_bytes": 0, "sidecar_reads": 0}
+    stats = {"objects_new": 0, "objects_cached": 0, "new": [], "sidecar_bytes": 0}
     tags = [_unit_tag(kind, objs) for kind, objs in units]
     known = {t for t in tags if t}
     sidecars: dict[str, bytes | None] = {}
@@ -502,14 +501,12 @@ def load_sources(uris: list[str], cache: storage.Store | None = None
     if index_key:
         sidecars, n_bytes = _read_index(cache, index_key, known)
         stats["sidecar_bytes"] += n_bytes
-        stats["sidecar_reads"] += 1
     from_index = set(sidecars)
     missing = [t for t in tags if t and t not in sidecars]
     if cache is not None and missing:
         fetched = _fetch_sidecars(cache, missing)
         sidecars.update(fetched)
         stats["sidecar_bytes"] += sum(len(b) for b in fetched.values() if b is not None)
-        stats["sidecar_reads"] += len(missing)
     usable: dict[str, bytes] = {}   # what the index is to hold afterwards
     for (kind, objs), tag in zip(units, tags, strict=True):
         if sidecars.get(tag) is not None:

@@ -5,6 +5,8 @@ the bot never depends on which runner ran a pipeline. Nothing else builds these 
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import secrets
 import time
 from datetime import UTC, datetime
@@ -50,8 +52,6 @@ def shard_index_key(uris: list[str]) -> str:
     ingest (steps.ingest): the next ingest of the same URIs reads its seen objects'
     sidecars in one request, not one each. Entries are keyed by content tag, so an index
     left behind by older data only misses."""
-    import hashlib
-    import json
     digest = hashlib.sha256(json.dumps(sorted(uris)).encode()).hexdigest()[:32]
     return f"cache/shards/index/{digest}.npz"
 

@@ -393,7 +393,7 @@ def _build(params: TrainParams, device, init=None):
 def _freeze_leading(net, n: int) -> None:
     """The first ``n`` conv layers and their BatchNorms keep their weights. Nothing before
     them trains either, so autograd records none of them: the backward pass stops at the
-    first trained layer, where the feature maps are largest. Their BatchNorms still
+    first trained layer and skips the first ones, where the feature maps are largest. Their BatchNorms still
     follow the data's statistics, as in any training step."""
     import torch.nn as nn
     if not n:
